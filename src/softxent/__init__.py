@@ -1,0 +1,31 @@
+"""softxent: fused softmax cross-entropy for PyTorch, exact, fast and lean, checked against a float64 oracle.
+
+The ops are drop-in for ``torch.nn.functional``: each produces its gradient in the forward pass and the linear
+heads never materialize the (N, C) logits. ``softxent.reference`` is the NumPy float64 oracle they are tested
+against; ``softxent.nn`` holds the loss modules.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from softxent import nn, reference
+from softxent.functional import (
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    linear_binary_cross_entropy,
+    linear_cross_entropy,
+)
+
+try:
+    __version__ = version("softxent")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "__version__",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "linear_binary_cross_entropy",
+    "linear_cross_entropy",
+    "nn",
+    "reference",
+]

@@ -1,0 +1,156 @@
+"""Shared argument checks: every failure is a ValueError or TypeError that names the argument and says
+what was expected and what was given."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import _reduction as legacy_reduction
+
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_tensor(name: str, value: object) -> torch.Tensor:
+    tensor = check_tensor(name, value)
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a float32, float16, bfloat16 or float64 tensor, got {tensor.dtype}"
+        )
+    return tensor
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def check_reduction_legacy(size_average: bool | None, reduce: bool | None, reduction: object) -> str:
+    """torch's deprecated size_average/reduce pair, when given, decides the reduction (as in torch)."""
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction.legacy_get_string(size_average, reduce)
+    return check_reduction(reduction)
+
+
+def check_impl(impl: object) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    return impl  # type: ignore[return-value]
+
+
+def check_label_smoothing(label_smoothing: object) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float):
+        raise TypeError(f"label_smoothing: expected a float in [0, 1], got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing}")
+    return float(label_smoothing)
+
+
+def check_z_loss(z_loss: object) -> float:
+    if isinstance(z_loss, bool) or not isinstance(z_loss, int | float):
+        raise TypeError(f"z_loss: expected a finite float >= 0, got {type(z_loss).__name__}")
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"z_loss: expected a finite float >= 0, got {z_loss}")
+    return float(z_loss)
+
+
+def check_softcap(softcap: object) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+        raise TypeError(f"softcap: expected None or a finite float > 0, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap: expected None or a finite float > 0, got {softcap}")
+    return float(softcap)
+
+
+def check_ignore_index(ignore_index: object) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def check_chunk_size(chunk_size: object) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size: expected None or a positive int, got {type(chunk_size).__name__}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size}")
+    return chunk_size
+
+
+def check_finite_nonnegative(name: str, value: torch.Tensor) -> None:
+    """Weights must be finite and >= 0 (a host read: done on the CPU only)."""
+    if value.requires_grad:
+        raise ValueError(
+            f"{name}: expected a tensor that does not require grad (the loss is not differentiable "
+            f"with respect to {name}), got one with requires_grad=True"
+        )
+    if value.device.type == "cpu" and value.numel() > 0:
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name}: expected finite values, got {value[~torch.isfinite(value)][0].item()}")
+        if bool((value < 0).any()):
+            raise ValueError(f"{name}: expected values >= 0, got {value.min().item()}")
+
+
+def check_class_weight(weight: object, num_classes: int, device: torch.device) -> torch.Tensor | None:
+    """``weight``: None or a (C,) floating tensor of finite, non-negative per-class weights."""
+    if weight is None:
+        return None
+    weight = check_float_tensor("weight", weight)
+    if _shape(weight) != (num_classes,):
+        raise ValueError(
+            f"weight: expected shape ({num_classes},) (one weight per class), got {_shape(weight)}"
+        )
+    if weight.device != device:
+        raise ValueError(f"weight: expected a tensor on {device}, got one on {weight.device}")
+    check_finite_nonnegative("weight", weight)
+    return weight
+
+
+def check_class_target(
+    target: torch.Tensor,
+    expected_shape: tuple[int, ...],
+    num_classes: int,
+    ignore_index: int,
+    input_shape: tuple[int, ...],
+) -> None:
+    """Class-index targets: integer dtype, the input's shape minus the class dimension, values in
+    [0, C) or equal to ignore_index."""
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(
+            f"target: expected integer class indices of shape {expected_shape} or floating class "
+            f"probabilities of shape {input_shape}, got {target.dtype} of shape {_shape(target)}"
+        )
+    if _shape(target) != expected_shape:
+        raise ValueError(
+            f"target: expected class indices of shape {expected_shape} (the input's shape without the class "
+            f"dimension) or probabilities of shape {input_shape}, got shape {_shape(target)}"
+        )
+    if target.device.type == "cpu" and target.numel() > 0:
+        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+        if bool(bad.any()):
+            value = int(target[bad][0])
+            raise ValueError(
+                f"target: expected class indices in [0, {num_classes}) or ignore_index="
+                f"{ignore_index}, got {value}"
+            )
+
+
+def check_same_device(name: str, value: torch.Tensor, device: torch.device) -> None:
+    if value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {value.device}")

@@ -1,0 +1,423 @@
+"""softxent's public PyTorch ops: drop-in for ``torch.nn.functional``, fused, with a few extras.
+
+Each op checks its arguments (ValueError / TypeError naming the argument, expected vs got), then hands
+the work to a backend: ``impl="torch"`` (torch ops, any device; the CPU backend) or ``impl="auto"``,
+which picks the best backend for the tensors' device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from softxent import _validate as check
+from softxent.ops import cpu
+
+__all__ = [
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "linear_binary_cross_entropy",
+    "linear_cross_entropy",
+]
+
+
+def _backend(impl: str) -> str:
+    """The backend an ``impl`` argument selects; every device runs the torch-op backend for now."""
+    check.check_impl(impl)
+    return "torch"
+
+
+def _needs_grad(*tensors: Tensor | None) -> tuple[bool, ...]:
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
+
+
+def _class_target_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return input_shape[:1] + input_shape[2:] if len(input_shape) >= 2 else ()
+
+
+def _check_target(target: Tensor, input_shape: tuple[int, ...], num_classes: int, ignore_index: int) -> bool:
+    """Checks the target against the input; True when it holds class probabilities."""
+    if target.dtype.is_floating_point:
+        if tuple(target.shape) != input_shape:
+            raise ValueError(
+                f"target: expected class probabilities of the input's shape {input_shape} (or integer class "
+                f"indices of shape {_class_target_shape(input_shape)}), got shape {tuple(target.shape)}"
+            )
+        return True
+    check.check_class_target(target, _class_target_shape(input_shape), num_classes, ignore_index, input_shape)
+    return False
+
+
+def _softmax_spec(
+    weight: Tensor | None,
+    num_classes: int,
+    device: torch.device,
+    ct: torch.dtype,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> cpu.SoftmaxLoss:
+    class_weight = check.check_class_weight(weight, num_classes, device)
+    return cpu.SoftmaxLoss(
+        weight=None if class_weight is None else class_weight.to(ct),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=check.check_z_loss(z_loss),
+        softcap=check.check_softcap(softcap),
+    )
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    impl: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Softmax cross-entropy on logits, fused: the forward pass also produces the gradient ŷ − y.
+
+    Computes ``torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
+    reduction=reduction, label_smoothing=label_smoothing)`` with the same arguments, results and
+    gradients. For a position with logits z, class weight w, smoothing ε and target y:
+
+    .. math::
+        ℓ = -\sum_c q_c \log ŷ_c + z_{loss}·lse², \quad ŷ = \mathrm{softmax}(z), \quad
+        q_c = (1-ε) w_y 1[c=y] + \tfrac{ε}{C} w_c, \quad
+        \frac{∂ℓ}{∂z} = (\textstyle\sum_c q_c + 2 z_{loss} lse)\,ŷ - q
+
+    which is ŷ − y in the plain case. "mean" divides by Σ w_y over non-ignored positions (the number of
+    positions for probability targets), as torch does; all-ignored or empty batches give nan.
+
+    Args:
+        input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; float32, float16, bfloat16 or float64.
+            The math runs in float32 (float64 for float64 input).
+        target: class indices (integer) of the input's shape without the class dimension, or class
+            probabilities (floating) of the input's shape.
+        weight: ``(C,)`` finite, non-negative class weights.
+        size_average, reduce: deprecated, as in torch.
+        ignore_index: class-index targets equal to it count for nothing.
+        reduction: "mean", "sum" or "none".
+        label_smoothing: ε in [0, 1].
+        z_loss: adds z_loss·lse² per counted position (PaLM's auxiliary loss), not class-weighted.
+        softcap: if given, logits become softcap·tanh(z/softcap) first (Gemma 2).
+        return_lse: also return the log-sum-exp per position (float32, not differentiable).
+        impl: "auto" or "torch".
+
+    Returns:
+        The loss in float32 (float64 for float64 input): a scalar, or the batch shape for "none";
+        with ``return_lse``, a tuple (loss, lse).
+
+    On the CPU it holds one buffer the size of the input (the gradient) beyond small per-block temporaries.
+
+    Example:
+        >>> import torch, softxent
+        >>> logits = torch.tensor([[2.0, 0.5, -1.0]], requires_grad=True)
+        >>> loss = softxent.cross_entropy(logits, torch.tensor([0]))
+        >>> round(loss.item(), 4)
+        0.2413
+        >>> loss.backward()
+        >>> logits.grad  # ŷ − y
+        tensor([[-0.2144,  0.1753,  0.0391]])
+    """
+    check.check_float_tensor("input", input)
+    check.check_tensor("target", target)
+    reduction = check.check_reduction_legacy(size_average, reduce, reduction)
+    label_smoothing = check.check_label_smoothing(label_smoothing)
+    ignore_index = check.check_ignore_index(ignore_index)
+    _backend(impl)
+    if input.dim() == 0:
+        raise ValueError("input: expected logits of shape (C,), (N, C) or (N, C, d1, ..., dk), got shape ()")
+    check.check_same_device("target", target, input.device)
+    input_shape = tuple(input.shape)
+    num_classes = input_shape[1] if input.dim() >= 2 else input_shape[0]
+    probabilities = _check_target(target, input_shape, num_classes, ignore_index)
+    target = target if probabilities else target.long()
+    ct = cpu.compute_dtype(input.dtype)
+    spec = _softmax_spec(
+        weight, num_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
+    )
+
+    unbatched = input.dim() == 1
+    if unbatched:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    needs = _needs_grad(input, target if probabilities else None)
+
+    def compute(need_input_grad: bool, need_target_grad: bool):
+        return cpu.cross_entropy_forward(
+            input, target, spec, reduction, need_input_grad=need_input_grad, need_target_grad=need_target_grad
+        )
+
+    if any(needs):
+        loss, lse = cpu.FusedLossFunction.apply(input, target, compute, needs, 1)
+    else:
+        loss, lse, _, _ = compute(False, False)
+    if unbatched:
+        lse = lse.squeeze(0)
+        if reduction == "none":
+            loss = loss.squeeze(0)
+    return (loss, lse) if return_lse else loss
+
+
+def _check_linear(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, class_dims: int
+) -> tuple[int, tuple[int, ...]]:
+    """Shapes and dtypes of a linear head; returns (C, out_features)."""
+    check.check_float_tensor("input", input)
+    check.check_float_tensor("linear_weight", linear_weight)
+    if input.dim() not in (1, 2):
+        raise ValueError(
+            f"input: expected shape (N, in_features) or (in_features,), got {tuple(input.shape)}"
+        )
+    if linear_weight.dim() < 2 or (class_dims == 0 and linear_weight.dim() != 2):
+        expected = (
+            "(C, in_features)" if class_dims == 0 else "(C, in_features) or (C, d1, ..., dk, in_features)"
+        )
+        raise ValueError(f"linear_weight: expected shape {expected}, got {tuple(linear_weight.shape)}")
+    if linear_weight.shape[-1] != input.shape[-1]:
+        raise ValueError(
+            f"linear_weight: expected last dimension in_features={input.shape[-1]} (the input's), "
+            f"got shape {tuple(linear_weight.shape)}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(
+            f"linear_weight: expected dtype {input.dtype} (the input's), got {linear_weight.dtype}"
+        )
+    check.check_same_device("linear_weight", linear_weight, input.device)
+    num_classes = linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None:
+        check.check_float_tensor("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != (num_classes, *out_features):
+            raise ValueError(
+                f"linear_bias: expected shape {(num_classes, *out_features)}, got {tuple(linear_bias.shape)}"
+            )
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(
+                f"linear_bias: expected dtype {input.dtype} (the input's), got {linear_bias.dtype}"
+            )
+        check.check_same_device("linear_bias", linear_bias, input.device)
+    if out_features and input.dim() == 1:
+        raise ValueError(
+            f"input: a K-dimensional loss (linear_weight of shape {tuple(linear_weight.shape)}) "
+            f"expects batched input (N, {input.shape[-1]}), got shape {tuple(input.shape)}"
+        )
+    return num_classes, out_features
+
+
+def _apply_head(input, linear_weight, linear_bias, target, head, target_may_need_grad: bool):
+    unbatched = input.dim() == 1
+    if unbatched:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    needs = _needs_grad(input, linear_weight, linear_bias, target if target_may_need_grad else None)
+    if any(needs):
+        loss = cpu.LinearHeadFunction.apply(input, linear_weight, linear_bias, target, head, needs)
+    else:
+        loss = head.reduce(
+            head.run(input, linear_weight, linear_bias, target, grad_scale=None, needs=needs)[0], target
+        )
+    return loss.squeeze(0) if unbatched and head.reduction == "none" else loss
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options: object | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    r"""Cross-entropy of a linear head without materializing the (N, C) logits.
+
+    Computes ``cross_entropy(input @ linear_weight.T + linear_bias, target, weight, ...)`` — torch 2.13's
+    ``F.linear_cross_entropy`` — in chunks of rows: each chunk's logits are formed by one matmul, turned
+    into ∂L/∂z = ŷ − y (scaled) in place, and used at once for dX = G·W and dW += Gᵀ·X, db += Σ G.
+    That is 6·N·D·C FLOPs in all with no recompute, so backward only scales dX, dW and db. Rows whose
+    targets are all ignored are dropped before the matmul. For reduction="none" the forward computes the
+    loss only and backward recomputes (8·N·D·C FLOPs), since per-row incoming gradients reach dW.
+
+    Args:
+        input: ``(N, D)`` or ``(D,)``.
+        linear_weight: ``(C, D)``, or ``(C, d1, ..., dk, D)`` for a K-dimensional loss (as in torch).
+        target: class indices ``(N,)`` / ``(N, d1, ..., dk)`` or probabilities of the logits' shape.
+        linear_bias: ``(C,)`` / ``(C, d1, ..., dk)`` or None.
+        weight, reduction, label_smoothing, z_loss, softcap: as in :func:`cross_entropy`.
+        ignore_index: as torch: None means -100 for class indices; must be None for probabilities.
+        options: accepted for compatibility with torch's signature and ignored (softxent always chunks).
+        chunk_size: rows per chunk (default: about 16M logits, at least 256 rows).
+        impl: "auto" or "torch".
+
+    Returns:
+        The loss in float32 (float64 for float64 input). dW is accumulated in float32 for
+        low-precision inputs.
+
+    Example:
+        >>> import torch, softxent
+        >>> x, W = torch.randn(6, 4), torch.randn(10, 4)
+        >>> y = torch.tensor([1, 2, 3, -100, 5, 9])
+        >>> fused = softxent.linear_cross_entropy(x, W, y)
+        >>> torch.allclose(fused, torch.nn.functional.cross_entropy(x @ W.T, y))
+        True
+    """
+    num_classes, out_features = _check_linear(input, linear_weight, linear_bias, class_dims=1)
+    check.check_tensor("target", target)
+    check.check_same_device("target", target, input.device)
+    reduction = check.check_reduction(reduction)
+    label_smoothing = check.check_label_smoothing(label_smoothing)
+    chunk_size = check.check_chunk_size(chunk_size)
+    _backend(impl)
+    logits_shape = (*input.shape[:-1], num_classes, *out_features)
+    probabilities = tuple(target.shape) == logits_shape and target.dtype.is_floating_point
+    if probabilities and ignore_index is not None:
+        raise ValueError(
+            f"ignore_index: expected None when target holds class probabilities, got {ignore_index}"
+        )
+    ignore_index = check.check_ignore_index(-100 if ignore_index is None else ignore_index)
+    _check_target(target, logits_shape, num_classes, ignore_index)
+    target = target if probabilities else target.long()
+    ct = cpu.compute_dtype(input.dtype)
+    spec = _softmax_spec(
+        weight, num_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
+    )
+    head = cpu.SoftmaxHead(spec, reduction, num_classes, out_features, chunk_size)
+    return _apply_head(input, linear_weight, linear_bias, target, head, probabilities)
+
+
+def _check_bce_weights(
+    weight: Tensor | None, pos_weight: Tensor | None, shape: tuple[int, ...], device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    for name, value in (("weight", weight), ("pos_weight", pos_weight)):
+        if value is None:
+            continue
+        check.check_float_tensor(name, value)
+        check.check_same_device(name, value, device)
+        try:
+            broadcast = torch.broadcast_shapes(tuple(value.shape), shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != shape:
+            what = "the input's shape" if name == "weight" else "the last (class) dimension of the input"
+            raise ValueError(
+                f"{name}: expected a shape that broadcasts to {what} {shape}, got {tuple(value.shape)}"
+            )
+        check.check_finite_nonnegative(name, value)
+    return weight, pos_weight
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: Tensor | None = None,
+    *,
+    impl: str = "auto",
+) -> Tensor:
+    r"""Sigmoid binary cross-entropy on logits, fused: the forward also produces σ(z) − y.
+
+    Computes ``torch.nn.functional.binary_cross_entropy_with_logits`` with the same arguments. With
+    L = 1 + (p − 1)·y (p = pos_weight, broadcast along the last dimension):
+
+    .. math::
+        ℓ = w\,[(1-y)\,z + L\,\log(1 + e^{-z})], \qquad \frac{∂ℓ}{∂z} = w\,(L\,σ(z) - p\,y)
+
+    which is σ(z) − y without weights.
+
+    Args:
+        input: logits of any shape; target: probabilities in [0, 1] of the same shape.
+        weight: broadcastable to the input; pos_weight: broadcastable to its last dimension.
+        reduction: "mean" (over all elements), "sum" or "none".
+
+    Example:
+        >>> import torch, softxent
+        >>> z = torch.tensor([[1.0, -2.0]], requires_grad=True)
+        >>> y = torch.tensor([[1.0, 0.0]])
+        >>> softxent.binary_cross_entropy_with_logits(z, y, reduction="sum").backward()
+        >>> z.grad  # σ(z) − y
+        tensor([[-0.2689,  0.1192]])
+    """
+    check.check_float_tensor("input", input)
+    check.check_float_tensor("target", target)
+    check.check_same_device("target", target, input.device)
+    reduction = check.check_reduction_legacy(size_average, reduce, reduction)
+    _backend(impl)
+    shape = tuple(input.shape)
+    if tuple(target.shape) != shape:
+        raise ValueError(f"target: expected the input's shape {shape}, got {tuple(target.shape)}")
+    weight, pos_weight = _check_bce_weights(weight, pos_weight, shape, input.device)
+    spec = cpu.SigmoidLoss(weight, pos_weight)
+    needs = _needs_grad(input, target)
+
+    def compute(need_input_grad: bool, need_target_grad: bool):
+        return cpu.sigmoid_bce_forward(
+            input, target, spec, reduction, need_input_grad=need_input_grad, need_target_grad=need_target_grad
+        )
+
+    if any(needs):
+        return cpu.FusedLossFunction.apply(input, target, compute, needs, None)
+    return compute(False, False)[0]
+
+
+def linear_binary_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    r"""Multi-label sigmoid BCE of a linear head without materializing the (N, C) logits.
+
+    Computes ``binary_cross_entropy_with_logits(input @ linear_weight.T + linear_bias, target, weight,
+    pos_weight=pos_weight, reduction=reduction)`` in chunks of rows, with dX, dW and db formed chunk by
+    chunk in the forward pass (6·N·D·C FLOPs, backward is a scale), as :func:`linear_cross_entropy` does.
+
+    Args:
+        input: ``(N, D)`` or ``(D,)``; linear_weight: ``(C, D)``; target: ``(N, C)`` (or ``(C,)``) in [0, 1].
+        linear_bias: ``(C,)`` or None. weight: broadcastable to ``(N, C)``; pos_weight: to ``(C,)``.
+
+    Example:
+        >>> import torch, softxent
+        >>> x, W = torch.randn(5, 3), torch.randn(4, 3)
+        >>> y = torch.randint(0, 2, (5, 4)).float()
+        >>> fused = softxent.linear_binary_cross_entropy(x, W, y)
+        >>> torch.allclose(fused, torch.nn.functional.binary_cross_entropy_with_logits(x @ W.T, y))
+        True
+    """
+    num_classes, _ = _check_linear(input, linear_weight, linear_bias, class_dims=0)
+    check.check_float_tensor("target", target)
+    check.check_same_device("target", target, input.device)
+    reduction = check.check_reduction(reduction)
+    chunk_size = check.check_chunk_size(chunk_size)
+    _backend(impl)
+    logits_shape = (*input.shape[:-1], num_classes)
+    if tuple(target.shape) != logits_shape:
+        raise ValueError(f"target: expected the logits' shape {logits_shape}, got {tuple(target.shape)}")
+    weight, pos_weight = _check_bce_weights(weight, pos_weight, logits_shape, input.device)
+    if weight is not None and input.dim() == 1:
+        weight = weight.unsqueeze(0) if weight.dim() == 1 else weight
+    head = cpu.SigmoidHead(cpu.SigmoidLoss(weight, pos_weight), reduction, chunk_size)
+    return _apply_head(input, linear_weight, linear_bias, target, head, True)

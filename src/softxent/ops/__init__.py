@@ -1,0 +1,1 @@
+"""Backends: ``cpu`` holds the torch-op implementation (``impl="torch"``)."""

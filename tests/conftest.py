@@ -1,0 +1,29 @@
+"""Shared fixtures for the tests (assertions live in helpers.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import settings
+
+# Every run draws fresh inputs (hypothesis' default); keep the example counts sized for a 2-core CI machine.
+settings.register_profile("softxent", max_examples=40, deadline=None)
+settings.load_profile("softxent")
+
+# The backends every op test runs on; the Triton issue appends "triton" here.
+IMPLS = ["torch"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    """A torch generator with a fresh seed each run (printed on failure through the test id's repr)."""
+    seed = int(np.random.SeedSequence().entropy % (2**63))
+    generator = torch.Generator().manual_seed(seed)
+    print(f"torch generator seed: {seed}")  # shown by pytest when the test fails
+    return generator

@@ -1,0 +1,47 @@
+"""Precision-aware assertions shared by the op tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+def max_error(actual: torch.Tensor | np.ndarray, expected: np.ndarray) -> float:
+    """Largest |actual − expected| / (1 + |expected|): absolute near zero, relative for large values."""
+    a = actual if isinstance(actual, np.ndarray) else to_numpy(actual)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - e) / (1.0 + np.abs(e))))
+
+
+def assert_close(actual: torch.Tensor | np.ndarray, expected: np.ndarray, tol: float, what: str = "") -> None:
+    """|actual − expected| <= tol·(1 + |expected|) elementwise; on failure show the worst elements."""
+    a = actual if isinstance(actual, np.ndarray) else to_numpy(actual)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
+    both_nan = np.isnan(a) & np.isnan(e)
+    same_inf = np.isinf(a) & np.isinf(e) & (np.sign(a) == np.sign(e))
+    ok_special = both_nan | same_inf
+    err = np.where(ok_special, 0.0, np.abs(a - e) / (1.0 + np.abs(e)))
+    err = np.where(np.isnan(err), np.inf, err)
+    if err.size and err.max() > tol:
+        worst = np.argsort(err, axis=None)[-5:][::-1]
+        rows = [
+            f"  at {np.unravel_index(i, err.shape)}: got {a.flat[i]!r}, expected {e.flat[i]!r}" for i in worst
+        ]
+        raise AssertionError(f"{what}: max scaled error {err.max():.3e} > {tol:.1e}\n" + "\n".join(rows))
+
+
+def assert_no_worse(
+    ours: torch.Tensor, torchs: torch.Tensor, expected: np.ndarray, slack: float, what: str = ""
+) -> None:
+    """Precision-aware: our error against float64 is at most plain torch's at the same dtype plus slack."""
+    ours_err, torch_err = max_error(ours, expected), max_error(torchs, expected)
+    assert ours_err <= torch_err + slack, (
+        f"{what}: softxent's error {ours_err:.3e} exceeds torch's {torch_err:.3e} + {slack:.1e}"
+    )

@@ -1,0 +1,196 @@
+"""Bad input raises ValueError / TypeError naming the argument, with what was expected and what was given."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import softxent
+
+X = torch.randn(4, 5)
+Y = torch.tensor([0, 1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(input=[[1.0, 2.0]]), TypeError, r"input: expected a torch\.Tensor, got list"),
+        (
+            dict(input=torch.ones(4, 5, dtype=torch.int64)),
+            TypeError,
+            r"input: expected a float32.*got torch\.int64",
+        ),
+        (
+            dict(input=torch.tensor(1.0)),
+            ValueError,
+            r"input: expected logits of shape \(C,\).*got shape \(\)",
+        ),
+        (
+            dict(target=torch.tensor([0, 1, 2])),
+            ValueError,
+            r"target: expected class indices of shape \(4,\).*got shape \(3,\)",
+        ),
+        (
+            dict(target=torch.tensor([0, 1, 7, 2])),
+            ValueError,
+            r"target: expected class indices in \[0, 5\) or ignore_index=-100, got 7",
+        ),
+        (
+            dict(target=torch.tensor([0, -1, 2, 2])),
+            ValueError,
+            r"target: expected class indices in \[0, 5\).*got -1",
+        ),
+        (
+            dict(target=torch.tensor([0.0, 1.0, 2.0, 3.0])),
+            ValueError,
+            r"target: expected class probabilities of the input's shape \(4, 5\).*got shape \(4,\)",
+        ),
+        (
+            dict(target=torch.ones(4, 3)),
+            ValueError,
+            r"target: expected class probabilities of the input's shape \(4, 5\).*got shape \(4, 3\)",
+        ),
+        (
+            dict(target=torch.ones(4, dtype=torch.bool)),
+            TypeError,
+            r"target: expected integer class indices.*got torch\.bool",
+        ),
+        (
+            dict(weight=torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0])),
+            ValueError,
+            r"weight: expected values >= 0, got -1\.0",
+        ),
+        (
+            dict(weight=torch.tensor([1.0, math.inf, 1.0, 1.0, 1.0])),
+            ValueError,
+            r"weight: expected finite values, got inf",
+        ),
+        (
+            dict(weight=torch.ones(4)),
+            ValueError,
+            r"weight: expected shape \(5,\) \(one weight per class\), got \(4,\)",
+        ),
+        (
+            dict(weight=torch.ones(5, requires_grad=True)),
+            ValueError,
+            r"weight: expected a tensor that does not require grad",
+        ),
+        (dict(reduction="avg"), ValueError, r"reduction: expected 'mean', 'sum' or 'none', got 'avg'"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing: expected a float in \[0, 1\], got 1\.5"),
+        (dict(label_smoothing=-0.1), ValueError, r"label_smoothing: expected a float in \[0, 1\], got -0\.1"),
+        (dict(softcap=0.0), ValueError, r"softcap: expected None or a finite float > 0, got 0\.0"),
+        (dict(softcap=-3), ValueError, r"softcap: expected None or a finite float > 0, got -3"),
+        (dict(z_loss=-1e-4), ValueError, r"z_loss: expected a finite float >= 0, got -0\.0001"),
+        (dict(ignore_index=1.5), TypeError, r"ignore_index: expected an int, got float"),
+        (dict(impl="cuda"), ValueError, r"impl: expected one of \('auto', 'torch'\), got 'cuda'"),
+    ],
+)
+def test_cross_entropy_errors(kwargs, error, match):
+    arguments = dict(input=X, target=Y) | kwargs
+    with pytest.raises(error, match=match):
+        softxent.cross_entropy(**arguments)
+
+
+W = torch.randn(5, 8)
+H = torch.randn(4, 8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            dict(input=torch.randn(2, 4, 8)),
+            ValueError,
+            r"input: expected shape \(N, in_features\) or \(in_features,\), got \(2, 4, 8\)",
+        ),
+        (
+            dict(linear_weight=torch.randn(5, 7)),
+            ValueError,
+            r"linear_weight: expected last dimension in_features=8.*got shape \(5, 7\)",
+        ),
+        (
+            dict(linear_weight=torch.randn(8)),
+            ValueError,
+            r"linear_weight: expected shape \(C, in_features\).*got \(8,\)",
+        ),
+        (
+            dict(linear_weight=W.double()),
+            TypeError,
+            r"linear_weight: expected dtype torch\.float32 \(the input's\), got torch\.float64",
+        ),
+        (dict(linear_bias=torch.randn(4)), ValueError, r"linear_bias: expected shape \(5,\), got \(4,\)"),
+        (dict(chunk_size=0), ValueError, r"chunk_size: expected None or a positive int, got 0"),
+        (
+            dict(target=torch.tensor([0, 1, 5, 2])),
+            ValueError,
+            r"target: expected class indices in \[0, 5\).*got 5",
+        ),
+        (
+            dict(target=torch.softmax(torch.randn(4, 5), 1), ignore_index=-100),
+            ValueError,
+            r"ignore_index: expected None when target holds class probabilities, got -100",
+        ),
+        (dict(reduction="mean "), ValueError, r"reduction: expected 'mean', 'sum' or 'none', got 'mean '"),
+    ],
+)
+def test_linear_cross_entropy_errors(kwargs, error, match):
+    arguments = dict(input=H, linear_weight=W, target=Y) | kwargs
+    with pytest.raises(error, match=match):
+        softxent.linear_cross_entropy(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            dict(target=torch.rand(4, 4)),
+            ValueError,
+            r"target: expected the input's shape \(4, 5\), got \(4, 4\)",
+        ),
+        (
+            dict(target=torch.ones(4, 5, dtype=torch.long)),
+            TypeError,
+            r"target: expected a float32.*got torch\.int64",
+        ),
+        (
+            dict(pos_weight=torch.ones(4)),
+            ValueError,
+            r"pos_weight: expected a shape that broadcasts to the last \(class\) dimension",
+        ),
+        (dict(weight=-torch.ones(5)), ValueError, r"weight: expected values >= 0, got -1\.0"),
+        (
+            dict(pos_weight=torch.tensor([1.0, math.nan, 1.0, 1.0, 1.0])),
+            ValueError,
+            r"pos_weight: expected finite values, got nan",
+        ),
+        (
+            dict(reduction="elementwise"),
+            ValueError,
+            r"reduction: expected 'mean', 'sum' or 'none', got 'elementwise'",
+        ),
+    ],
+)
+def test_binary_cross_entropy_errors(kwargs, error, match):
+    arguments = dict(input=X, target=torch.rand(4, 5)) | kwargs
+    with pytest.raises(error, match=match):
+        softxent.binary_cross_entropy_with_logits(**arguments)
+
+
+def test_linear_binary_cross_entropy_errors():
+    with pytest.raises(ValueError, match=r"target: expected the logits' shape \(4, 5\), got \(4, 6\)"):
+        softxent.linear_binary_cross_entropy(H, W, torch.rand(4, 6))
+    with pytest.raises(
+        ValueError, match=r"linear_weight: expected shape \(C, in_features\), got \(5, 2, 8\)"
+    ):
+        softxent.linear_binary_cross_entropy(H, torch.randn(5, 2, 8), torch.rand(4, 5))
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match=r"label_smoothing: expected a float in \[0, 1\], got 2"):
+        softxent.nn.CrossEntropyLoss(label_smoothing=2)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(3,\)"):
+        softxent.nn.LinearCrossEntropyLoss(4, 3, weight=torch.ones(2))
+    with pytest.raises(ValueError, match=r"pos_weight: expected values >= 0"):
+        softxent.nn.BCEWithLogitsLoss(pos_weight=-torch.ones(2))
