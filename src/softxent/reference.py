@@ -60,6 +60,12 @@ def _check_softcap(softcap: float | None) -> None:
         raise ValueError(f"softcap: expected None or a float > 0, got {softcap!r}")
 
 
+def _finite_max(z: np.ndarray, axis: int) -> np.ndarray:
+    """max along ``axis`` (kept), 0 where that is ±inf, so that z − max never computes −inf − (−inf)."""
+    z_max = np.max(z, axis=axis, keepdims=True)
+    return np.where(np.isfinite(z_max), z_max, 0.0)
+
+
 def logsumexp(z: ArrayLike, axis: int = -1) -> np.ndarray:
     r"""log Σ_k exp z_k along ``axis``, shifted by the maximum so that exp never overflows.
 
@@ -74,8 +80,7 @@ def logsumexp(z: ArrayLike, axis: int = -1) -> np.ndarray:
     [1.3863   -inf]
     """
     z = _as_float64(z)
-    z_max = np.max(z, axis=axis, keepdims=True)
-    shift = np.where(np.isfinite(z_max), z_max, 0.0)
+    shift = _finite_max(z, axis)
     with np.errstate(divide="ignore"):  # log 0 = −inf for an all −inf slice is the intended answer
         lse = np.log(np.sum(np.exp(z - shift), axis=axis, keepdims=True)) + shift
     return np.squeeze(lse, axis=axis)
@@ -94,8 +99,7 @@ def log_softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:
     [-2.4076 -1.4076 -0.4076]
     """
     z = _as_float64(z)
-    z_max = np.max(z, axis=axis, keepdims=True)
-    shifted = z - np.where(np.isfinite(z_max), z_max, 0.0)
+    shifted = z - _finite_max(z, axis)
     return shifted - np.expand_dims(logsumexp(shifted, axis=axis), axis)
 
 
@@ -352,7 +356,7 @@ def cross_entropy_grad_probs(
 
     >>> probs = np.array([[0.5, 0.25, 0.25]])
     >>> print(cross_entropy_grad_probs(probs, np.array([0])))
-    [[-2. -0. -0.]]
+    [[-2.  0.  0.]]
     """
     _check_reduction(reduction)
     _check_label_smoothing(label_smoothing)
@@ -360,7 +364,7 @@ def cross_entropy_grad_probs(
     targets = _effective_target(probs.shape, target, weight, ignore_index, label_smoothing)
     probs = _class_last(probs)
     with np.errstate(divide="ignore"):  # q_c > 0 with ŷ_c = 0 is an infinite loss: −inf is right
-        grad = -np.divide(targets.q, probs, out=np.zeros_like(probs), where=targets.q != 0)
+        grad = np.divide(-targets.q, probs, out=np.zeros_like(probs), where=targets.q != 0)
     return _class_back(_reduce_grad(grad, targets.counted, reduction, targets.denominator))
 
 
