@@ -13,8 +13,9 @@ Printed beside them, the physical floors measured on this machine in the same ru
   linear head: 6·N·D·C FLOPs at the rate of one (N, D)×(D, C) matmul (3 × its time);
   cross-entropy: reading the logits once and writing the gradient once at the measured copy bandwidth.
 
-Time is the median of --repeats runs after one warm-up; memory is the process's peak RSS above what it held
-once its inputs were made (ru_maxrss), so it counts logits, gradients and temporaries but not the inputs.
+Time is the median of --repeats runs after one warm-up; memory is the process's peak RSS (VmHWM, reset once
+the inputs are made) above its RSS at that point, so it counts logits, gradients (the .grad buffers too) and
+temporaries, but not the inputs.
 
     python benchmarks/bench_cpu.py                 # everything, prints a Markdown table
     python benchmarks/bench_cpu.py --case linear:softxent --repeats 3
@@ -25,12 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
+import re
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +43,17 @@ LINEAR_CASES = ("eager", "chunked", "softxent", "floor")
 LOGITS_CASES = ("eager", "softxent", "floor")
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in MiB."""
+    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field} field (this benchmark needs Linux)")
+    return int(match.group(1)) / 1024.0
+
+
+def _reset_peak_rss() -> None:
+    """Resets VmHWM to the current RSS, so temporaries made while building the inputs do not count."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _time(step: Callable[[], None], repeats: int) -> float:
@@ -131,9 +142,14 @@ def run_case(case: str, repeats: int) -> dict[str, float | str]:
     family, provider = case.split(":")
     make = _linear_step if family == "linear" else _logits_step
     step, floor_factor = make(provider)
-    baseline = _rss_mib()
+    _reset_peak_rss()
+    baseline = _status_mib("VmRSS")
     seconds = _time(step, repeats)
-    result: dict[str, float | str] = {"case": case, "seconds": seconds, "peak_mib": _rss_mib() - baseline}
+    result: dict[str, float | str] = {
+        "case": case,
+        "seconds": seconds,
+        "peak_mib": _status_mib("VmHWM") - baseline,
+    }
     if floor_factor is not None:
         result["seconds"] = seconds * floor_factor
     return result
