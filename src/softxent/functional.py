@@ -214,7 +214,15 @@ def _check_linear(
     return num_classes, out_features
 
 
-def _apply_head(input, linear_weight, linear_bias, target, head, target_may_need_grad: bool):
+def _apply_head(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    head: cpu.Head,
+    target_may_need_grad: bool,
+) -> Tensor:
+    """Runs a linear head through autograd when any gradient is wanted, else computes the loss alone."""
     unbatched = input.dim() == 1
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
@@ -222,9 +230,7 @@ def _apply_head(input, linear_weight, linear_bias, target, head, target_may_need
     if any(needs):
         loss = cpu.LinearHeadFunction.apply(input, linear_weight, linear_bias, target, head, needs)
     else:
-        loss = head.reduce(
-            head.run(input, linear_weight, linear_bias, target, grad_scale=None, needs=needs)[0], target
-        )
+        loss = cpu.linear_head_loss(head, input, linear_weight, linear_bias, target)
     return loss.squeeze(0) if unbatched and head.reduction == "none" else loss
 
 

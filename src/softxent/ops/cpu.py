@@ -583,14 +583,8 @@ class SoftmaxHead:
                 grad_x = grad_x.new_zeros(x.shape).index_copy_(0, kept, grad_x)
         return loss, grad_x, grad_weight, grad_bias, grad_target
 
-    def reduction_scale(self, target: Tensor, device: torch.device, ct: torch.dtype) -> Tensor:
-        denominator, anything_counts = _mean_denominator(target, self.spec, self.num_classes, ct)
-        return _reduction_scale(self.reduction, denominator, anything_counts, ct).to(device)
-
-    def reduce(self, loss: Tensor, target: Tensor) -> Tensor:
-        return _reduce(
-            loss, self.reduction, _mean_denominator(target, self.spec, self.num_classes, loss.dtype)[0]
-        )
+    def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, bool]:
+        return _mean_denominator(target, self.spec, self.num_classes, ct)
 
 
 @dataclass(frozen=True)
@@ -630,13 +624,21 @@ class SigmoidHead:
             chunk_rows=self.chunk_rows,
         )
 
-    def reduction_scale(self, target: Tensor, device: torch.device, ct: torch.dtype) -> Tensor:
-        return _reduction_scale(
-            self.reduction, torch.tensor(float(target.numel())), target.numel() > 0, ct
-        ).to(device)
+    def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, bool]:
+        """ "mean" averages over every element."""
+        return torch.tensor(float(target.numel()), dtype=ct, device=target.device), target.numel() > 0
 
-    def reduce(self, loss: Tensor, target: Tensor) -> Tensor:
-        return _reduce(loss, self.reduction, torch.tensor(float(target.numel())))
+
+Head = SoftmaxHead | SigmoidHead
+
+
+def linear_head_loss(
+    head: Head, x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor
+) -> Tensor:
+    """The reduced loss alone, for when no gradient is wanted: 2·N·D·C FLOPs."""
+    denominator, _ = head.denominator(target, compute_dtype(x.dtype))
+    loss = head.run(x, linear_weight, linear_bias, target, grad_scale=None, needs=(False,) * 4)[0]
+    return _reduce(loss, head.reduction, denominator)
 
 
 class LinearHeadFunction(torch.autograd.Function):
@@ -651,15 +653,13 @@ class LinearHeadFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, linear_weight, linear_bias, target, head, needs):  # type: ignore[override]
-        fused = any(needs) and head.reduction != "none"
         ct = compute_dtype(x.dtype)
+        denominator, anything_counts = head.denominator(target, ct)
+        scale = None
+        if any(needs) and head.reduction != "none":
+            scale = _reduction_scale(head.reduction, denominator, anything_counts, ct).to(x.device)
         loss, grad_x, grad_weight, grad_bias, grad_target = head.run(
-            x,
-            linear_weight,
-            linear_bias,
-            target,
-            grad_scale=head.reduction_scale(target, x.device, ct) if fused else None,
-            needs=needs,
+            x, linear_weight, linear_bias, target, grad_scale=scale, needs=needs
         )
         ctx.head = head
         ctx.needs = needs
@@ -668,7 +668,7 @@ class LinearHeadFunction(torch.autograd.Function):
             ctx.save_for_backward(x, linear_weight, linear_bias, target)
         else:
             ctx.save_for_backward(*_cast_grads(ctx.dtypes, grad_x, grad_weight, grad_bias), grad_target)
-        return head.reduce(loss, target)
+        return _reduce(loss, head.reduction, denominator)
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
