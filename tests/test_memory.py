@@ -1,0 +1,64 @@
+"""Memory claims of the CPU backend, measured as peak RSS in a fresh process (Linux /proc)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROBE = r"""
+import json, re, sys
+from pathlib import Path
+import torch, softxent
+
+def mib(field):
+    return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+case = sys.argv[1]
+torch.manual_seed(0)
+if case == "logits":
+    x = torch.randn(2048, 16384).requires_grad_()
+    y = torch.randint(0, 16384, (2048,))
+    run = lambda: softxent.cross_entropy(x, y).backward()
+else:
+    x = torch.randn(2048, 256).requires_grad_()
+    w = torch.randn(16384, 256).requires_grad_()
+    y = torch.randint(0, 16384, (2048,))
+    run = lambda: softxent.linear_cross_entropy(x, w, y, chunk_size=256).backward()
+run()
+x.grad = None
+if case == "linear":
+    w.grad = None
+Path("/proc/self/clear_refs").write_text("5")
+base = mib("VmRSS")
+run()
+print(json.dumps({"peak_above_inputs_mib": mib("VmHWM") - base}))
+"""
+
+
+def _peak(case: str) -> float:
+    result = subprocess.run([sys.executable, "-c", PROBE, case], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_above_inputs_mib"]
+
+
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peak RSS"
+)
+
+
+def test_cross_entropy_holds_one_logits_sized_buffer():
+    logits_mib = 2048 * 16384 * 4 / 2**20  # 128 MiB: the gradient itself
+    peak = _peak("logits")
+    assert logits_mib <= peak <= logits_mib + 40, f"peak {peak:.0f} MiB above the inputs"
+
+
+def test_linear_cross_entropy_never_materializes_the_logits():
+    logits_mib = 2048 * 16384 * 4 / 2**20  # 128 MiB if the (N, C) logits existed
+    grads_mib = (16384 * 256 + 2048 * 256) * 4 / 2**20  # dW + dX: 18 MiB
+    chunk_mib = 256 * 16384 * 4 / 2**20  # one chunk of logits: 16 MiB
+    peak = _peak("linear")
+    assert peak <= grads_mib + chunk_mib + 30, f"peak {peak:.0f} MiB above the inputs"
+    assert peak < logits_mib / 2
