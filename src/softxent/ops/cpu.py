@@ -625,7 +625,7 @@ class SigmoidHead:
         )
 
     def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, bool]:
-        """ "mean" averages over every element."""
+        """The "mean" reduction averages over every element."""
         return torch.tensor(float(target.numel()), dtype=ct, device=target.device), target.numel() > 0
 
 
