@@ -2,7 +2,9 @@
 
 The ops are drop-in for ``torch.nn.functional``: each produces its gradient in the forward pass and the linear
 heads never materialize the (N, C) logits. ``softxent.reference`` is the NumPy float64 oracle they are tested
-against; ``softxent.nn`` holds the loss modules.
+against; ``softxent.nn`` holds the loss modules. ``softxent.SoftmaxClassifier`` and
+``softxent.SigmoidClassifier`` (from ``softxent.estimators``, which needs the ``train`` extra) are scikit-learn
+classifiers trained by minibatch SGD on these ops.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -20,7 +22,21 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
+_ESTIMATORS = ("SigmoidClassifier", "SoftmaxClassifier")
+
+
+def __getattr__(name: str) -> object:
+    """The estimators, imported on first use: they pull in scikit-learn, which the ops do not need."""
+    if name in _ESTIMATORS:
+        from softxent import estimators
+
+        return getattr(estimators, name)
+    raise AttributeError(f"module 'softxent' has no attribute {name!r}")
+
+
 __all__ = [
+    "SigmoidClassifier",
+    "SoftmaxClassifier",
     "__version__",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
