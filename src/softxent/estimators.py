@@ -488,7 +488,8 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         data = self._to_data(X, target, sample_weight, device)
         self._loss_weight = None if self._loss_weight is None else self._loss_weight.to(device, data.dtype)
 
-        if warm and len(self.hidden_coefs_) == len(sizes):
+        widths = [w.shape[0] for w in self.hidden_coefs_] if warm else None
+        if warm and widths == list(sizes) and self.coef_.shape[0] == self._n_outputs():
             params = self._fitted_parameters(device, data.dtype)
         else:
             params = {
