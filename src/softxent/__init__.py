@@ -2,9 +2,9 @@
 
 The ops are drop-in for ``torch.nn.functional``: each produces its gradient in the forward pass and the linear
 heads never materialize the (N, C) logits. ``softxent.reference`` is the NumPy float64 oracle they are tested
-against; ``softxent.nn`` holds the loss modules. ``softxent.SoftmaxClassifier`` and
-``softxent.SigmoidClassifier`` (from ``softxent.estimators``, which needs the ``train`` extra) are scikit-learn
-classifiers trained by minibatch SGD on these ops.
+against; ``softxent.nn`` holds the loss modules. ``SoftmaxClassifier`` and ``SigmoidClassifier`` (from
+``softxent.estimators``, which needs the ``train`` extra) are scikit-learn classifiers trained by minibatch
+SGD on these ops; ``softxent`` on the command line trains, applies and evaluates them.
 """
 
 from importlib.metadata import PackageNotFoundError, version

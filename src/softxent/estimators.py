@@ -31,7 +31,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning, DataConversionWarning
 from sklearn.metrics import accuracy_score
@@ -51,6 +50,7 @@ from sklearn.utils.validation import check_is_fitted, check_random_state, valida
 from torch import Tensor
 from torch.optim.sgd import sgd
 
+from softxent._files import atomic_path
 from softxent.functional import linear_binary_cross_entropy, linear_cross_entropy
 
 __all__ = [
@@ -1208,20 +1208,13 @@ _ESTIMATORS = {cls.__name__: cls for cls in (SoftmaxClassifier, SigmoidClassifie
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: str | os.PathLike, header: dict[str, Any]) -> None:
-    """Write a safetensors file through a temporary file in the same directory and a rename, so that a
-    crash leaves the old file or the new one, never half of one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        contiguous = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
-        save_file(contiguous, tmp, metadata={"softxent": json.dumps(header)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write a safetensors file through a temporary file and a rename (a crash leaves the old file or the
+    new one, never half of one)."""
+    contiguous = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
+    # serialized here and written by us: safetensors' save_file makes its file 0600, whatever the umask
+    data = save(contiguous, metadata={"softxent": json.dumps(header)})
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
 
 
 def _read(path: str | os.PathLike, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
