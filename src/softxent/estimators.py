@@ -15,12 +15,15 @@ under the same loss.
 Both minimize, over minibatches B of the training set,
 
 .. math::
-    \frac{1}{|B|} \sum_{i \in B} s_i\,ℓ_i + \frac{α}{2} \sum_{\text{weights}} \|W\|^2
+    \frac{1}{|B|\,\bar s} \sum_{i \in B} s_i\,ℓ_i + \frac{α}{2} \sum_{\text{weights}} \|W\|^2
 
-(s_i: sample weight times class weight; biases are not penalized) with SGD and momentum, a learning-rate
-schedule and scikit-learn's stopping rules. ``save_model``/``load_model`` write and read a fitted
-estimator as one safetensors file with JSON metadata in its header; ``Checkpoint``, ``save_checkpoint``
-and ``load_checkpoint`` let a long fit resume after an interruption.
+(s_i: sample weight times class weight, s̄ their mean over the training set, so that the objective is the
+weighted mean and the step size does not depend on the scale of the weights; biases are not penalized)
+with SGD and momentum, a learning-rate schedule and scikit-learn's stopping rules.
+
+``save_model``/``load_model`` write and read a fitted estimator as one safetensors file with JSON metadata
+in its header; ``Checkpoint``, ``save_checkpoint`` and ``load_checkpoint`` let a long fit resume after an
+interruption.
 """
 
 from __future__ import annotations
@@ -240,6 +243,14 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         """Σ_i s_i·ℓ_i over the batch (reduction "sum") through softxent's fused linear head."""
         raise NotImplementedError
 
+    def _running_counts(self, counts: np.ndarray) -> np.ndarray:
+        """The label counts behind "balanced" weights: this data's, plus those of the earlier
+        partial_fit calls (fit starts afresh)."""
+        if self._partial and self._counts is not None:
+            counts = counts + self._counts
+        self._counts = counts
+        return counts
+
     def _row_weights(self, target: np.ndarray, sample_weight: np.ndarray | None) -> np.ndarray | None:
         """s_i, the weight each row's loss carries (None: all 1)."""
         return sample_weight
@@ -423,7 +434,7 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"y: {type(self).__name__} requires y to be passed, but the target y is None")
         X = self._validate_X(X, reset=reset)
         self._partial = partial
-        if reset:
+        if reset or not hasattr(self, "_counts"):  # a new fit, or the first partial_fit after load_model
             self._counts = None
         target, stratify = self._encode_target(y, classes, first_call=reset, partial=partial)
         if target.shape[0] != X.shape[0]:
@@ -826,7 +837,8 @@ class SoftmaxClassifier(_SGDClassifier):
         max_iter: epochs (passes over the data).
         tol, n_iter_no_change: stop when for n_iter_no_change epochs the training loss has not fallen by
             more than tol (or, with early_stopping, the validation accuracy has not risen by more than
-            tol). None: always run max_iter epochs.
+            tol). None: always run max_iter epochs. Reaching max_iter first raises a ConvergenceWarning,
+            except under "cosine", whose schedule is planned to end there.
         early_stopping, validation_fraction: hold out that fraction (stratified), score it after every
             epoch, stop by the rule above and keep the best epoch's weights.
         shuffle: reshuffle the rows every epoch.
@@ -966,10 +978,7 @@ class SoftmaxClassifier(_SGDClassifier):
                 weights[where[0]] = value
             return torch.from_numpy(weights)
         counts = np.bincount(target, minlength=n_classes) if target.ndim == 1 else target.sum(axis=0)
-        if getattr(self, "_counts", None) is not None and self._partial:
-            counts = counts + self._counts
-        self._counts = counts
-        return torch.from_numpy(_balanced(counts.astype(np.float64)))
+        return torch.from_numpy(_balanced(self._running_counts(counts).astype(np.float64)))
 
     def _row_weights(self, target: np.ndarray, sample_weight: np.ndarray | None) -> np.ndarray | None:
         if self._loss_weight is None:
@@ -1132,10 +1141,7 @@ class SigmoidClassifier(_SGDClassifier):
                     f"pos_weight: expected None, 'balanced' or an array, got {self.pos_weight!r}"
                 )
             counts = np.stack([target.sum(axis=0), (1.0 - target).sum(axis=0)])
-            if getattr(self, "_counts", None) is not None and self._partial:
-                counts = counts + self._counts
-            self._counts = counts
-            positives, negatives = counts
+            positives, negatives = self._running_counts(counts)
             return torch.from_numpy(np.where(positives > 0, negatives / np.maximum(positives, 1e-300), 1.0))
         weights = np.asarray(self.pos_weight, dtype=np.float64)
         if weights.shape != (target.shape[1],) or not np.isfinite(weights).all() or (weights < 0).any():
