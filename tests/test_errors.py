@@ -84,7 +84,7 @@ Y = torch.tensor([0, 1, 2, 3])
         (dict(softcap=-3), ValueError, r"softcap: expected None or a finite float > 0, got -3"),
         (dict(z_loss=-1e-4), ValueError, r"z_loss: expected a finite float >= 0, got -0\.0001"),
         (dict(ignore_index=1.5), TypeError, r"ignore_index: expected an int, got float"),
-        (dict(impl="cuda"), ValueError, r"impl: expected one of \('auto', 'torch'\), got 'cuda'"),
+        (dict(impl="cuda"), ValueError, r"impl: expected one of \('auto', 'torch', 'triton'\), got 'cuda'"),
     ],
 )
 def test_cross_entropy_errors(kwargs, error, match):

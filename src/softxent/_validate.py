@@ -9,7 +9,7 @@ import torch
 from torch.nn import _reduction as legacy_reduction
 
 REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "torch")
+IMPLS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

@@ -1,8 +1,9 @@
 """softxent's public PyTorch ops: drop-in for ``torch.nn.functional``, fused, with a few extras.
 
 Each op checks its arguments (ValueError / TypeError naming the argument, expected vs got), then hands
-the work to a backend: ``impl="torch"`` (torch ops, any device; the CPU backend) or ``impl="auto"``,
-which picks the best backend for the tensors' device.
+the work to a backend: ``impl="torch"`` (torch ops, any device; the CPU backend), ``impl="triton"`` (the
+Triton kernel for the softmax losses' per-row pass) or ``impl="auto"``, which picks Triton for CUDA tensors
+where it is installed and the torch ops otherwise.
 """
 
 from __future__ import annotations
@@ -21,10 +22,36 @@ __all__ = [
 ]
 
 
-def _backend(impl: str) -> str:
-    """The backend an ``impl`` argument selects; every device runs the torch-op backend for now."""
+def _backend(impl: str, device: torch.device | None = None, *, triton_ready: bool = True) -> str:
+    """The backend an ``impl`` argument selects: "triton" when asked for (or, under "auto", for CUDA tensors
+    where triton is installed) and the op has a Triton kernel (``triton_ready``); else "torch"."""
     check.check_impl(impl)
+    if impl == "triton":
+        if not triton_ready:
+            raise ValueError(
+                "impl: 'triton' has kernels for cross_entropy and linear_cross_entropy so far; use 'auto' or "
+                "'torch' for the sigmoid losses"
+            )
+        if _triton_block() is None:
+            raise ValueError("impl: 'triton' needs the triton package (pip install 'softxent[triton]')")
+        return "triton"
+    if impl == "auto" and triton_ready and device is not None and device.type == "cuda" and _triton_block():
+        return "triton"
     return "torch"
+
+
+def _triton_block():
+    """The Triton softmax block kernel, or None where triton cannot be imported."""
+    try:
+        from softxent.ops.triton.cross_entropy import softmax_xent_block
+    except ImportError:
+        return None
+    return softmax_xent_block
+
+
+def _softmax_block(impl: str, device: torch.device):
+    """The per-block loss/gradient function of the softmax losses for this ``impl`` and device."""
+    return _triton_block() if _backend(impl, device) == "triton" else cpu.softmax_xent_block
 
 
 def _needs_grad(*tensors: Tensor | None) -> tuple[bool, ...]:
@@ -134,7 +161,7 @@ def cross_entropy(
     reduction = check.check_reduction_legacy(size_average, reduce, reduction)
     label_smoothing = check.check_label_smoothing(label_smoothing)
     ignore_index = check.check_ignore_index(ignore_index)
-    _backend(impl)
+    block_fn = _softmax_block(impl, input.device)
     if input.dim() == 0:
         raise ValueError("input: expected logits of shape (C,), (N, C) or (N, C, d1, ..., dk), got shape ()")
     check.check_same_device("target", target, input.device)
@@ -154,7 +181,13 @@ def cross_entropy(
 
     def compute(need_input_grad: bool, need_target_grad: bool):
         return cpu.cross_entropy_forward(
-            input, target, spec, reduction, need_input_grad=need_input_grad, need_target_grad=need_target_grad
+            input,
+            target,
+            spec,
+            reduction,
+            need_input_grad=need_input_grad,
+            need_target_grad=need_target_grad,
+            block_fn=block_fn,
         )
 
     if any(needs):
@@ -288,7 +321,7 @@ def linear_cross_entropy(
     reduction = check.check_reduction(reduction)
     label_smoothing = check.check_label_smoothing(label_smoothing)
     chunk_size = check.check_chunk_size(chunk_size)
-    _backend(impl)
+    block_fn = _softmax_block(impl, input.device)
     logits_shape = (*input.shape[:-1], num_classes, *out_features)
     probabilities = tuple(target.shape) == logits_shape and target.dtype.is_floating_point
     if probabilities and ignore_index is not None:
@@ -302,7 +335,7 @@ def linear_cross_entropy(
     spec = _softmax_spec(
         weight, num_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
-    head = cpu.SoftmaxHead(spec, reduction, num_classes, out_features, chunk_size)
+    head = cpu.SoftmaxHead(spec, reduction, num_classes, out_features, chunk_size, block_fn)
     return _apply_head(input, linear_weight, linear_bias, target, head, probabilities)
 
 
@@ -365,7 +398,7 @@ def binary_cross_entropy_with_logits(
     check.check_float_tensor("target", target)
     check.check_same_device("target", target, input.device)
     reduction = check.check_reduction_legacy(size_average, reduce, reduction)
-    _backend(impl)
+    _backend(impl, input.device, triton_ready=False)
     shape = tuple(input.shape)
     if tuple(target.shape) != shape:
         raise ValueError(f"target: expected the input's shape {shape}, got {tuple(target.shape)}")
@@ -418,7 +451,7 @@ def linear_binary_cross_entropy(
     check.check_same_device("target", target, input.device)
     reduction = check.check_reduction(reduction)
     chunk_size = check.check_chunk_size(chunk_size)
-    _backend(impl)
+    _backend(impl, input.device, triton_ready=False)
     logits_shape = (*input.shape[:-1], num_classes)
     if tuple(target.shape) != logits_shape:
         raise ValueError(f"target: expected the logits' shape {logits_shape}, got {tuple(target.shape)}")

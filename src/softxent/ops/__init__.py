@@ -1,1 +1,2 @@
-"""Backends: ``cpu`` holds the torch-op implementation (``impl="torch"``)."""
+"""Backends: ``cpu`` holds the torch-op implementation (``impl="torch"``), ``triton`` the Triton kernels
+(``impl="triton"``)."""

@@ -287,8 +287,11 @@ def cross_entropy_forward(
     *,
     need_input_grad: bool,
     need_target_grad: bool,
+    block_fn: Callable[..., tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Loss, lse, and the gradients of the reduced loss (for an incoming gradient of 1).
+
+    ``block_fn`` computes one block of rows (:func:`softmax_xent_block`'s contract; the default is it).
 
     input: (N, C) or (N, C, d1, ..., dk); target: (N, d1, ..., dk) indices or input-shaped probabilities.
     Returns loss (a scalar, or (N, d1, ..., dk) for "none"), lse (N, d1, ..., dk), grad_input (input's
@@ -314,7 +317,7 @@ def cross_entropy_forward(
     )
     per_sample = max(1, logits[0].numel()) if input.shape[0] else 1
     for start, stop in _blocks(input.shape[0], per_sample, BLOCK_ELEMENTS):
-        loss[start:stop], lse[start:stop] = softmax_xent_block(
+        loss[start:stop], lse[start:stop] = (block_fn or softmax_xent_block)(
             logits[start:stop],
             target_view[start:stop],
             spec,
@@ -526,6 +529,8 @@ class SoftmaxHead:
     num_classes: int
     out_features: tuple[int, ...]
     chunk_rows: int | None
+    # one block of rows' loss and gradient (softmax_xent_block's contract); the Triton kernel on GPUs
+    block_fn: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     def _view(self, rows: Tensor) -> Tensor:
         return _class_last(rows.view(rows.shape[0], self.num_classes, *self.out_features))
@@ -550,7 +555,7 @@ class SoftmaxHead:
 
         def block(logits, start, stop, scale, grad_out, target_grad_out):
             rows_target = target_kept[start:stop]
-            loss, _ = softmax_xent_block(
+            loss, _ = (self.block_fn or softmax_xent_block)(
                 self._view(logits),
                 self._view(rows_target) if probabilities else rows_target,
                 self.spec,

@@ -1,0 +1,134 @@
+"""The Triton softmax cross-entropy kernel against the torch backend's block function, one feature at a
+time, at small odd shapes. Without a GPU the kernel runs in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1); tests marked gpu need a CUDA device."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from softxent.ops import cpu
+
+triton_ops = pytest.importorskip(
+    "softxent.ops.triton.cross_entropy", reason="the triton package is not installed"
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _case(rng, rows, num_classes, *, probabilities, weighted, dtype=torch.float32, scale=3.0):
+    logits = (torch.randn(rows, num_classes, generator=rng, dtype=torch.float64) * scale).to(dtype)
+    if probabilities:
+        target = torch.softmax(torch.randn(rows, num_classes, generator=rng), dim=1)
+    else:
+        target = torch.randint(0, num_classes, (rows,), generator=rng)
+        target[::5] = -100
+    weight = torch.rand(num_classes, generator=rng) + 0.1 if weighted else None
+    return logits.to(DEVICE), target.to(DEVICE), None if weight is None else weight.to(DEVICE)
+
+
+def _both(logits, target, spec, scale, *, target_grad=False):
+    """(loss, lse, grad[, target grad]) from the torch block and from the Triton block."""
+    results = []
+    for block in (cpu.softmax_xent_block, triton_ops.softmax_xent_block):
+        grad = torch.empty_like(logits)
+        tgrad = torch.empty_like(target) if target_grad else None
+        loss, lse = block(logits, target, spec, grad_scale=scale, grad_out=grad, target_grad_out=tgrad)
+        results.append((loss, lse, grad, tgrad))
+    return results
+
+
+def _close(ours, theirs, what, atol=2e-6, rtol=2e-5):
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=atol, rtol=rtol, equal_nan=True, msg=what)
+
+
+FEATURES = list(
+    itertools.product(
+        [False, True],  # probabilities
+        [False, True],  # class weights
+        [0.0, 0.15],  # label smoothing
+        [0.0, 1e-3],  # z_loss
+        [None, 7.0],  # softcap
+    )
+)
+
+
+@pytest.mark.parametrize(("probabilities", "weighted", "smoothing", "z_loss", "softcap"), FEATURES)
+def test_kernel_equals_the_torch_block(probabilities, weighted, smoothing, z_loss, softcap, rng):
+    logits, target, weight = _case(rng, 37, 1031, probabilities=probabilities, weighted=weighted)
+    spec = cpu.SoftmaxLoss(weight, -100, smoothing, z_loss, softcap)
+    scale = torch.rand(37, generator=rng).to(DEVICE) + 0.5  # per-row scale, as reduction="none" gives
+    (loss, lse, grad, tgrad), (loss_t, lse_t, grad_t, tgrad_t) = _both(
+        logits, target, spec, scale, target_grad=probabilities
+    )
+    _close(loss_t, loss, "loss")
+    _close(lse_t, lse, "lse")
+    _close(grad_t, grad, "grad", atol=1e-7)
+    if probabilities:
+        _close(tgrad_t, tgrad, "target grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits_compute_in_float32(dtype, rng):
+    logits, target, _ = _case(rng, 29, 517, probabilities=False, weighted=False, dtype=dtype)
+    spec = cpu.SoftmaxLoss(None, -100, 0.1, 0.0, None)
+    (loss, lse, grad, _), (loss_t, lse_t, grad_t, _) = _both(logits, target, spec, 1.0 / 29)
+    assert loss_t.dtype == lse_t.dtype == torch.float32
+    assert grad_t.dtype == dtype
+    _close(loss_t, loss, "loss")
+    _close(lse_t, lse, "lse")
+    _close(grad_t, grad, "grad", atol=1e-3, rtol=1e-2)  # one rounding of the gradient to dtype
+
+
+def test_extremes_masks_and_wide_rows(rng):
+    """±1e4 logits, −inf masks, an all-ignored row, and rows wider than one block (several blocks)."""
+    num_classes = triton_ops.MAX_BLOCK * 2 + 37
+    logits, target, _ = _case(rng, 9, num_classes, probabilities=False, weighted=False, scale=1e4)
+    logits[:, ::11] = float("-inf")
+    target[3] = -100
+    target[4] = 22  # a −inf target logit: loss +inf
+    spec = cpu.SoftmaxLoss(None, -100, 0.0, 0.0, None)
+    (loss, lse, grad, _), (loss_t, lse_t, grad_t, _) = _both(logits, target, spec, 1.0)
+    assert torch.isinf(loss_t[4])
+    assert loss_t[3] == 0
+    assert torch.all(grad_t[3] == 0)
+    masked = grad_t[:, ::11].clone()
+    masked[4, 2] = 0  # column 22, row 4's −inf target: ŷ − 1 = −1 there, as in torch
+    assert torch.all(masked == 0)
+    assert grad_t[4, 22] == -1
+    _close(loss_t, loss, "loss", rtol=1e-6)
+    _close(lse_t, lse, "lse", rtol=1e-6)
+    _close(grad_t, grad, "grad", atol=1e-7)
+
+
+def test_gradient_in_place_and_strided_inputs(rng):
+    """grad_out may be the logits themselves; non-contiguous logits and outputs work."""
+    logits, target, _ = _case(rng, 37, 211, probabilities=False, weighted=False)
+    spec = cpu.SoftmaxLoss(None, -100, 0.05, 0.0, None)
+    expected_loss, _ = cpu.softmax_xent_block(logits, target, spec)
+    expected_grad = torch.empty_like(logits)
+    cpu.softmax_xent_block(logits, target, spec, grad_scale=0.5, grad_out=expected_grad)
+    in_place = logits.clone()
+    loss, _ = triton_ops.softmax_xent_block(in_place, target, spec, grad_scale=0.5, grad_out=in_place)
+    _close(loss, expected_loss, "loss")
+    _close(in_place, expected_grad, "in-place grad", atol=1e-7)
+    wide = torch.zeros(211, 37 * 2, device=DEVICE)
+    strided = wide[:, ::2].T  # (37, 211) with strides (2, 74)
+    strided.copy_(logits)
+    out = torch.zeros(211, 37, device=DEVICE).T
+    triton_ops.softmax_xent_block(strided, target, spec, grad_scale=0.5, grad_out=out)
+    _close(out, expected_grad, "strided grad", atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: run-to-run determinism is a property of the GPU")
+def test_deterministic_on_the_gpu(rng):
+    logits, target, weight = _case(rng, 4099, 32003, probabilities=False, weighted=True)
+    spec = cpu.SoftmaxLoss(weight, -100, 0.1, 1e-4, None)
+    runs = [_both(logits, target, spec, 1.0 / 4099)[1] for _ in range(3)]
+    for run in runs[1:]:
+        for first, again in zip(runs[0][:3], run[:3], strict=True):
+            assert torch.equal(first, again)
