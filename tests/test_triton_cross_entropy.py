@@ -134,3 +134,16 @@ def test_deterministic_on_the_gpu(rng):
     for run in runs[1:]:
         for first, again in zip(runs[0][:3], run[:3], strict=True):
             assert torch.equal(first, again)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message for CPU tensors outside the interpreter")
+def test_triton_on_cpu_tensors_outside_the_interpreter_is_an_error(monkeypatch):
+    import softxent
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match=r"impl: 'triton' runs on CUDA tensors .* got tensors on cpu"):
+        softxent.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), impl="triton")
+    with pytest.raises(
+        ValueError, match=r"impl: 'triton' has kernels for cross_entropy and linear_cross_entropy"
+    ):
+        softxent.binary_cross_entropy_with_logits(torch.randn(3, 5), torch.rand(3, 5), impl="triton")

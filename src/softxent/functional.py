@@ -8,6 +8,8 @@ where it is installed and the torch ops otherwise.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -34,6 +36,11 @@ def _backend(impl: str, device: torch.device | None = None, *, triton_ready: boo
             )
         if _triton_block() is None:
             raise ValueError("impl: 'triton' needs the triton package (pip install 'softxent[triton]')")
+        if device is not None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "impl: 'triton' runs on CUDA tensors (or on any in Triton's interpreter, "
+                f"TRITON_INTERPRET=1), got tensors on {device}"
+            )
         return "triton"
     if impl == "auto" and triton_ready and device is not None and device.type == "cuda" and _triton_block():
         return "triton"
