@@ -244,11 +244,12 @@ def _class_last(t: Tensor) -> Tensor:
 
 def _mean_denominator(
     target: Tensor, spec: SoftmaxLoss, num_classes: int, ct: torch.dtype
-) -> tuple[Tensor, bool]:
+) -> tuple[Tensor, Tensor | bool]:
     """torch's weighted-mean denominator and whether any position counts.
 
     Class indices: Σ_{non-ignored} w_y (their number without weights). Probabilities: the number of
-    positions. Returns a 0-d tensor in the compute dtype and a flag that is False when nothing counts.
+    positions. Returns a 0-d tensor in the compute dtype and a flag that is False when nothing counts
+    (a 0-d bool tensor where it depends on the target's values: no host read, so no GPU sync).
     """
     if target.is_floating_point():
         positions = target.numel() // num_classes if num_classes else 0
@@ -256,22 +257,23 @@ def _mean_denominator(
     counted = target != spec.ignore_index
     if spec.weight is None:
         count = counted.sum()
-        return count.to(ct), bool(count > 0)
+        return count.to(ct), count > 0
     safe = torch.where(counted, target, 0)
-    return torch.where(counted, spec.weight[safe].to(ct), 0.0).sum(), bool(counted.any())
+    return torch.where(counted, spec.weight[safe].to(ct), 0.0).sum(), counted.any()
 
 
-def _reduction_scale(reduction: str, denominator: Tensor, anything_counts: bool, ct: torch.dtype) -> Tensor:
+def _reduction_scale(
+    reduction: str, denominator: Tensor, anything_counts: Tensor | bool, ct: torch.dtype
+) -> Tensor:
     """The factor that turns the gradient of Σℓ into the gradient of the reduced loss.
 
     torch gives zero gradients when every target is ignored (and a nan loss for "mean"), so the scale
-    is 0 then rather than 1/0.
+    is 0 then rather than 1/0 (chosen on the device: no host read).
     """
     if reduction != "mean":
         return torch.ones((), dtype=ct)
-    if not anything_counts:
-        return torch.zeros((), dtype=ct)
-    return 1.0 / denominator.to(ct)
+    scale = 1.0 / denominator.to(ct)
+    return torch.where(torch.as_tensor(anything_counts, device=scale.device), scale, torch.zeros_like(scale))
 
 
 def _blocks(count: int, per_item: int, budget: int) -> list[tuple[int, int]]:
@@ -542,6 +544,8 @@ class SoftmaxHead:
         counted = (
             (target != self.spec.ignore_index).reshape(target.shape[0], math.prod(self.out_features)).any(1)
         )
+        if counted.device.type != "cpu":
+            return None  # selecting rows needs their count on the host (a GPU sync); compute them all
         return None if bool(counted.all()) else counted.nonzero().squeeze(1)
 
     def run(self, x, linear_weight, linear_bias, target, *, grad_scale, needs):
@@ -588,7 +592,7 @@ class SoftmaxHead:
                 grad_x = grad_x.new_zeros(x.shape).index_copy_(0, kept, grad_x)
         return loss, grad_x, grad_weight, grad_bias, grad_target
 
-    def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, bool]:
+    def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, Tensor | bool]:
         return _mean_denominator(target, self.spec, self.num_classes, ct)
 
 
@@ -629,7 +633,7 @@ class SigmoidHead:
             chunk_rows=self.chunk_rows,
         )
 
-    def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, bool]:
+    def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, Tensor | bool]:
         """The "mean" reduction averages over every element."""
         return torch.tensor(float(target.numel()), dtype=ct, device=target.device), target.numel() > 0
 
