@@ -125,6 +125,21 @@ def test_gradient_in_place_and_strided_inputs(rng):
     _close(out, expected_grad, "strided grad", atol=1e-7)
 
 
+def test_out_of_range_target_gives_nan_without_reading_out_of_bounds(rng):
+    """GPU targets are not range-checked on the host: the kernel marks such rows nan (and zero gradient)."""
+    logits, target, _ = _case(rng, 7, 13, probabilities=False, weighted=False)
+    target[2], target[5] = 13, -7
+    spec = cpu.SoftmaxLoss(None, -100, 0.0, 0.0, None)
+    grad = torch.empty_like(logits)
+    loss, _ = triton_ops.softmax_xent_block(logits, target, spec, grad_scale=1.0, grad_out=grad)
+    assert torch.isnan(loss[2])
+    assert torch.isnan(loss[5])
+    assert torch.all(grad[2] == 0)
+    valid = [0, 1, 3, 4, 6]
+    expected, _ = cpu.softmax_xent_block(logits[valid], target[valid], spec)
+    _close(loss[valid], expected, "valid rows")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: run-to-run determinism is a property of the GPU")
 def test_deterministic_on_the_gpu(rng):

@@ -82,11 +82,16 @@ def _softmax_xent_rows_kernel(
 
     # the true class (class-index targets): its hard term (1 − ε)·w_y, read once in fp32
     counted = True
+    out_of_range = False
     y = 0
     hard = 0.0
     if not PROBS:
         y = tl.load(target_row)
         counted = y != ignore_index
+        # GPU targets are not range-checked on the host (that would be a sync): a class outside [0, C)
+        # gives a nan loss and reads nothing out of bounds
+        out_of_range = counted & ((y < 0) | (y >= num_classes))
+        counted = counted & ~out_of_range
         y = tl.where(counted, y, 0)
         hard = 1.0 - eps
         if HAS_WEIGHT:
@@ -129,7 +134,7 @@ def _softmax_xent_rows_kernel(
     lse_if_z_loss = tl.where(z_loss == 0.0, 0.0, lse)
     z_coeff = 2.0 * z_loss * lse_if_z_loss
     loss += z_loss * lse_if_z_loss * lse_if_z_loss
-    tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
+    tl.store(loss_ptr + row, tl.where(counted, loss, tl.where(out_of_range, float("nan"), 0.0)))
     tl.store(lse_ptr + row, lse)
 
     # pass 2: ∂ℓ/∂z = s·[(Σq + 2λ·lse)·ŷ − q] (·(1 − tanh²) under a softcap); ∂ℓ/∂t = −s·(1 − ε)·w·log ŷ
