@@ -18,19 +18,13 @@ if not torch.cuda.is_available():
 settings.register_profile("softxent", max_examples=40, deadline=None)
 settings.load_profile("softxent")
 
-# The backends every softmax op test runs on ("triton" where the triton package is installed: the dev
-# extra installs it), and those of the sigmoid ops, which have no Triton kernel yet.
+# The backends every op test runs on ("triton" where the triton package is installed: the dev extra
+# installs it).
 IMPLS = ["torch", *(["triton"] if importlib.util.find_spec("triton") else [])]
-SIGMOID_IMPLS = ["torch"]
 
 
 @pytest.fixture(params=IMPLS)
 def impl(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture(params=SIGMOID_IMPLS)
-def sigmoid_impl(request: pytest.FixtureRequest) -> str:
     return request.param
 
 

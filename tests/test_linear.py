@@ -165,7 +165,7 @@ def test_gradcheck_float64(impl, rng):
             linear_bias=b_,
             pos_weight=torch.full((13,), 2.0, dtype=torch.float64),
             chunk_size=4,
-            impl="torch" if impl == "triton" else impl,  # the sigmoid head has no Triton kernel yet
+            impl=impl,
         )
 
     assert torch.autograd.gradcheck(class_loss, (x, w, b))
@@ -211,14 +211,14 @@ def test_all_ignored_unbatched_and_empty(impl, rng):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_linear_binary_cross_entropy_equals_torch(reduction, sigmoid_impl, rng):
+def test_linear_binary_cross_entropy_equals_torch(reduction, impl, rng):
     x, w, b, _ = _problem(29, 17, 41, rng)
     target = torch.randint(0, 2, (29, 41), generator=rng).double().requires_grad_()
     weight = torch.rand(29, 1, generator=rng, dtype=torch.float64)
     pos_weight = torch.rand(41, generator=rng, dtype=torch.float64) * 3
     kwargs = dict(weight=weight, pos_weight=pos_weight, reduction=reduction)
     ours = softxent.linear_binary_cross_entropy(
-        x, w, target, linear_bias=b, chunk_size=6, impl=sigmoid_impl, **kwargs
+        x, w, target, linear_bias=b, chunk_size=6, impl=impl, **kwargs
     )
     theirs = F.binary_cross_entropy_with_logits(F.linear(x, w, b), target, **kwargs)
     assert_close(ours, to_numpy(theirs), 1e-12, "loss")
@@ -229,13 +229,11 @@ def test_linear_binary_cross_entropy_equals_torch(reduction, sigmoid_impl, rng):
         assert_close(mine, to_numpy(ref), 1e-11, name)
 
 
-def test_linear_binary_cross_entropy_matches_reference(sigmoid_impl, rng):
+def test_linear_binary_cross_entropy_matches_reference(impl, rng):
     x, w, b, _ = _problem(33, 12, 7, rng)
     target = torch.rand(33, 7, generator=rng, dtype=torch.float64)
     pos_weight = torch.rand(7, generator=rng, dtype=torch.float64) + 0.5
-    loss = softxent.linear_binary_cross_entropy(
-        x, w, target, linear_bias=b, pos_weight=pos_weight, impl=sigmoid_impl
-    )
+    loss = softxent.linear_binary_cross_entropy(x, w, target, linear_bias=b, pos_weight=pos_weight, impl=impl)
     dx, dw, db = _grads(loss, [x, w, b], random_upstream=False)
     logits = to_numpy(x) @ to_numpy(w).T + to_numpy(b)
     expected = reference.sigmoid_binary_cross_entropy(logits, target.numpy(), pos_weight=pos_weight.numpy())

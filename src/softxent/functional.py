@@ -1,8 +1,8 @@
 """softxent's public PyTorch ops: drop-in for ``torch.nn.functional``, fused, with a few extras.
 
 Each op checks its arguments (ValueError / TypeError naming the argument, expected vs got), then hands
-the work to a backend: ``impl="torch"`` (torch ops, any device; the CPU backend), ``impl="triton"`` (the
-Triton kernel for the softmax losses' per-row pass) or ``impl="auto"``, which picks Triton for CUDA tensors
+the work to a backend: ``impl="torch"`` (torch ops, any device; the CPU backend), ``impl="triton"`` (Triton
+kernels for the per-row pass of each loss) or ``impl="auto"``, which picks Triton for CUDA tensors
 where it is installed and the torch ops otherwise.
 """
 
@@ -24,41 +24,38 @@ __all__ = [
 ]
 
 
-def _backend(impl: str, device: torch.device | None = None, *, triton_ready: bool = True) -> str:
-    """The backend an ``impl`` argument selects: "triton" when asked for (or, under "auto", for CUDA tensors
-    where triton is installed) and the op has a Triton kernel (``triton_ready``); else "torch"."""
+def _backend(impl: str, device: torch.device) -> str:
+    """The backend an ``impl`` argument selects: "triton" when asked for, or under "auto" for CUDA tensors
+    where triton is installed; else "torch"."""
     check.check_impl(impl)
     if impl == "triton":
-        if not triton_ready:
-            raise ValueError(
-                "impl: 'triton' has kernels for cross_entropy and linear_cross_entropy so far; use 'auto' or "
-                "'torch' for the sigmoid losses"
-            )
-        if _triton_block() is None:
+        if _triton_blocks() is None:
             raise ValueError("impl: 'triton' needs the triton package (pip install 'softxent[triton]')")
-        if device is not None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 "impl: 'triton' runs on CUDA tensors (or on any in Triton's interpreter, "
                 f"TRITON_INTERPRET=1), got tensors on {device}"
             )
         return "triton"
-    if impl == "auto" and triton_ready and device is not None and device.type == "cuda" and _triton_block():
+    if impl == "auto" and device.type == "cuda" and _triton_blocks() is not None:
         return "triton"
     return "torch"
 
 
-def _triton_block():
-    """The Triton softmax block kernel, or None where triton cannot be imported."""
+def _triton_blocks():
+    """The Triton (softmax, sigmoid) block kernels, or None where triton cannot be imported."""
     try:
-        from softxent.ops.triton.cross_entropy import softmax_xent_block
+        from softxent.ops.triton import bce, cross_entropy
     except ImportError:
         return None
-    return softmax_xent_block
+    return cross_entropy.softmax_xent_block, bce.sigmoid_bce_block
 
 
-def _softmax_block(impl: str, device: torch.device):
-    """The per-block loss/gradient function of the softmax losses for this ``impl`` and device."""
-    return _triton_block() if _backend(impl, device) == "triton" else cpu.softmax_xent_block
+def _block_fns(impl: str, device: torch.device):
+    """The (softmax, sigmoid) per-block loss/gradient functions for this ``impl`` and device."""
+    if _backend(impl, device) == "triton":
+        return _triton_blocks()
+    return cpu.softmax_xent_block, cpu.sigmoid_bce_block
 
 
 def _needs_grad(*tensors: Tensor | None) -> tuple[bool, ...]:
@@ -168,7 +165,7 @@ def cross_entropy(
     reduction = check.check_reduction_legacy(size_average, reduce, reduction)
     label_smoothing = check.check_label_smoothing(label_smoothing)
     ignore_index = check.check_ignore_index(ignore_index)
-    block_fn = _softmax_block(impl, input.device)
+    block_fn, _ = _block_fns(impl, input.device)
     if input.dim() == 0:
         raise ValueError("input: expected logits of shape (C,), (N, C) or (N, C, d1, ..., dk), got shape ()")
     check.check_same_device("target", target, input.device)
@@ -328,7 +325,7 @@ def linear_cross_entropy(
     reduction = check.check_reduction(reduction)
     label_smoothing = check.check_label_smoothing(label_smoothing)
     chunk_size = check.check_chunk_size(chunk_size)
-    block_fn = _softmax_block(impl, input.device)
+    block_fn, _ = _block_fns(impl, input.device)
     logits_shape = (*input.shape[:-1], num_classes, *out_features)
     probabilities = tuple(target.shape) == logits_shape and target.dtype.is_floating_point
     if probabilities and ignore_index is not None:
@@ -405,7 +402,7 @@ def binary_cross_entropy_with_logits(
     check.check_float_tensor("target", target)
     check.check_same_device("target", target, input.device)
     reduction = check.check_reduction_legacy(size_average, reduce, reduction)
-    _backend(impl, input.device, triton_ready=False)
+    _, block_fn = _block_fns(impl, input.device)
     shape = tuple(input.shape)
     if tuple(target.shape) != shape:
         raise ValueError(f"target: expected the input's shape {shape}, got {tuple(target.shape)}")
@@ -415,7 +412,13 @@ def binary_cross_entropy_with_logits(
 
     def compute(need_input_grad: bool, need_target_grad: bool):
         return cpu.sigmoid_bce_forward(
-            input, target, spec, reduction, need_input_grad=need_input_grad, need_target_grad=need_target_grad
+            input,
+            target,
+            spec,
+            reduction,
+            need_input_grad=need_input_grad,
+            need_target_grad=need_target_grad,
+            block_fn=block_fn,
         )
 
     if any(needs):
@@ -458,12 +461,12 @@ def linear_binary_cross_entropy(
     check.check_same_device("target", target, input.device)
     reduction = check.check_reduction(reduction)
     chunk_size = check.check_chunk_size(chunk_size)
-    _backend(impl, input.device, triton_ready=False)
+    _, block_fn = _block_fns(impl, input.device)
     logits_shape = (*input.shape[:-1], num_classes)
     if tuple(target.shape) != logits_shape:
         raise ValueError(f"target: expected the logits' shape {logits_shape}, got {tuple(target.shape)}")
     weight, pos_weight = _check_bce_weights(weight, pos_weight, logits_shape, input.device)
     if weight is not None and input.dim() == 1:
         weight = weight.unsqueeze(0) if weight.dim() == 1 else weight
-    head = cpu.SigmoidHead(cpu.SigmoidLoss(weight, pos_weight), reduction, chunk_size)
+    head = cpu.SigmoidHead(cpu.SigmoidLoss(weight, pos_weight), reduction, chunk_size, block_fn)
     return _apply_head(input, linear_weight, linear_bias, target, head, True)

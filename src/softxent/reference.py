@@ -453,8 +453,10 @@ def sigmoid_binary_cross_entropy(
         ℓ = −w·[p·y·log σ(z) + (1 − y)·log(1 − σ(z))]
           = w·[(1 − y)·z + L·softplus(−z)],   L = 1 + (p − 1)·y
 
-    using log σ(z) = −softplus(−z) and log(1 − σ(z)) = −z − softplus(−z). softplus(−z) is evaluated
-    stably as max(−z, 0) + log1p(exp(−|z|)).
+    using log σ(z) = −softplus(−z) and log(1 − σ(z)) = −z − softplus(−z). With softplus(−z) =
+    max(−z, 0) + log1p(exp(−|z|)) the max part folds into the linear term, (1 − y)·z + L·max(−z, 0) =
+    −p·y·z for z < 0 and (1 − y)·z otherwise, so that nothing cancels in the tails (z = −30, y = 0 gives
+    log1p(e⁻³⁰) to full precision, where z + softplus(−z) would lose two digits).
 
     Reductions: "none" gives ℓ with the logits' shape, "sum" Σℓ, "mean" the mean over all elements
     (nan when there are none).
@@ -466,9 +468,9 @@ def sigmoid_binary_cross_entropy(
     800.6931
     """
     _check_reduction(reduction)
-    z, y, w, _, positive_scale = _binary_terms(logits, target, weight, pos_weight)
-    softplus_neg = np.maximum(-z, 0.0) + np.log1p(np.exp(-np.abs(z)))
-    losses = w * ((1.0 - y) * z + positive_scale * softplus_neg)
+    z, y, w, p, positive_scale = _binary_terms(logits, target, weight, pos_weight)
+    linear = np.where(z < 0, -p * y * z, (1.0 - y) * z)
+    losses = w * (positive_scale * np.log1p(np.exp(-np.abs(z))) + linear)
     return _reduce(losses, reduction, float(losses.size))
 
 

@@ -200,13 +200,17 @@ def sigmoid_bce_block(
     z = logits.to(ct)
     y = target.to(ct)
     exp_neg_abs = torch.exp(-z.abs())
-    softplus_neg = torch.log1p(exp_neg_abs).add_(torch.clamp_min(-z, 0.0))  # softplus(−z), stable
+    log1p_exp = torch.log1p(exp_neg_abs)
+    softplus_neg = log1p_exp + torch.clamp_min(-z, 0.0)  # softplus(−z), stable
+    # (1 − y)·z + L·softplus(−z), with the max(−z, 0) part folded in so the tails do not cancel:
+    # L·log1p(e^{−|z|}) + (−p·y·z where z < 0, else (1 − y)·z)
     if spec.pos_weight is not None:
-        log_weight = (spec.pos_weight.to(ct) - 1.0) * y + 1.0  # L = 1 + (p − 1)·y
-        loss = (1.0 - y) * z + log_weight * softplus_neg
+        pos_weight = spec.pos_weight.to(ct)
+        log_weight = (pos_weight - 1.0) * y + 1.0  # L = 1 + (p − 1)·y
+        loss = log_weight * log1p_exp + torch.where(z < 0, -pos_weight * y * z, (1.0 - y) * z)
     else:
         log_weight = None
-        loss = (1.0 - y) * z + softplus_neg
+        loss = log1p_exp + torch.where(z < 0, -y * z, (1.0 - y) * z)
     weight = spec.weight.to(ct) if spec.weight is not None else None
     if weight is not None:
         loss = loss * weight
@@ -356,8 +360,11 @@ def sigmoid_bce_forward(
     *,
     need_input_grad: bool,
     need_target_grad: bool,
+    block_fn: Callable[..., Tensor] | None = None,
 ) -> tuple[Tensor, None, Tensor | None, Tensor | None]:
     """Elementwise sigmoid BCE with its gradient, in blocks along the first dimension.
+
+    ``block_fn`` computes one block (:func:`sigmoid_bce_block`'s contract; the default is it).
 
     input, target: any shape (the same); weight broadcasts to it, pos_weight to its last dimension.
     Returns (loss, None, grad_input, grad_target) in the layout of :func:`cross_entropy_forward`.
@@ -378,7 +385,7 @@ def sigmoid_bce_forward(
     total = torch.zeros((), dtype=ct, device=input.device)
     for start, stop in _blocks(logits.shape[0], per_row, BLOCK_ELEMENTS):
         block_spec = SigmoidLoss(None if weight is None else weight[start:stop], spec.pos_weight)
-        loss = sigmoid_bce_block(
+        loss = (block_fn or sigmoid_bce_block)(
             logits[start:stop],
             targets[start:stop],
             block_spec,
@@ -603,6 +610,8 @@ class SigmoidHead:
     spec: SigmoidLoss
     reduction: str
     chunk_rows: int | None
+    # one block's loss and gradient (sigmoid_bce_block's contract); the Triton kernel on GPUs
+    block_fn: Callable[..., Tensor] | None = None
 
     def run(self, x, linear_weight, linear_bias, target, *, grad_scale, needs):
         need_dx, need_dw, need_db, need_target_grad = needs
@@ -610,7 +619,7 @@ class SigmoidHead:
 
         def block(logits, start, stop, scale, grad_out, target_grad_out):
             spec = SigmoidLoss(None if weight is None else weight[start:stop], self.spec.pos_weight)
-            return sigmoid_bce_block(
+            return (self.block_fn or sigmoid_bce_block)(
                 logits,
                 target[start:stop],
                 spec,

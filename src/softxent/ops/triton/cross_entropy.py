@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from softxent.ops import cpu
+from softxent.ops.triton._layout import copy_back, out_rows, rows
 
 # Columns per block of a row: a power of two; rows narrower than this use the next power of two above C.
 MAX_BLOCK = 4096
@@ -166,12 +167,6 @@ def _softmax_xent_rows_kernel(
                 tl.store(grad_ptr + row * grad_stride + cols, grad, mask=mask)
 
 
-def _rows(t: Tensor, columns: int) -> Tensor:
-    """(..., C) as (R, C) with unit column stride (a view where possible)."""
-    rows = t.reshape(-1, columns)
-    return rows if rows.stride(-1) == 1 or columns <= 1 else rows.contiguous()
-
-
 def softmax_xent_block(
     logits: Tensor,
     target: Tensor,
@@ -193,10 +188,10 @@ def softmax_xent_block(
         )
     num_classes = logits.shape[-1]
     batch_shape = logits.shape[:-1]
-    z = _rows(logits, num_classes)
+    z = rows(logits, num_classes)
     count = z.shape[0]
     probabilities = target.is_floating_point()
-    t = _rows(target, num_classes) if probabilities else target.reshape(-1).contiguous()
+    t = rows(target, num_classes) if probabilities else target.reshape(-1).contiguous()
     device = logits.device
     loss = torch.empty(count, dtype=torch.float32, device=device)
     lse = torch.empty(count, dtype=torch.float32, device=device)
@@ -206,8 +201,8 @@ def softmax_xent_block(
     if grad_scale is not None:
         scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=device)
         scale = scale.expand(batch_shape).reshape(-1).contiguous()
-    grad = _out_rows(grad_out, num_classes) if write_grad else None
-    tgrad = _out_rows(target_grad_out, num_classes) if write_tgrad else None
+    grad = out_rows(grad_out, num_classes) if write_grad else None
+    tgrad = out_rows(target_grad_out, num_classes) if write_tgrad else None
     weight = (
         spec.weight.to(device=device, dtype=torch.float32).contiguous() if spec.weight is not None else None
     )
@@ -223,25 +218,6 @@ def softmax_xent_block(
             PROBS=probabilities, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=spec.softcap is not None,
             WRITE_GRAD=write_grad, WRITE_TGRAD=write_tgrad, BLOCK=block,
         )  # fmt: skip
-    for out, rows in ((grad_out, grad), (target_grad_out, tgrad)):
-        if out is not None and rows is not None and rows.data_ptr() != _rows_ptr(out, num_classes):
-            out.copy_(rows.view(out.shape))
+    copy_back(grad_out, grad)
+    copy_back(target_grad_out, tgrad)
     return loss.view(batch_shape), lse.view(batch_shape)
-
-
-def _out_rows(out: Tensor, columns: int) -> Tensor:
-    """An (R, C) unit-column-stride view of ``out`` to write into, or a new buffer to copy back from."""
-    try:
-        rows = out.view(-1, columns)
-    except RuntimeError:
-        return torch.empty(out.numel() // max(columns, 1), columns, dtype=out.dtype, device=out.device)
-    if rows.stride(-1) != 1 and columns > 1:
-        return torch.empty_like(rows, memory_format=torch.contiguous_format)
-    return rows
-
-
-def _rows_ptr(out: Tensor, columns: int) -> int:
-    try:
-        return out.view(-1, columns).data_ptr()
-    except RuntimeError:
-        return -1
