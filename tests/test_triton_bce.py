@@ -26,7 +26,7 @@ def _both(logits, target, spec, scale):
 
 
 @pytest.mark.parametrize(
-    ("weighted", "pos_weighted", "per_element_scale"), itertools.product([False, True], repeat=3)
+    ("weighted", "pos_weighted", "per_element_scale"), list(itertools.product([False, True], repeat=3))
 )
 def test_kernel_equals_the_torch_block(weighted, pos_weighted, per_element_scale, rng):
     rows, columns = 37, 1031
@@ -40,7 +40,8 @@ def test_kernel_equals_the_torch_block(weighted, pos_weighted, per_element_scale
         logits, target, cpu.SigmoidLoss(weight, pos_weight), scale
     )
     torch.testing.assert_close(loss_t, loss, atol=2e-6, rtol=2e-5)
-    torch.testing.assert_close(grad_t, grad, atol=1e-7, rtol=2e-5)
+    # L·σ − p·y cancels where σ ≈ y ≈ 1: both fp32 paths are off by a few ulps of p (≤ 3) there
+    torch.testing.assert_close(grad_t, grad, atol=1e-6, rtol=2e-5)
     torch.testing.assert_close(tgrad_t, tgrad, atol=2e-6, rtol=2e-5)
 
 
