@@ -10,6 +10,7 @@ from torch.nn import _reduction as legacy_reduction
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
+MEMORY_MODES = ("speed", "lean")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -49,6 +50,12 @@ def check_impl(impl: object) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     return impl  # type: ignore[return-value]
+
+
+def check_memory(memory: object) -> str:
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory: expected 'speed' or 'lean', got {memory!r}")
+    return memory  # type: ignore[return-value]
 
 
 def check_label_smoothing(label_smoothing: object) -> float:

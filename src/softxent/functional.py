@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from softxent import _validate as check
-from softxent.ops import cpu
+from softxent.ops import cpu, lean
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -49,6 +49,15 @@ def _triton_blocks():
     except ImportError:
         return None
     return cross_entropy.softmax_xent_block, bce.sigmoid_bce_block
+
+
+def _lean_slice_fns(impl: str, device: torch.device):
+    """The lean head's (slice_stats, slice_grad) functions for this ``impl`` and device."""
+    if _backend(impl, device) == "triton":
+        from softxent.ops.triton import lean as triton_lean
+
+        return triton_lean.slice_stats, triton_lean.slice_grad
+    return lean.slice_stats, lean.slice_grad
 
 
 def _block_fns(impl: str, device: torch.device):
@@ -285,6 +294,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    memory: str = "speed",
     impl: str = "auto",
 ) -> Tensor:
     r"""Cross-entropy of a linear head without materializing the (N, C) logits.
@@ -296,6 +306,12 @@ def linear_cross_entropy(
     targets are all ignored are dropped before the matmul. For reduction="none" the forward computes the
     loss only and backward recomputes (8·N·D·C FLOPs), since per-row incoming gradients reach dW.
 
+    ``memory="lean"`` bounds the extra memory independently of C: the classes are cut into vocabulary
+    slices; the forward pass keeps only per-row running statistics (online log-sum-exp) and backward forms
+    each slice's logits again, writing dW one slice at a time (8·N·D·C FLOPs in all, 2·N·D·C for the loss
+    alone). Extra memory: one (N, S) slice of logits, an (N, D) float32 dX accumulator and O(N) numbers.
+    See :mod:`softxent.ops.lean`.
+
     Args:
         input: ``(N, D)`` or ``(D,)``.
         linear_weight: ``(C, D)``, or ``(C, d1, ..., dk, D)`` for a K-dimensional loss (as in torch).
@@ -304,8 +320,11 @@ def linear_cross_entropy(
         weight, reduction, label_smoothing, z_loss, softcap: as in :func:`cross_entropy`.
         ignore_index: as torch: None means -100 for class indices; must be None for probabilities.
         options: accepted for compatibility with torch's signature and ignored (softxent always chunks).
-        chunk_size: rows per chunk (default: about 16M logits, at least 256 rows).
-        impl: "auto" or "torch".
+        chunk_size: rows per chunk (default: about 16M logits, at least 256 rows; on the GPU path 512 MiB
+            of logits); with ``memory="lean"``, classes per vocabulary slice (default: 64 MiB of logits).
+        memory: "speed" (the default: 6·N·D·C FLOPs, one chunk of rows × C logits) or "lean" (extra
+            memory independent of C, one recompute). "lean" takes a (C, D) weight (no K-dimensional loss).
+        impl: "auto", "torch" or "triton" (as in :func:`cross_entropy`).
 
     Returns:
         The loss in float32 (float64 for float64 input). dW is accumulated in float32 for
@@ -325,7 +344,14 @@ def linear_cross_entropy(
     reduction = check.check_reduction(reduction)
     label_smoothing = check.check_label_smoothing(label_smoothing)
     chunk_size = check.check_chunk_size(chunk_size)
+    memory = check.check_memory(memory)
+    if memory == "lean" and out_features:
+        raise ValueError(
+            f"memory: 'lean' takes a (C, in_features) linear_weight (no K-dimensional loss), "
+            f"got shape {tuple(linear_weight.shape)}"
+        )
     block_fn, _ = _block_fns(impl, input.device)
+    on_triton = _backend(impl, input.device) == "triton"
     logits_shape = (*input.shape[:-1], num_classes, *out_features)
     probabilities = tuple(target.shape) == logits_shape and target.dtype.is_floating_point
     if probabilities and ignore_index is not None:
@@ -339,7 +365,20 @@ def linear_cross_entropy(
     spec = _softmax_spec(
         weight, num_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
-    head = cpu.SoftmaxHead(spec, reduction, num_classes, out_features, chunk_size, block_fn)
+    if memory == "lean":
+        stats_fn, grad_fn = _lean_slice_fns(impl, input.device)
+        lean_head = lean.LeanSoftmaxHead(
+            spec, reduction, num_classes, chunk_size, stats_fn, grad_fn, grad_in_input_dtype=on_triton
+        )
+        unbatched = input.dim() == 1
+        if unbatched:
+            input, target = input.unsqueeze(0), target.unsqueeze(0)
+        needs = _needs_grad(input, linear_weight, linear_bias, target if probabilities else None)
+        loss = lean.lean_linear_cross_entropy(lean_head, input, linear_weight, linear_bias, target, needs)
+        return loss.squeeze(0) if unbatched and reduction == "none" else loss
+    head = cpu.SoftmaxHead(
+        spec, reduction, num_classes, out_features, chunk_size, block_fn, grad_in_input_dtype=on_triton
+    )
     return _apply_head(input, linear_weight, linear_bias, target, head, probabilities)
 
 
@@ -462,11 +501,14 @@ def linear_binary_cross_entropy(
     reduction = check.check_reduction(reduction)
     chunk_size = check.check_chunk_size(chunk_size)
     _, block_fn = _block_fns(impl, input.device)
+    on_triton = _backend(impl, input.device) == "triton"
     logits_shape = (*input.shape[:-1], num_classes)
     if tuple(target.shape) != logits_shape:
         raise ValueError(f"target: expected the logits' shape {logits_shape}, got {tuple(target.shape)}")
     weight, pos_weight = _check_bce_weights(weight, pos_weight, logits_shape, input.device)
     if weight is not None and input.dim() == 1:
         weight = weight.unsqueeze(0) if weight.dim() == 1 else weight
-    head = cpu.SigmoidHead(cpu.SigmoidLoss(weight, pos_weight), reduction, chunk_size, block_fn)
+    head = cpu.SigmoidHead(
+        cpu.SigmoidLoss(weight, pos_weight), reduction, chunk_size, block_fn, grad_in_input_dtype=on_triton
+    )
     return _apply_head(input, linear_weight, linear_bias, target, head, True)

@@ -36,6 +36,10 @@ BLOCK_ELEMENTS = 1 << 20
 # at the machine's matmul rate (the dW update has the chunk's rows as its inner dimension).
 LINEAR_CHUNK_ELEMENTS = 1 << 24
 MIN_LINEAR_CHUNK_ROWS = 256
+# The GPU path (G in the input dtype): chunks of up to 512 MiB of logits, so that dW accumulates over few
+# chunks (one input-dtype rounding each) and its update, whose inner dimension is the chunk's rows, runs at
+# the matmul rate. To be tuned on a GPU.
+GPU_LINEAR_CHUNK_BYTES = 1 << 29
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -442,9 +446,15 @@ class FusedLossFunction(torch.autograd.Function):
 BlockFn = Callable[[Tensor, int, int, Tensor | None, Tensor | None, Tensor | None], Tensor]
 
 
-def default_chunk_rows(num_logit_columns: int) -> int:
-    """Rows per chunk: LINEAR_CHUNK_ELEMENTS logits, at least MIN_LINEAR_CHUNK_ROWS rows."""
-    return max(MIN_LINEAR_CHUNK_ROWS, LINEAR_CHUNK_ELEMENTS // max(num_logit_columns, 1))
+def default_chunk_rows(num_logit_columns: int, grad_element_bytes: int | None = None) -> int:
+    """Rows per chunk: LINEAR_CHUNK_ELEMENTS logits (CPU), or GPU_LINEAR_CHUNK_BYTES of logits when the
+    gradient is kept in the input dtype (``grad_element_bytes`` given), in multiples of
+    MIN_LINEAR_CHUNK_ROWS rows and at least that many."""
+    columns = max(num_logit_columns, 1)
+    if grad_element_bytes is None:
+        return max(MIN_LINEAR_CHUNK_ROWS, LINEAR_CHUNK_ELEMENTS // columns)
+    rows = GPU_LINEAR_CHUNK_BYTES // (columns * grad_element_bytes)
+    return max(MIN_LINEAR_CHUNK_ROWS, rows // MIN_LINEAR_CHUNK_ROWS * MIN_LINEAR_CHUNK_ROWS)
 
 
 def linear_head_pass(
@@ -460,6 +470,7 @@ def linear_head_pass(
     need_db: bool,
     target_grad_like: Tensor | None,
     chunk_rows: int | None,
+    grad_in_input_dtype: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """One pass over the rows of x in chunks: logits, loss and (if grad_scale is given) the gradients.
 
@@ -471,23 +482,31 @@ def linear_head_pass(
     FLOPs: 2·N·D·R for the logits, plus 2·N·D·R each for dX and dW when asked: 6·N·D·R, no recompute.
     Memory: one (B, R) chunk of logits (plus a float32 copy for low-precision inputs), dW in the compute
     dtype and dX; never the (N, R) logits.
+
+    ``grad_in_input_dtype`` (the GPU path, for bf16/fp16 inputs): the block writes G in the input dtype over
+    the chunk's logits (no float32 copy) and dX, dW come from input-dtype matmuls (float32 accumulation
+    inside each, as eager autograd does); dW then accumulates across chunks in the input dtype, one rounding
+    per chunk, so chunks should be few and large (see :func:`default_chunk_rows`).
     Returns (loss with ``loss_shape``, dX, dW, db, d_target), the gradients None when not asked for.
     """
     n_rows = x.shape[0]
     ct = compute_dtype(x.dtype)
     device = x.device
     num_columns = linear_weight.shape[0]
-    rows = max(1, min(chunk_rows or default_chunk_rows(num_columns), n_rows))
+    in_place = x.dtype == ct or grad_in_input_dtype
+    default_rows = default_chunk_rows(num_columns, x.element_size() if grad_in_input_dtype else None)
+    rows = max(1, min(chunk_rows or default_rows, n_rows))
     want_grad = grad_scale is not None
     logits_buffer = torch.empty(rows, num_columns, dtype=x.dtype, device=device)
     grad_buffer = None
     if want_grad:
-        grad_buffer = (
-            logits_buffer if x.dtype == ct else torch.empty(rows, num_columns, dtype=ct, device=device)
-        )
+        grad_buffer = logits_buffer if in_place else torch.empty(rows, num_columns, dtype=ct, device=device)
     loss = torch.empty(loss_shape, dtype=ct, device=device)
     grad_x = torch.empty_like(x) if want_grad and need_dx else None
-    grad_weight = torch.zeros(linear_weight.shape, dtype=ct, device=device) if want_grad and need_dw else None
+    dw_dtype = x.dtype if grad_in_input_dtype else ct
+    grad_weight = (
+        torch.zeros(linear_weight.shape, dtype=dw_dtype, device=device) if want_grad and need_dw else None
+    )
     grad_bias = torch.zeros(num_columns, dtype=ct, device=device) if want_grad and need_db else None
     grad_target = torch.empty_like(target_grad_like) if want_grad and target_grad_like is not None else None
     weight_t = linear_weight.t()
@@ -519,9 +538,9 @@ def linear_head_pass(
                 grad if grad.dtype == x.dtype else grad.to(x.dtype), linear_weight, out=grad_x[start:stop]
             )
         if grad_weight is not None:
-            grad_weight.addmm_(grad.t(), x_chunk if x_chunk.dtype == ct else x_chunk.to(ct))
+            grad_weight.addmm_(grad.t(), x_chunk if x_chunk.dtype == grad.dtype else x_chunk.to(grad.dtype))
         if grad_bias is not None:
-            grad_bias += grad.sum(0)
+            grad_bias += grad.sum(0, dtype=ct)
     return loss, grad_x, grad_weight, grad_bias, grad_target
 
 
@@ -540,6 +559,8 @@ class SoftmaxHead:
     chunk_rows: int | None
     # one block of rows' loss and gradient (softmax_xent_block's contract); the Triton kernel on GPUs
     block_fn: Callable[..., tuple[Tensor, Tensor]] | None = None
+    # linear_head_pass's GPU path: G in the input dtype, input-dtype matmuls
+    grad_in_input_dtype: bool = False
 
     def _view(self, rows: Tensor) -> Tensor:
         return _class_last(rows.view(rows.shape[0], self.num_classes, *self.out_features))
@@ -588,6 +609,7 @@ class SoftmaxHead:
             need_db=need_db,
             target_grad_like=target_kept if need_target_grad else None,
             chunk_rows=self.chunk_rows,
+            grad_in_input_dtype=self.grad_in_input_dtype,
         )
         if grad_weight is not None:
             grad_weight = grad_weight.view(linear_weight.shape)
@@ -612,6 +634,8 @@ class SigmoidHead:
     chunk_rows: int | None
     # one block's loss and gradient (sigmoid_bce_block's contract); the Triton kernel on GPUs
     block_fn: Callable[..., Tensor] | None = None
+    # linear_head_pass's GPU path: G in the input dtype, input-dtype matmuls
+    grad_in_input_dtype: bool = False
 
     def run(self, x, linear_weight, linear_bias, target, *, grad_scale, needs):
         need_dx, need_dw, need_db, need_target_grad = needs
@@ -640,6 +664,7 @@ class SigmoidHead:
             need_db=need_db,
             target_grad_like=target if need_target_grad else None,
             chunk_rows=self.chunk_rows,
+            grad_in_input_dtype=self.grad_in_input_dtype,
         )
 
     def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, Tensor | bool]:
