@@ -25,6 +25,14 @@ IMPLS = ["torch", *(["triton"] if importlib.util.find_spec("triton") else [])]
 
 @pytest.fixture(params=IMPLS)
 def impl(request: pytest.FixtureRequest) -> str:
+    """The backend under test. On a CUDA machine the Triton kernels need CUDA tensors: a module whose
+    tensors stay on the CPU (no module-level ``DEVICE = "cuda"``) skips its "triton" cases there."""
+    on_cuda = getattr(request.module, "DEVICE", "cpu") == "cuda"
+    if request.param == "triton" and torch.cuda.is_available() and not on_cuda:
+        pytest.skip(
+            "this module's tensors are on the CPU and impl='triton' runs on CUDA tensors here; "
+            "the kernels' GPU tests are test_triton_*.py and test_lean.py"
+        )
     return request.param
 
 

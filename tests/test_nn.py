@@ -40,6 +40,25 @@ def test_linear_cross_entropy_loss_loads_torch_state_dict(impl, rng):
     assert "num_classes=50" in repr(ours)
 
 
+def test_linear_cross_entropy_loss_lean_memory(impl, rng):
+    torch.manual_seed(0)
+    theirs = torch.nn.LinearCrossEntropyLoss(16, 300, bias=True, label_smoothing=0.1)
+    ours = softxent.nn.LinearCrossEntropyLoss(
+        16, 300, bias=True, label_smoothing=0.1, memory="lean", chunk_size=128, impl=impl
+    )
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(12, 16, generator=rng)
+    target = torch.randint(0, 300, (12,), generator=rng)
+    mine, ref = ours(x, target), theirs(x, target)
+    assert_close(mine, to_numpy(ref), 1e-6, "loss")
+    mine.backward()
+    ref.backward()
+    assert_close(ours.linear.weight.grad, to_numpy(theirs.linear.weight.grad), 1e-5, "dW")
+    assert "memory='lean'" in repr(ours)
+    with pytest.raises(ValueError, match="memory: 'lean' takes no K-dimensional loss"):
+        softxent.nn.LinearCrossEntropyLoss(16, 300, out_features=(2,), memory="lean")
+
+
 def test_bce_with_logits_loss_module_equals_torch(impl, rng):
     pos_weight = torch.rand(6, generator=rng) * 2
     ours = softxent.nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="sum", impl=impl)

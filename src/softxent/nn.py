@@ -102,6 +102,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
+        memory: str = "speed",
         impl: str = "auto",
     ) -> None:
         super().__init__()
@@ -117,6 +118,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.z_loss = check.check_z_loss(z_loss)
         self.softcap = check.check_softcap(softcap)
         self.chunk_size = check.check_chunk_size(chunk_size)
+        self.memory = check.check_memory(memory)
+        if self.memory == "lean" and self.out_features:
+            raise ValueError(
+                f"memory: 'lean' takes no K-dimensional loss, got out_features={self.out_features}"
+            )
         self.impl = check.check_impl(impl)
         self.linear = torch.nn.Linear(
             in_features,
@@ -145,12 +151,13 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             z_loss=self.z_loss,
             softcap=self.softcap,
             chunk_size=self.chunk_size,
+            memory=self.memory,
             impl=self.impl,
         )
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, memory={self.memory!r}, "
             f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
             f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}"

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from softxent.ops.cpu import SoftmaxLoss, _mean_denominator, _reduce, _reduction_scale, compute_dtype
+from softxent.ops.cpu import (
+    SoftmaxLoss,
+    _mean_denominator,
+    _reduce,
+    _reduction_scale,
+    accumulate_matmul,
+    compute_dtype,
+)
 
 # Logits per vocabulary slice, in bytes of the slice buffer: 64 MiB, so the slice is small next to the
 # gradients while its matmuls (inner dimensions D, S and N) stay large.
@@ -304,7 +311,7 @@ class LeanSoftmaxHead:
                 if grad.dtype == ct:
                     grad_x.addmm_(grad, w_slice if w_slice.dtype == ct else w_slice.to(ct))
                 else:
-                    grad_x += torch.mm(grad, w_slice)  # input-dtype product, float32 sum over slices
+                    accumulate_matmul(grad_x, grad, w_slice)  # input-dtype product, float32 sum over slices
         return grad_x, grad_weight, grad_bias, grad_target
 
 

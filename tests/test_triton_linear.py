@@ -1,0 +1,81 @@
+"""The linear heads' Triton path (G kept in the input dtype over each chunk's logits, input-dtype matmuls,
+dW accumulated over chunks in the input dtype) on DEVICE: a CUDA GPU when present, else the interpreter."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softxent
+from helpers import assert_close, assert_no_worse, to_numpy
+from softxent import reference
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _problem(n, d, c, rng, dtype):
+    x = torch.randn(n, d, generator=rng, dtype=torch.float64)
+    w = torch.randn(c, d, generator=rng, dtype=torch.float64) * (3.0 / d**0.5)
+    b = torch.randn(c, generator=rng, dtype=torch.float64)
+    x, w, b = (t.to(DEVICE, dtype).requires_grad_() for t in (x, w, b))
+    target = torch.randint(0, c, (n,), generator=rng)
+    target[::5] = -100
+    return x, w, b, target.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_linear_cross_entropy_no_worse_than_eager_over_several_chunks(dtype, memory, rng):
+    x, w, b, target = _problem(67, 72, 517, rng, dtype)
+    chunk = 16 if memory == "speed" else 128  # five chunks of rows, or five vocabulary slices
+    ours = softxent.linear_cross_entropy(
+        x, w, target, linear_bias=b, label_smoothing=0.1, chunk_size=chunk, memory=memory, impl="triton"
+    )
+    eager = F.cross_entropy(F.linear(x, w, b).float(), target, label_smoothing=0.1)
+    loss, *expected = reference.linear_cross_entropy(
+        to_numpy(x), to_numpy(w), target.cpu().numpy(), to_numpy(b), label_smoothing=0.1
+    )
+    assert_no_worse(ours, eager, np.asarray(loss), 1e-6, "loss")
+    mine = torch.autograd.grad(ours, [x, w, b])
+    theirs = torch.autograd.grad(eager, [x, w, b])
+    for name, g, e, ref in zip(["dX", "dW", "db"], mine, theirs, expected, strict=True):
+        assert g.dtype == dtype
+        size = float(np.abs(ref).max())
+        assert_no_worse(g.double() / size, e.double() / size, ref / size, 2e-3, name)
+
+
+def test_linear_binary_cross_entropy_low_precision(rng):
+    x, w, b, _ = _problem(67, 40, 211, rng, torch.bfloat16)
+    target = torch.rand(67, 211, generator=rng).to(DEVICE)
+    ours = softxent.linear_binary_cross_entropy(x, w, target, linear_bias=b, chunk_size=16, impl="triton")
+    eager = F.binary_cross_entropy_with_logits(F.linear(x, w, b).float(), target)
+    logits = to_numpy(x) @ to_numpy(w).T + to_numpy(b)
+    expected = reference.sigmoid_binary_cross_entropy(logits, target.cpu().numpy())
+    assert_no_worse(ours, eager, np.asarray(expected), 1e-6, "loss")
+    grad_logits = reference.sigmoid_binary_cross_entropy_grad(logits, target.cpu().numpy())
+    refs = [grad_logits @ to_numpy(w), grad_logits.T @ to_numpy(x), grad_logits.sum(0)]
+    mine = torch.autograd.grad(ours, [x, w, b])
+    theirs = torch.autograd.grad(eager, [x, w, b])
+    for name, g, e, ref in zip(["dX", "dW", "db"], mine, theirs, refs, strict=True):
+        size = float(np.abs(ref).max())
+        assert_no_worse(g.double() / size, e.double() / size, ref / size, 2e-3, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run-to-run determinism)")
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_linear_cross_entropy_is_bit_identical_run_to_run(memory, rng):
+    x, w, b, target = _problem(4099, 512, 32003, rng, torch.bfloat16)
+    runs = []
+    for _ in range(3):
+        loss = softxent.linear_cross_entropy(x, w, target, linear_bias=b, memory=memory, impl="triton")
+        runs.append((loss, *torch.autograd.grad(loss, [x, w, b])))
+    for other in runs[1:]:
+        for first, again in zip(runs[0], other, strict=True):
+            assert torch.equal(first, again)
+    assert_close(runs[0][0], to_numpy(F.cross_entropy(F.linear(x, w, b).float(), target)), 2e-2, "loss")
