@@ -67,6 +67,13 @@ def _block_fns(impl: str, device: torch.device):
     return cpu.softmax_xent_block, cpu.sigmoid_bce_block
 
 
+def _compiled(op: str, tensors: dict[str, Tensor | None], **config) -> Tensor:
+    """``op`` as one custom-op call (the path under torch.compile; see :mod:`softxent._compile`)."""
+    from softxent import _compile
+
+    return _compile.call(op, tensors, **config)
+
+
 def _needs_grad(*tensors: Tensor | None) -> tuple[bool, ...]:
     enabled = torch.is_grad_enabled()
     return tuple(enabled and t is not None and t.requires_grad for t in tensors)
@@ -169,6 +176,13 @@ def cross_entropy(
         >>> logits.grad  # ŷ − y
         tensor([[-0.2144,  0.1753,  0.0391]])
     """
+    if torch.compiler.is_compiling() and not return_lse:
+        return _compiled(
+            "cross_entropy", dict(input=input, target=target, weight=weight),
+            reduction=check.check_reduction_legacy(size_average, reduce, reduction),
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            impl=impl,
+        )  # fmt: skip
     check.check_float_tensor("input", input)
     check.check_tensor("target", target)
     reduction = check.check_reduction_legacy(size_average, reduce, reduction)
@@ -338,6 +352,14 @@ def linear_cross_entropy(
         >>> torch.allclose(fused, torch.nn.functional.cross_entropy(x @ W.T, y))
         True
     """
+    if torch.compiler.is_compiling():
+        return _compiled(
+            "linear_cross_entropy",
+            dict(input=input, linear_weight=linear_weight, linear_bias=linear_bias, target=target,
+                 weight=weight),
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, chunk_size=chunk_size, memory=memory, impl=impl,
+        )  # fmt: skip
     num_classes, out_features = _check_linear(input, linear_weight, linear_bias, class_dims=1)
     check.check_tensor("target", target)
     check.check_same_device("target", target, input.device)
@@ -437,6 +459,12 @@ def binary_cross_entropy_with_logits(
         >>> z.grad  # σ(z) − y
         tensor([[-0.2689,  0.1192]])
     """
+    if torch.compiler.is_compiling():
+        return _compiled(
+            "binary_cross_entropy_with_logits",
+            dict(input=input, target=target, weight=weight, pos_weight=pos_weight),
+            reduction=check.check_reduction_legacy(size_average, reduce, reduction), impl=impl,
+        )  # fmt: skip
     check.check_float_tensor("input", input)
     check.check_float_tensor("target", target)
     check.check_same_device("target", target, input.device)
@@ -495,6 +523,13 @@ def linear_binary_cross_entropy(
         >>> torch.allclose(fused, torch.nn.functional.binary_cross_entropy_with_logits(x @ W.T, y))
         True
     """
+    if torch.compiler.is_compiling():
+        return _compiled(
+            "linear_binary_cross_entropy",
+            dict(input=input, linear_weight=linear_weight, linear_bias=linear_bias, target=target,
+                 weight=weight, pos_weight=pos_weight),
+            reduction=reduction, chunk_size=chunk_size, impl=impl,
+        )  # fmt: skip
     num_classes, _ = _check_linear(input, linear_weight, linear_bias, class_dims=0)
     check.check_float_tensor("target", target)
     check.check_same_device("target", target, input.device)

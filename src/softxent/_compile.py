@@ -1,0 +1,172 @@
+"""softxent's losses as torch custom ops, so that ``torch.compile`` treats each as one opaque call.
+
+The fused ops run Python loops over chunks, launch Triton kernels and read a few values on the host while
+validating, none of which Dynamo should trace. Under ``torch.compile`` (``torch.compiler.is_compiling()``)
+the public functions in :mod:`softxent.functional` therefore call two custom ops instead:
+
+* ``softxent::loss_and_grads(op, t0, ..., t5, needs, config)`` runs the eager op and returns
+  [loss, ∂loss/∂tensor for each tensor asked for in ``needs``]; for "mean" and "sum" the gradients come
+  out of the fused forward, so backward only scales them by the incoming gradient;
+* ``softxent::loss_backward(op, t0, ..., t5, needs, config, grad_loss)`` gives the gradients for a
+  per-position incoming gradient (reduction="none"), recomputing as the eager op's backward does.
+
+``op`` names the function, t0, ..., t5 are its tensor arguments in a fixed order (``TENSOR_ARGS``, None
+past its last; separate arguments because autograd does not look into lists of optional tensors) and
+``config`` holds the other keyword arguments as "name=repr(value)" pairs (Dynamo folds the formatting of
+constants; it cannot trace json). Gradients that are not asked for come back as empty
+placeholders (custom ops return tensors only).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _encode(config: dict[str, object]) -> str:
+    return ";".join(f"{name}={config[name]!r}" for name in sorted(config))
+
+
+def _decode(config: str) -> dict[str, object]:
+    pairs = (item.split("=", 1) for item in config.split(";") if item)
+    return {name: ast.literal_eval(value) for name, value in pairs}
+
+
+# The tensor arguments of each op, in the order the custom ops take them; differentiable ones first.
+TENSOR_ARGS = {
+    "cross_entropy": ("input", "target", "weight"),
+    "linear_cross_entropy": ("input", "linear_weight", "linear_bias", "target", "weight"),
+    "binary_cross_entropy_with_logits": ("input", "target", "weight", "pos_weight"),
+    "linear_binary_cross_entropy": (
+        "input",
+        "linear_weight",
+        "linear_bias",
+        "target",
+        "weight",
+        "pos_weight",
+    ),
+}
+
+
+def _eager(op: str, tensors: Sequence[Tensor | None], needs: Sequence[bool], config: str):
+    """The eager op on detached leaves (those in ``needs`` requiring grad): (loss, leaves)."""
+    from softxent import functional
+
+    leaves = [
+        None if t is None else (t.detach().requires_grad_() if need else t.detach())
+        for t, need in zip(tensors, needs, strict=True)
+    ]
+    kwargs = dict(zip(TENSOR_ARGS[op], leaves, strict=True), **_decode(config))
+    with torch.enable_grad():
+        loss = getattr(functional, op)(**kwargs)
+    return loss, leaves
+
+
+def _placeholder(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _grads(loss: Tensor, leaves, needs, grad_loss: Tensor | None) -> list[Tensor]:
+    wanted = [leaf for leaf, need in zip(leaves, needs, strict=True) if need]
+    found = iter(torch.autograd.grad(loss, wanted, grad_loss) if wanted else ())
+    return [next(found) if need else _placeholder(loss) for need in needs]
+
+
+ARITY = 6  # the most tensor arguments of any op
+Optional = Tensor | None
+
+
+@torch.library.custom_op("softxent::loss_and_grads", mutates_args=())
+def loss_and_grads(
+    op: str, t0: Tensor, t1: Optional, t2: Optional, t3: Optional, t4: Optional, t5: Optional,
+    needs: list[bool], config: str,
+) -> list[Tensor]:  # fmt: skip
+    tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
+    loss, leaves = _eager(op, tensors, needs, config)
+    if _decode(config)["reduction"] == "none" or not any(needs):
+        return [loss.detach(), *(_placeholder(loss) for _ in needs)]
+    return [loss.detach(), *_grads(loss, leaves, needs, None)]
+
+
+@torch.library.custom_op("softxent::loss_backward", mutates_args=())
+def loss_backward(
+    op: str, t0: Tensor, t1: Optional, t2: Optional, t3: Optional, t4: Optional, t5: Optional,
+    needs: list[bool], config: str, grad_loss: Tensor,
+) -> list[Tensor]:  # fmt: skip
+    tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
+    loss, leaves = _eager(op, tensors, needs, config)
+    return _grads(loss, leaves, needs, grad_loss)
+
+
+def _loss_shape(op: str, tensors: Sequence[Tensor | None], reduction: str) -> tuple[int, ...]:
+    if reduction != "none":
+        return ()
+    named = dict(zip(TENSOR_ARGS[op], tensors, strict=True))
+    input = named["input"]
+    if op == "cross_entropy":
+        return tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.dim() >= 2 else ()
+    if op == "linear_cross_entropy":
+        return tuple(input.shape[:-1]) + tuple(named["linear_weight"].shape[1:-1])
+    if op == "linear_binary_cross_entropy":
+        return tuple(named["target"].shape)
+    return tuple(input.shape)
+
+
+def _grad_like(tensor: Tensor | None, need: bool, loss: Tensor) -> Tensor:
+    return torch.empty_like(tensor) if need and tensor is not None else loss.new_empty(0)
+
+
+@loss_and_grads.register_fake
+def _(op, t0, t1, t2, t3, t4, t5, needs, config):
+    tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
+    reduction = _decode(config)["reduction"]
+    dtype = torch.float64 if t0.dtype == torch.float64 else torch.float32
+    loss = t0.new_empty(_loss_shape(op, tensors, reduction), dtype=dtype)
+    fused = reduction != "none" and any(needs)
+    return [loss, *(_grad_like(t, need and fused, loss) for t, need in zip(tensors, needs, strict=True))]
+
+
+@loss_backward.register_fake
+def _(op, t0, t1, t2, t3, t4, t5, needs, config, grad_loss):
+    tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
+    return [_grad_like(t, need, grad_loss) for t, need in zip(tensors, needs, strict=True)]
+
+
+def _setup_context(ctx, inputs, output):
+    op, *tensors, needs, config = inputs
+    ctx.op, ctx.needs, ctx.config = op, needs, config
+    ctx.fused = _decode(config)["reduction"] != "none"
+    ctx.save_for_backward(*(output[1:] if ctx.fused else tensors))
+
+
+def _backward(ctx, grad_outputs):
+    grad_loss = grad_outputs[0]
+    saved = ctx.saved_tensors
+    if ctx.fused:
+        grads = [
+            g * grad_loss.to(g.dtype) if need else None for g, need in zip(saved, ctx.needs, strict=True)
+        ]
+    else:
+        computed = loss_backward(ctx.op, *saved, ctx.needs, ctx.config, grad_loss)
+        grads = [g if need else None for g, need in zip(computed, ctx.needs, strict=True)]
+    grads += [None] * (ARITY - len(grads))
+    return None, *grads, None, None
+
+
+torch.library.register_autograd("softxent::loss_and_grads", _backward, setup_context=_setup_context)
+
+
+def call(op: str, tensors: dict[str, Tensor | None], **config) -> Tensor:
+    """``op`` through the custom ops: the path the public functions take under torch.compile."""
+    ordered = [tensors.get(name) for name in TENSOR_ARGS[op]]
+    grad_enabled = torch.is_grad_enabled()
+    needs = [
+        grad_enabled and t is not None and t.requires_grad and t.is_floating_point() and name != "weight"
+        and name != "pos_weight"
+        for name, t in zip(TENSOR_ARGS[op], ordered, strict=True)
+    ]  # fmt: skip
+    padded = ordered + [None] * (ARITY - len(ordered))
+    return loss_and_grads(op, *padded, needs, _encode(config))[0]

@@ -1,0 +1,123 @@
+"""Under torch.compile the losses are single custom ops (softxent._compile): whole graphs compile
+(fullgraph=True), and losses and gradients equal the eager ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import softxent
+from helpers import assert_close, to_numpy
+from softxent import _compile
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles its own closure of one code object: start from an empty cache (no recompile
+    limit across tests)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _inputs(rng):
+    x = torch.randn(37, 16, generator=rng, requires_grad=True)
+    w = (torch.randn(203, 16, generator=rng) / 4).requires_grad_()
+    b = torch.randn(203, generator=rng, requires_grad=True)
+    target = torch.randint(0, 203, (37,), generator=rng)
+    target[::5] = -100
+    upstream = torch.rand(37, generator=rng)
+    return x, w, b, target, upstream
+
+
+CASES = {
+    "cross_entropy": lambda x, w, b, t, u, impl, red: softxent.cross_entropy(
+        torch.nn.functional.linear(x, w, b), t, reduction=red, label_smoothing=0.1, z_loss=1e-3, impl=impl
+    ),
+    "linear_cross_entropy": lambda x, w, b, t, u, impl, red: softxent.linear_cross_entropy(
+        x, w, t, linear_bias=b, reduction=red, softcap=5.0, chunk_size=16, impl=impl
+    ),
+    "linear_cross_entropy_lean": lambda x, w, b, t, u, impl, red: softxent.linear_cross_entropy(
+        x, w, t, linear_bias=b, reduction=red, memory="lean", chunk_size=64, impl=impl
+    ),
+    "binary_cross_entropy_with_logits": lambda x, w, b, t, u, impl, red: (
+        softxent.binary_cross_entropy_with_logits(
+            torch.nn.functional.linear(x, w, b), (t.unsqueeze(1) == torch.arange(203)).float(), reduction=red,
+            impl=impl,
+        )
+    ),
+    "linear_binary_cross_entropy": lambda x, w, b, t, u, impl, red: softxent.linear_binary_cross_entropy(
+        x, w, (t.unsqueeze(1) == torch.arange(203)).float(), linear_bias=b, reduction=red, chunk_size=8,
+        impl=impl,
+    ),
+}  # fmt: skip
+
+
+def _objective(case, reduction, impl):
+    def objective(x, w, b, target, upstream):
+        loss = CASES[case](x, w, b, target, upstream, impl, reduction)
+        if reduction == "none":
+            loss = loss if loss.dim() == 1 else loss.sum(1)
+            return (loss * upstream).sum()
+        return 3.0 * loss
+
+    return objective
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_graph_equals_eager(case, reduction, impl, rng):
+    x, w, b, target, upstream = _inputs(rng)
+    objective = _objective(case, reduction, impl)
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=True)
+    expected = objective(x, w, b, target, upstream)
+    expected_grads = torch.autograd.grad(expected, [x, w, b])
+    got = compiled(x, w, b, target, upstream)
+    got_grads = torch.autograd.grad(got, [x, w, b])
+    assert_close(got, to_numpy(expected), 1e-6, "loss")
+    for name, mine, theirs in zip(["dX", "dW", "db"], got_grads, expected_grads, strict=True):
+        assert_close(mine, to_numpy(theirs), 1e-6, name)
+
+
+def test_inductor_compiles_the_linear_head(rng):
+    x, w, b, target, upstream = _inputs(rng)
+    objective = _objective("linear_cross_entropy", "mean", "torch")
+    compiled = torch.compile(objective, fullgraph=True)
+    got = compiled(x, w, b, target, upstream)
+    expected = objective(x, w, b, target, upstream)
+    assert_close(got, to_numpy(expected), 1e-6, "loss")
+    for mine, theirs in zip(
+        torch.autograd.grad(got, [x, w, b]), torch.autograd.grad(expected, [x, w, b]), strict=True
+    ):
+        assert_close(mine, to_numpy(theirs), 1e-6, "grad")
+
+
+def test_custom_ops_pass_opcheck(rng):
+    x, w, b, target, upstream = _inputs(rng)
+    config = _compile._encode(dict(reduction="sum", ignore_index=None, label_smoothing=0.1, impl="torch"))
+    args = ("linear_cross_entropy", x, w, b, target, None, None, [True, True, True, False, False], config)
+    torch.library.opcheck(torch.ops.softxent.loss_and_grads.default, args)
+    none_config = _compile._encode(dict(reduction="none", impl="torch"))
+    backward_args = (
+        "cross_entropy",
+        x @ w.T,
+        target,
+        None,
+        None,
+        None,
+        None,
+        [True, False, False],
+        none_config,
+    )
+    torch.library.opcheck(
+        torch.ops.softxent.loss_backward.default,
+        (*backward_args, upstream),
+        test_utils=("test_schema", "test_faketensor"),  # it is itself a backward: no gradient to check
+    )
+
+
+def test_compiled_errors_are_the_eager_ones(rng):
+    x, w, _, target, _ = _inputs(rng)
+    compiled = torch.compile(lambda x, w, t: softxent.linear_cross_entropy(x, w, t), backend="aot_eager")
+    with pytest.raises(ValueError, match=r"target: expected class indices in \[0, 203\)"):
+        compiled(x, w, torch.full_like(target, 500))
