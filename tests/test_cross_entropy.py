@@ -313,3 +313,39 @@ def test_target_dtype_and_integer_kinds(impl, rng):
             1e-6,
             str(dtype),
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_backward_writes_the_gradient_over_the_logits(dtype, reduction, impl, rng):
+    x = torch.randn(13, 27, generator=rng, dtype=torch.float64).to(dtype)
+    w = torch.randn(301, 27, generator=rng, dtype=torch.float64).to(dtype).requires_grad_()
+    target = _class_targets((13,), 301, rng, ignore_every=4)
+    upstream = torch.rand(13, generator=rng, dtype=torch.float64)
+    kwargs = dict(reduction=reduction, label_smoothing=0.1, softcap=6.0, impl=impl)
+
+    def weighted(loss):
+        return (loss * upstream.to(loss.dtype)).sum() if reduction == "none" else 2.5 * loss
+
+    logits = x @ w.T
+    address = logits.data_ptr()
+    loss = softxent.cross_entropy(logits, target, inplace_backward=True, **kwargs)
+    (grad_w,) = torch.autograd.grad(weighted(loss), [w])
+    expected_logits = x @ w.T
+    expected = softxent.cross_entropy(expected_logits, target, **kwargs)
+    (expected_grad_w,) = torch.autograd.grad(weighted(expected), [w])
+    assert_close(loss, to_numpy(expected), 0.0, "loss")
+    assert_close(grad_w, to_numpy(expected_grad_w), 0.0, "dW")
+    assert logits.data_ptr() == address
+    assert not torch.equal(logits, expected_logits)  # the logits were overwritten by their gradient
+
+
+def test_inplace_backward_refuses_logits_another_op_saved(impl, rng):
+    w = torch.randn(9, 5, generator=rng, requires_grad=True)
+    logits = torch.randn(4, 5, generator=rng) @ w.T
+    squares = logits.pow(2)  # saves the logits for its backward
+    loss = softxent.cross_entropy(logits, torch.tensor([1, 2, 3, 4]), inplace_backward=True, impl=impl)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + squares.sum()).backward()
+    with pytest.raises(TypeError, match="inplace_backward: expected a bool, got str"):
+        softxent.cross_entropy(logits, torch.tensor([1, 2, 3, 4]), inplace_backward="yes")

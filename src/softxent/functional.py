@@ -129,6 +129,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_lse: bool = False,
+    inplace_backward: bool = False,
     impl: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Softmax cross-entropy on logits, fused: the forward pass also produces the gradient ŷ − y.
@@ -158,6 +159,11 @@ def cross_entropy(
         z_loss: adds z_loss·lse² per counted position (PaLM's auxiliary loss), not class-weighted.
         softcap: if given, logits become softcap·tanh(z/softcap) first (Gemma 2).
         return_lse: also return the log-sum-exp per position (float32, not differentiable).
+        inplace_backward: when the input's gradient is needed, write it over the input's own storage
+            (the logits are gone after the call; no second buffer of their size, as Liger's loss does).
+            The input's version counter is bumped, so an op that saved the logits for its own backward
+            raises torch's "modified by an inplace operation" error instead of using the gradient. Under
+            torch.compile the gradient gets its own buffer.
         impl: "auto" or "torch".
 
     Returns:
@@ -188,6 +194,8 @@ def cross_entropy(
     reduction = check.check_reduction_legacy(size_average, reduce, reduction)
     label_smoothing = check.check_label_smoothing(label_smoothing)
     ignore_index = check.check_ignore_index(ignore_index)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward: expected a bool, got {type(inplace_backward).__name__}")
     block_fn, _ = _block_fns(impl, input.device)
     if input.dim() == 0:
         raise ValueError("input: expected logits of shape (C,), (N, C) or (N, C, d1, ..., dk), got shape ()")
@@ -215,8 +223,11 @@ def cross_entropy(
             need_input_grad=need_input_grad,
             need_target_grad=need_target_grad,
             block_fn=block_fn,
+            grad_into_input=inplace_backward,
         )
 
+    if inplace_backward and needs[0]:
+        torch.autograd.graph.increment_version(input)
     if any(needs):
         loss, lse = cpu.FusedLossFunction.apply(input, target, compute, needs, 1)
     else:

@@ -299,10 +299,12 @@ def cross_entropy_forward(
     need_input_grad: bool,
     need_target_grad: bool,
     block_fn: Callable[..., tuple[Tensor, Tensor]] | None = None,
+    grad_into_input: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Loss, lse, and the gradients of the reduced loss (for an incoming gradient of 1).
 
     ``block_fn`` computes one block of rows (:func:`softmax_xent_block`'s contract; the default is it).
+    ``grad_into_input``: the input's gradient overwrites the input itself (no second buffer of its size).
 
     input: (N, C) or (N, C, d1, ..., dk); target: (N, d1, ..., dk) indices or input-shaped probabilities.
     Returns loss (a scalar, or (N, d1, ..., dk) for "none"), lse (N, d1, ..., dk), grad_input (input's
@@ -316,7 +318,7 @@ def cross_entropy_forward(
     target_view = _class_last(target) if probabilities else target
     loss = torch.empty(batch_shape, dtype=ct, device=input.device)
     lse = torch.empty(batch_shape, dtype=ct, device=input.device)
-    grad_input = torch.empty_like(input) if need_input_grad else None
+    grad_input = (input if grad_into_input else torch.empty_like(input)) if need_input_grad else None
     grad_target = torch.empty_like(target) if need_target_grad else None
     grad_view = _class_last(grad_input) if grad_input is not None else None
     target_grad_view = _class_last(grad_target) if grad_target is not None else None
