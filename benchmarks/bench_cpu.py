@@ -5,6 +5,7 @@ Cases (each in a fresh process, so its peak RSS is its own):
     eager      F.linear then F.cross_entropy (materializes the (N, C) logits)
     chunked    torch's F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())
     softxent   softxent.linear_cross_entropy
+    softxent-lean  softxent.linear_cross_entropy(..., memory="lean")
   cross-entropy on logits, N×C = 8192×32000:
     eager      F.cross_entropy
     softxent   softxent.cross_entropy
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 LINEAR_SHAPE = (4096, 1024, 32000)
 LOGITS_SHAPE = (8192, 32000)
-LINEAR_CASES = ("eager", "chunked", "softxent", "floor")
+LINEAR_CASES = ("eager", "chunked", "softxent", "softxent-lean", "floor")
 LOGITS_CASES = ("eager", "softxent", "floor")
 
 
@@ -90,11 +91,12 @@ def _linear_step(provider: str) -> tuple[Callable[[], None], float | None]:
         def step() -> None:
             clear()
             F.linear_cross_entropy(x, w, target, options=options).backward()
-    elif provider == "softxent":
+    elif provider in ("softxent", "softxent-lean"):
+        memory = "lean" if provider == "softxent-lean" else "speed"
 
         def step() -> None:
             clear()
-            softxent.linear_cross_entropy(x, w, target).backward()
+            softxent.linear_cross_entropy(x, w, target, memory=memory).backward()
     elif provider == "floor":
         out = torch.empty(n, c)
         xd, wd = x.detach(), w.detach()

@@ -31,7 +31,9 @@ import torch
 from torch import Tensor
 
 from softxent.ops.cpu import (
+    BLOCK_ELEMENTS,
     SoftmaxLoss,
+    _blocks,
     _mean_denominator,
     _reduce,
     _reduction_scale,
@@ -59,6 +61,10 @@ class RowStats:
     q_dot: Tensor
     z_y: Tensor
 
+    def rows(self, start: int, stop: int) -> RowStats:
+        """Views of rows start:stop (updating them updates these statistics)."""
+        return RowStats(*(t[start:stop] for t in (self.m, self.sum_exp, self.q_sum, self.q_dot, self.z_y)))
+
     @classmethod
     def empty(cls, rows: int, dtype: torch.dtype, device: torch.device) -> RowStats:
         zeros = [torch.zeros(rows, dtype=dtype, device=device) for _ in range(4)]
@@ -82,6 +88,14 @@ class Targets:
     @property
     def probabilities(self) -> bool:
         return self.hard is None
+
+    def rows(self, start: int, stop: int) -> Targets:
+        def part(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[start:stop]
+
+        return Targets(
+            self.target[start:stop], self.counted[start:stop], part(self.hard), part(self.out_of_range)
+        )
 
     @classmethod
     def prepare(cls, target: Tensor, spec: SoftmaxLoss, num_classes: int, ct: torch.dtype) -> Targets:
@@ -122,7 +136,18 @@ def _slice_mass(targets: Targets, spec: SoftmaxLoss, start: int, stop: int, num_
 def slice_stats(
     logits: Tensor, start: int, targets: Targets, spec: SoftmaxLoss, num_classes: int, stats: RowStats
 ) -> None:
-    """Fold the logits of classes start:start + S, (N, S), into the running ``stats`` (in place)."""
+    """Fold the logits of classes start:start + S, (N, S), into the running ``stats`` (in place).
+
+    Works through blocks of rows of about BLOCK_ELEMENTS logits, so that its temporaries stay in cache."""
+    for first, last in _blocks(logits.shape[0], logits.shape[1], BLOCK_ELEMENTS):
+        _slice_stats_rows(
+            logits[first:last], start, targets.rows(first, last), spec, num_classes, stats.rows(first, last)
+        )
+
+
+def _slice_stats_rows(
+    logits: Tensor, start: int, targets: Targets, spec: SoftmaxLoss, num_classes: int, stats: RowStats
+) -> None:
     ct = stats.m.dtype
     stop = start + logits.shape[1]
     z, _ = _capped(logits, spec, ct)
@@ -165,8 +190,29 @@ def slice_grad(
 
     ∂ℓ/∂z_c = coeff·ŷ_c − q_c (− hard at the true class), times 1 − tanh²(z/cap) under a softcap, with
     ŷ = exp(z − lse) and coeff = Σq + 2λ·lse; ∂ℓ/∂t_c = −(1 − ε)·w_c·(z_c − lse). ``scale`` is (N,), already
-    0 for rows that do not count.
+    0 for rows that do not count. Works through blocks of rows, as :func:`slice_stats` does.
     """
+    for first, last in _blocks(logits.shape[0], logits.shape[1], BLOCK_ELEMENTS):
+        _slice_grad_rows(
+            logits[first:last], start, targets.rows(first, last), spec, num_classes,
+            lse[first:last], coeff[first:last], scale[first:last],
+            None if grad_out is None else grad_out[first:last],
+            None if target_grad_out is None else target_grad_out[first:last],
+        )  # fmt: skip
+
+
+def _slice_grad_rows(
+    logits: Tensor,
+    start: int,
+    targets: Targets,
+    spec: SoftmaxLoss,
+    num_classes: int,
+    lse: Tensor,
+    coeff: Tensor,
+    scale: Tensor,
+    grad_out: Tensor | None,
+    target_grad_out: Tensor | None,
+) -> None:
     ct = lse.dtype
     stop = start + logits.shape[1]
     z, tanh = _capped(logits, spec, ct)
