@@ -1,0 +1,794 @@
+"""GPU benchmark (issue 5): softxent's Triton kernels against their peers in one run, bf16 inputs.
+
+Linear head: x (N, D) and W (V, D) in bfloat16, both requiring grad; y (N,) int64 with ~5% set to -100:
+  eager          F.cross_entropy((x @ W.T).float(), y)
+  compile        torch.compile(eager, dynamic=False)
+  liger          liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss()(W, x, y)   (weight first)
+  cce            cut_cross_entropy.linear_cross_entropy(x, W, y)   (its default filter_eps="high")
+  softxent       softxent.linear_cross_entropy(x, W, y)
+  softxent-lean  softxent.linear_cross_entropy(x, W, y, memory="lean")
+Cross-entropy on given logits (N, V) in bfloat16, requiring grad:
+  eager          F.cross_entropy(logits.float(), y)
+  compile        torch.compile(eager, dynamic=False)
+  liger          liger_kernel.transformers.LigerCrossEntropyLoss()(logits, y)   (writes dlogits in place)
+  softxent       softxent.cross_entropy(logits, y)
+
+Columns, per shape and method:
+  fwd+bwd ms   median time of loss + backward (CUDA events; gradients set to None before each run)
+  fwd ms       median time of the loss alone under torch.no_grad, on inputs that do not require grad
+  × floor      time over the physical floor measured in this run: linear head, 3 × one (N, D)×(D, V) bf16
+               matmul (forward alone: 1 ×); cross-entropy, reading the bf16 logits once and writing the bf16
+               gradient once at the measured device-to-device copy bandwidth (forward alone: the read)
+  peak GiB     torch.cuda.max_memory_allocated during one forward+backward, above the inputs and their
+               gradients (a gradient that aliases its input, as Liger's cross-entropy does, counts once)
+  rel err      ‖a − ref‖ / ‖ref‖ of the loss and each gradient; reference: the same loss in float32 (TF32
+               off) on x.float(), W.float() for the linear head, torch's F.cross_entropy in float64 on the
+               logits, both in row chunks (float64 throughout at smoke sizes)
+A method that runs out of memory shows "OOM" and the run goes on; a peer that cannot run here is skipped
+with the reason printed under the table.
+
+On the GPU machine (no internet): the peers' wheels are fetched here, into .whl/ (listed in
+.git/info/exclude), with
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
+        -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+
+(both are pure-Python py3-none-any wheels), carried along, and there installed and run with
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \\
+        && export PYTHONPATH=/tmp/site:src
+    python3 benchmarks/bench_gpu.py --json $OUT/bench_gpu.json
+
+About 5–8 minutes on an H100, most of it torch.compile (two compilations a shape) and Triton's first
+compilations; the largest shape of each family runs last. Where a command may take 10 minutes at most and
+that is too tight, `--only linear` and `--only ce` split the run in two (each with its own --json).
+
+End to end on a CPU at tiny shapes (peers that need CUDA are skipped, with the reason):
+
+    python benchmarks/bench_gpu.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import softxent
+
+IGNORE_INDEX = -100
+IGNORED_FRACTION = 0.05
+LOGIT_STD = 3.0  # x ~ N(0, 1), W ~ N(0, (LOGIT_STD/√D)²): logits with the spread of a trained LM head
+DTYPE = torch.bfloat16
+
+LINEAR_SHAPES = ((8192, 4096, 128256), (8192, 2304, 256000), (32768, 4096, 128256))
+CE_SHAPES = ((8192, 128256), (65536, 32000), (16384, 256000))  # 1.1G, 2.1G, 4.2G logits: largest last
+SMOKE_LINEAR_SHAPES = ((64, 32, 1000), (37, 65, 1031))
+SMOKE_CE_SHAPES = ((64, 1000), (37, 1031))
+LINEAR_METHODS = ("eager", "compile", "liger", "cce", "softxent", "softxent-lean")
+CE_METHODS = ("eager", "compile", "liger", "softxent")
+FAMILIES = {"linear": "linear head + cross-entropy", "ce": "cross-entropy on logits"}
+
+MIN_REPEATS, MAX_REPEATS = 3, 25
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the references and the error sums (256 MiB in float32)
+SMALL_ELEMENTS = 1 << 24  # N·V at or below which the linear-head reference runs in float64
+
+InputMaker = Callable[[], tuple[Tensor, ...]]
+LossFn = Callable[..., Tensor]
+ErrorCheck = Callable[[Tensor, list[Tensor]], dict[str, float]]
+
+
+class Skipped(Exception):
+    """A method that cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _targets(n: int, num_classes: int, device: torch.device, seed: int) -> Tensor:
+    """Class indices (N,), about IGNORED_FRACTION of them set to IGNORE_INDEX."""
+    generator = _generator(device, seed)
+    target = torch.randint(0, num_classes, (n,), device=device, generator=generator)
+    ignored = torch.rand(n, device=device, generator=generator) < IGNORED_FRACTION
+    return target.masked_fill_(ignored, IGNORE_INDEX)
+
+
+def linear_inputs(shape: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """x: (N, D), W: (V, D) in bf16 (logits std ≈ LOGIT_STD) and y: (N,); the same values on every call."""
+    n, d, v = shape
+    generator = _generator(device, 0)
+    x = torch.randn(n, d, device=device, dtype=DTYPE, generator=generator)
+    weight = torch.randn(v, d, device=device, dtype=DTYPE, generator=generator).mul_(LOGIT_STD / d**0.5)
+    return x, weight, _targets(n, v, device, 1)
+
+
+def ce_inputs(shape: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """logits: (N, V) in bf16 with std LOGIT_STD, and y: (N,); the same values on every call."""
+    n, v = shape
+    logits = torch.randn(n, v, device=device, dtype=DTYPE, generator=_generator(device, 0)).mul_(LOGIT_STD)
+    return logits, _targets(n, v, device, 1)
+
+
+# --------------------------------------------------------------------------------------------- methods
+
+
+def _eager_linear(x: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy((x @ weight.T).float(), target)
+
+
+def _eager_ce(logits: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float(), target)
+
+
+def _compiled(fn: LossFn) -> LossFn:
+    """torch.compile of fn; a compiler failure skips the method rather than ending the run."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def call(*args: Tensor) -> Tensor:
+        try:
+            return compiled(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:
+            raise Skipped(f"torch.compile failed here: {_describe(error)}") from error
+
+    return call
+
+
+def _peer(module: str, name: str, device: torch.device) -> object:
+    """A peer's loss, or Skipped when its package is missing or the device is not CUDA (Triton kernels)."""
+    try:
+        loss = getattr(importlib.import_module(module), name)
+    except ImportError as error:
+        raise Skipped(f"{module} is not importable ({error})") from None
+    if device.type != "cuda":
+        raise Skipped(f"{module}.{name} needs CUDA (Triton kernels); the device is {device.type}")
+    return loss
+
+
+def _softxent_lean(x: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    try:
+        return softxent.linear_cross_entropy(x, weight, target, memory="lean")
+    except TypeError as error:
+        if "'memory'" in str(error):
+            raise Skipped("memory= not available") from None
+        raise
+
+
+def linear_loss_fn(method: str, device: torch.device) -> LossFn:
+    """The loss of a linear-head method, called as fn(x, W, y)."""
+    if method == "eager":
+        return _eager_linear
+    if method == "compile":
+        return _compiled(_eager_linear)
+    if method == "liger":
+        liger = _peer("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss", device)()
+        return lambda x, weight, target: liger(weight, x, target)  # Liger takes the weight first
+    if method == "cce":
+        return _peer("cut_cross_entropy", "linear_cross_entropy", device)
+    if method == "softxent":
+        return softxent.linear_cross_entropy
+    if method == "softxent-lean":
+        return _softxent_lean
+    raise ValueError(f"method: expected one of {LINEAR_METHODS}, got {method!r}")
+
+
+def ce_loss_fn(method: str, device: torch.device) -> LossFn:
+    """The loss of a cross-entropy method, called as fn(logits, y)."""
+    if method == "eager":
+        return _eager_ce
+    if method == "compile":
+        return _compiled(_eager_ce)
+    if method == "liger":
+        return _peer("liger_kernel.transformers", "LigerCrossEntropyLoss", device)()
+    if method == "softxent":
+        return softxent.cross_entropy
+    raise ValueError(f"method: expected one of {CE_METHODS}, got {method!r}")
+
+
+# ---------------------------------------------------------------------------------- timing and memory
+
+
+def _once_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events on a GPU (host syncs inside fn count), perf_counter on a CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start_s) * 1e3
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, budget_ms: float, warmups: int) -> float:
+    """Median of MIN_REPEATS..MAX_REPEATS timed calls (about budget_ms in all) after `warmups` calls."""
+    for _ in range(warmups):
+        fn()
+    times = [_once_ms(fn, device)]
+    repeats = min(MAX_REPEATS, max(MIN_REPEATS, int(budget_ms / max(times[0], 1e-3))))
+    times += [_once_ms(fn, device) for _ in range(repeats - 1)]
+    return statistics.median(times)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _describe(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _aliases(tensor: Tensor, others: Sequence[Tensor]) -> bool:
+    pointer = tensor.untyped_storage().data_ptr()
+    return any(pointer == other.untyped_storage().data_ptr() for other in others)
+
+
+# ------------------------------------------------------------------------------------------ references
+
+
+class _Distance:
+    """Accumulates ‖a − b‖² and ‖b‖² in float64 over chunks; b may live on another device."""
+
+    def __init__(self) -> None:
+        self.diff_sq = 0.0
+        self.ref_sq = 0.0
+
+    def add(self, value: Tensor, reference: Tensor) -> None:
+        value = value.double()
+        reference = reference.to(value.device, torch.float64)
+        self.diff_sq += float((value - reference).square().sum())
+        self.ref_sq += float(reference.square().sum())
+
+    def relative(self) -> float:
+        return math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else math.nan
+
+
+def _relative_error(value: Tensor, reference: Tensor) -> float:
+    """‖value − reference‖ / ‖reference‖, in chunks of CHUNK_ELEMENTS."""
+    value, reference = value.reshape(-1), reference.reshape(-1)
+    distance = _Distance()
+    for start in range(0, value.numel(), CHUNK_ELEMENTS):
+        distance.add(value[start : start + CHUNK_ELEMENTS], reference[start : start + CHUNK_ELEMENTS])
+    return distance.relative()
+
+
+def _row_chunks(n: int, num_classes: int) -> Iterator[slice]:
+    rows = max(1, CHUNK_ELEMENTS // num_classes)
+    for start in range(0, n, rows):
+        yield slice(start, min(start + rows, n))
+
+
+def _reference_chunk(logits: Tensor, target: Tensor, count: int) -> tuple[float, Tensor]:
+    """torch's cross-entropy summed over a chunk of rows, and the chunk's ∂L/∂z of the mean over `count`
+    counted rows: (softmax(z) − onehot(y)) / count, zero on ignored rows."""
+    logits = logits.detach().requires_grad_()
+    with torch.enable_grad():
+        loss_sum = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+        (grad,) = torch.autograd.grad(loss_sum, logits)
+    return float(loss_sum), grad.div_(count)
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def linear_reference(shape: tuple[int, int, int], device: torch.device) -> dict[str, Tensor]:
+    """Loss, dX and dW of the mean cross-entropy of x.float() @ W.float().T, chunked over rows, in float32
+    with TF32 off (float64 at small N·V), returned on the CPU so the methods have the device to themselves.
+
+    Per chunk of rows: z = x W^T, G = ∂L/∂z from torch's cross-entropy, dX = G W, dW += G^T x.
+    """
+    x, weight, target = linear_inputs(shape, device)
+    dtype = torch.float64 if shape[0] * shape[2] <= SMALL_ELEMENTS else torch.float32
+    x, weight = x.to(dtype), weight.to(dtype)
+    count = int((target != IGNORE_INDEX).sum())
+    loss_sum = 0.0
+    grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
+    with torch.no_grad(), _no_tf32():
+        for rows in _row_chunks(shape[0], shape[2]):
+            part, grad = _reference_chunk(x[rows] @ weight.T, target[rows], count)
+            loss_sum += part
+            torch.mm(grad, weight, out=grad_x[rows])
+            grad_weight.addmm_(grad.T, x[rows])
+            del grad
+    return {
+        "loss": torch.tensor(loss_sum / count, dtype=torch.float64),
+        "dX": grad_x.cpu(),
+        "dW": grad_weight.cpu(),
+    }
+
+
+def linear_check(reference: dict[str, Tensor]) -> ErrorCheck:
+    """Relative errors of a linear-head method's loss, dX and dW against `reference`."""
+
+    def check(loss: Tensor, grads: list[Tensor]) -> dict[str, float]:
+        grad_x, grad_weight = grads
+        return {
+            "loss": _relative_error(loss.cpu(), reference["loss"]),
+            "dX": _relative_error(grad_x, reference["dX"]),
+            "dW": _relative_error(grad_weight, reference["dW"]),
+        }
+
+    return check
+
+
+def ce_check(shape: tuple[int, int], device: torch.device) -> ErrorCheck:
+    """Relative errors of a cross-entropy method's loss and dlogits against torch's cross-entropy in float64
+    on the same logits (made again from the seed: Liger overwrites its input), chunk by chunk."""
+
+    def check(loss: Tensor, grads: list[Tensor]) -> dict[str, float]:
+        (grad_logits,) = grads
+        logits, target = ce_inputs(shape, device)
+        count = int((target != IGNORE_INDEX).sum())
+        loss_sum, distance = 0.0, _Distance()
+        with torch.no_grad():
+            for rows in _row_chunks(*shape):
+                part, grad = _reference_chunk(logits[rows].double(), target[rows], count)
+                loss_sum += part
+                distance.add(grad_logits[rows], grad)
+        return {
+            "loss": _relative_error(loss.cpu(), torch.tensor(loss_sum / count, dtype=torch.float64)),
+            "dlogits": distance.relative(),
+        }
+
+    return check
+
+
+# -------------------------------------------------------------------------------------------- running
+
+
+def _forward_ms(
+    loss_fn: LossFn, make_inputs: InputMaker, device: torch.device, budget_ms: float, warmups: int
+) -> float:
+    inputs = make_inputs()
+    with torch.no_grad():
+        return median_ms(lambda: loss_fn(*inputs), device, budget_ms, warmups)
+
+
+def _train(
+    loss_fn: LossFn,
+    make_inputs: InputMaker,
+    check: ErrorCheck,
+    device: torch.device,
+    budget_ms: float,
+    warmups: int,
+) -> dict[str, object]:
+    """Warm-up, then one forward+backward for peak memory and errors, then the timed runs."""
+    inputs = make_inputs()
+    leaves = [tensor.requires_grad_() for tensor in inputs if tensor.is_floating_point()]
+
+    def step() -> Tensor:
+        for leaf in leaves:
+            leaf.grad = None
+        loss = loss_fn(*inputs)
+        loss.backward()
+        return loss
+
+    for _ in range(warmups):
+        step()
+    for leaf in leaves:
+        leaf.grad = None
+    with torch.no_grad():  # the warm-up may have changed them: Liger writes dlogits over the logits
+        for tensor, fresh in zip(inputs, make_inputs(), strict=True):
+            tensor.copy_(fresh)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device) if on_cuda else 0
+    loss = step().detach()
+    grads = [leaf.grad for leaf in leaves]
+    aliased = [_aliases(grad, inputs) for grad in grads]
+    peak_gib = None
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        grad_bytes = sum(grad.nbytes for grad, alias in zip(grads, aliased, strict=True) if not alias)
+        peak_gib = (torch.cuda.max_memory_allocated(device) - baseline - grad_bytes) / 2**30
+    errors = check(loss, grads)
+    del loss, grads
+    return {
+        "ms": median_ms(step, device, budget_ms, warmups=0),
+        "peak_gib": peak_gib,
+        "errors": errors,
+        "note": "the gradient is written into the input in place" if any(aliased) else "",
+    }
+
+
+def run_method(
+    method: str,
+    make_loss_fn: Callable[[str, torch.device], LossFn],
+    make_inputs: InputMaker,
+    check: ErrorCheck,
+    device: torch.device,
+    budget_ms: float,
+    warmups: int,
+) -> dict[str, object]:
+    """One method at one shape: forward-only time, then forward+backward time, peak memory and errors.
+    An OOM or error in one phase is recorded in `failures` and the other phase still runs."""
+    row: dict[str, object] = {
+        "method": method,
+        "status": "ok",
+        "reason": "",
+        "ms": None,
+        "forward_ms": None,
+        "peak_gib": None,
+        "errors": {},
+        "failures": {},
+        "note": "",
+    }
+    try:
+        loss_fn = make_loss_fn(method, device)
+        for phase in ("forward", "forward+backward"):
+            try:
+                if phase == "forward":
+                    row["forward_ms"] = _forward_ms(loss_fn, make_inputs, device, budget_ms, warmups)
+                else:
+                    row.update(_train(loss_fn, make_inputs, check, device, budget_ms, warmups))
+            except Skipped:
+                raise
+            except Exception as error:
+                row["failures"][phase] = "OOM" if _is_oom(error) else _describe(error)
+                row["status"] = "failed"
+                if not _is_oom(error):
+                    print(traceback.format_exc(limit=-8), file=sys.stderr, flush=True)
+            _free(device)
+    except Skipped as skip:
+        row.update(status="skipped", reason=str(skip), ms=None, forward_ms=None, peak_gib=None, errors={})
+    _free(device)
+    return row
+
+
+def _shape_name(shape: Sequence[int]) -> str:
+    return "×".join(str(size) for size in shape)
+
+
+def _progress(family: str, shape: Sequence[int], row: dict[str, object], started: float) -> None:
+    if row["status"] == "skipped":
+        detail = f"skipped: {row['reason']}"
+    else:
+        errors = ", ".join(f"{name} {value:.1e}" for name, value in row["errors"].items())
+        detail = (
+            f"fwd+bwd {_ms(row['ms'])} ms, fwd {_ms(row['forward_ms'])} ms, "
+            f"peak {_gib(row['peak_gib'])} GiB, rel err {errors or '-'}"
+        )
+        for phase, failure in row["failures"].items():
+            detail += f"; {phase} {failure}"
+    print(f"[{time.perf_counter() - started:6.1f} s] {family} {_shape_name(shape)} {row['method']}: {detail}")
+
+
+def bench_linear(
+    shapes: Sequence[tuple[int, int, int]],
+    methods: Sequence[str],
+    device: torch.device,
+    budget_ms: float,
+    warmups: int,
+    started: float,
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """Rows (one per shape and method) and floors (one per shape) of the linear head."""
+    rows, floors = [], []
+    for shape in shapes:
+        n, d, v = shape
+        x, weight, _ = linear_inputs(shape, device)
+        logits = torch.empty(n, v, device=device, dtype=DTYPE)
+        matmul_ms = median_ms(partial(torch.mm, x, weight.T, out=logits), device, budget_ms, warmups)
+        del x, weight, logits
+        _free(device)
+        floors.append(
+            {
+                "family": "linear",
+                "shape": list(shape),
+                "ms": 3 * matmul_ms,
+                "forward_ms": matmul_ms,
+                "detail": f"3 matmuls at {2 * n * d * v / matmul_ms / 1e9:.3g} TFLOP/s",
+            }
+        )
+        reference = linear_reference(shape, device)
+        _free(device)
+        make_inputs = partial(linear_inputs, shape, device)
+        check = linear_check(reference)
+        for method in methods:
+            row = run_method(method, linear_loss_fn, make_inputs, check, device, budget_ms, warmups)
+            rows.append({"family": "linear", "shape": list(shape), **row})
+            _progress("linear", shape, row, started)
+        del reference
+        _free(device)
+    return rows, floors
+
+
+def bench_ce(
+    shapes: Sequence[tuple[int, int]],
+    methods: Sequence[str],
+    device: torch.device,
+    copy_gbps: float,
+    budget_ms: float,
+    warmups: int,
+    started: float,
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """Rows (one per shape and method) and floors (one per shape) of cross-entropy on logits."""
+    rows, floors = [], []
+    itemsize = torch.empty((), dtype=DTYPE).element_size()
+    for shape in shapes:
+        n, v = shape
+        logits_bytes = n * v * itemsize
+        floors.append(
+            {
+                "family": "ce",
+                "shape": list(shape),
+                "ms": 2 * logits_bytes / copy_gbps / 1e6,  # read the logits, write the gradient
+                "forward_ms": logits_bytes / copy_gbps / 1e6,  # read the logits
+                "detail": f"{2 * logits_bytes / 2**30:.3g} GiB at {copy_gbps:.3g} GB/s",
+            }
+        )
+        make_inputs = partial(ce_inputs, shape, device)
+        check = ce_check(shape, device)
+        for method in methods:
+            row = run_method(method, ce_loss_fn, make_inputs, check, device, budget_ms, warmups)
+            rows.append({"family": "ce", "shape": list(shape), **row})
+            _progress("ce", shape, row, started)
+    return rows, floors
+
+
+def measure_machine(device: torch.device, smoke: bool, budget_ms: float, warmups: int) -> dict[str, float]:
+    """bf16 matmul TFLOP/s (M = N = K) and device-to-device copy GB/s (bytes read + written)."""
+    size = 256 if smoke else 8192
+    a = torch.randn(size, size, device=device, dtype=DTYPE)
+    b = torch.randn(size, size, device=device, dtype=DTYPE)
+    out = torch.empty(size, size, device=device, dtype=DTYPE)
+    matmul_ms = median_ms(partial(torch.mm, a, b, out=out), device, budget_ms, warmups)
+    del a, b, out
+    numel = (1 << 22) if smoke else (1 << 29)  # 8 MiB or 1 GiB of bf16
+    source = torch.randn(numel, device=device, dtype=DTYPE)
+    destination = torch.empty_like(source)
+    copy_ms = median_ms(partial(destination.copy_, source), device, budget_ms, warmups)
+    copy_bytes = 2 * source.nbytes
+    del source, destination
+    _free(device)
+    return {
+        "matmul_size": size,
+        "matmul_tflops": 2 * size**3 / matmul_ms / 1e9,
+        "copy_bytes": copy_bytes,
+        "copy_gbps": copy_bytes / copy_ms / 1e6,
+    }
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def _ms(value: object) -> str:
+    return "-" if value is None else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def _gib(value: object) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _ratio(value: object, floor: float) -> str:
+    return "-" if value is None else f"{value / floor:.2f}"
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info(device: torch.device, measured: dict[str, float]) -> dict[str, object]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "device": name,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "softxent": softxent.__version__,
+        "liger-kernel": _package_version("liger-kernel"),
+        "cut-cross-entropy": _package_version("cut-cross-entropy"),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": " ".join(["python3", *sys.argv]),
+        **measured,
+    }
+
+
+def header(info: dict[str, object]) -> list[str]:
+    return [
+        "## GPU, issue 5 (Triton kernels)",
+        "",
+        f"- Device: {info['device']}; measured bf16 matmul ({info['matmul_size']}³) "
+        f"{info['matmul_tflops']:.3g} TFLOP/s, device copy {info['copy_gbps']:.3g} GB/s "
+        f"(bytes read + written, {info['copy_bytes'] / 2**30:.3g} GiB a copy).",
+        f"- Software: Python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
+        f"softxent {info['softxent']}, liger-kernel {info['liger-kernel']}, "
+        f"cut-cross-entropy {info['cut-cross-entropy']}.",
+        f"- Date: {info['date']}. Command: `{info['command']}`.",
+        "",
+    ]
+
+
+def _failed_cell(failure: str | None, value: str) -> str:
+    return value if failure is None else "OOM" if failure == "OOM" else "error"
+
+
+def table(family: str, rows: list[dict[str, object]], floors: list[dict[str, object]]) -> list[str]:
+    """A Markdown table of one family: a floor row and one row per method for each shape, then notes."""
+    error_names = ("loss", "dX", "dW") if family == "linear" else ("loss", "dlogits")
+    columns = [
+        "N×D×V" if family == "linear" else "N×V",
+        "method",
+        "fwd+bwd ms",
+        "× floor",
+        "fwd ms",
+        "fwd × floor",
+        "peak GiB",
+        *(f"rel err {name}" for name in error_names),
+    ]
+    lines = [f"### {FAMILIES[family]}, bf16", "", "| " + " | ".join(columns) + " |"]
+    lines.append("|" + "---|" * 2 + "---:|" * (len(columns) - 2))
+    blanks = [""] * len(error_names)
+    notes: dict[str, str] = {}
+    for floor in floors:
+        shape = _shape_name(floor["shape"])
+        cells = [shape, f"floor ({floor['detail']})", _ms(floor["ms"]), "1.00", _ms(floor["forward_ms"])]
+        table_rows = [[*cells, "1.00", "", *blanks]]
+        for row in (row for row in rows if row["shape"] == floor["shape"]):
+            method = row["method"]
+            if row["status"] == "skipped":
+                notes[method] = f"skipped: {row['reason']}"
+                table_rows.append([shape, method, "skipped", "", "", "", "", *blanks])
+                continue
+            train_failure = row["failures"].get("forward+backward")
+            forward_failure = row["failures"].get("forward")
+            table_rows.append(
+                [
+                    shape,
+                    method,
+                    _failed_cell(train_failure, _ms(row["ms"])),
+                    _ratio(row["ms"], floor["ms"]),
+                    _failed_cell(forward_failure, _ms(row["forward_ms"])),
+                    _ratio(row["forward_ms"], floor["forward_ms"]),
+                    _failed_cell(train_failure, _gib(row["peak_gib"])),
+                    *(f"{row['errors'][name]:.1e}" if name in row["errors"] else "-" for name in error_names),
+                ]
+            )
+            for phase, failure in row["failures"].items():
+                if failure != "OOM":
+                    notes[f"{method} at {shape}"] = f"{phase} failed: {failure}"
+            if row["note"]:
+                notes[method] = row["note"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in table_rows]
+    lines.append("")
+    if notes:
+        lines += [*(f"- {method}: {note}" for method, note in notes.items()), ""]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _parse_shapes(text: str, size: int) -> tuple[tuple[int, ...], ...]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().replace("×", "x").split("x")
+        if len(parts) != size or not all(part.isdigit() and int(part) > 0 for part in parts):
+            expected = "NxDxV" if size == 3 else "NxV"
+            raise argparse.ArgumentTypeError(f"expected shapes {expected}[,{expected}...], got {item!r}")
+        shapes.append(tuple(int(part) for part in parts))
+    return tuple(shapes)
+
+
+def _parse_methods(text: str) -> tuple[str, ...]:
+    methods = tuple(name.strip() for name in text.split(",") if name.strip())
+    known = dict.fromkeys(LINEAR_METHODS + CE_METHODS)
+    unknown = [name for name in methods if name not in known]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {list(known)}, got {text!r}")
+    return methods
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on a CPU (for CI)")
+    parser.add_argument("--only", choices=("linear", "ce"), help="run one family only")
+    parser.add_argument("--methods", type=_parse_methods, help="comma-separated methods to run (default all)")
+    parser.add_argument(
+        "--linear-shapes", type=partial(_parse_shapes, size=3), help="e.g. 8192x4096x128256,4096x2048x32000"
+    )
+    parser.add_argument("--ce-shapes", type=partial(_parse_shapes, size=2), help="e.g. 8192x128256")
+    parser.add_argument("--device", help="torch device (default: cuda where available, else cpu)")
+    parser.add_argument(
+        "--budget-ms",
+        type=float,
+        help=f"time to spend on the timed runs of each measurement ({MIN_REPEATS} to {MAX_REPEATS} runs; "
+        "default 300, smoke 20)",
+    )
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.smoke:
+        parser.error(f"the full benchmark needs a CUDA device, got {device}; --smoke runs it on a CPU")
+    budget_ms = args.budget_ms if args.budget_ms is not None else 20.0 if args.smoke else 300.0
+    warmups = 1 if args.smoke else 2
+    linear_shapes = args.linear_shapes or (SMOKE_LINEAR_SHAPES if args.smoke else LINEAR_SHAPES)
+    ce_shapes = args.ce_shapes or (SMOKE_CE_SHAPES if args.smoke else CE_SHAPES)
+    selected = args.methods or LINEAR_METHODS + CE_METHODS
+
+    started = time.perf_counter()
+    info = machine_info(device, measure_machine(device, args.smoke, budget_ms, warmups))
+    print("\n".join(header(info)), flush=True)
+    rows: list[dict[str, object]] = []
+    floors: list[dict[str, object]] = []
+    if args.only in (None, "linear"):
+        methods = [name for name in LINEAR_METHODS if name in selected]
+        family_rows, family_floors = bench_linear(linear_shapes, methods, device, budget_ms, warmups, started)
+        rows += family_rows
+        floors += family_floors
+    if args.only in (None, "ce"):
+        methods = [name for name in CE_METHODS if name in selected]
+        family_rows, family_floors = bench_ce(
+            ce_shapes, methods, device, info["copy_gbps"], budget_ms, warmups, started
+        )
+        rows += family_rows
+        floors += family_floors
+
+    lines = ["", *header(info)]
+    for family in FAMILIES:
+        family_floors = [floor for floor in floors if floor["family"] == family]
+        if family_floors:
+            lines += table(family, [row for row in rows if row["family"] == family], family_floors)
+    lines.append(f"Total time: {time.perf_counter() - started:.0f} s.")
+    print("\n".join(lines), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "floors": floors, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The GPU benchmark runs end to end in its --smoke mode on a CPU, and softxent's numbers in it are right."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
+BF16_TOLERANCE = 1e-2  # bf16 rounds to 2^-9 relative: its gradients sit near 4e-3 of an exact reference
+
+
+def test_smoke_run_reports_softxent_close_to_the_reference(tmp_path: Path) -> None:
+    output = tmp_path / "bench_gpu.json"
+    # Everything but torch.compile, which takes ~30 s a shape on a CPU; one thread, as timings do not matter
+    # here and OpenMP threads spinning beside other work slow a 2-core machine down many times over.
+    methods = "eager,liger,cce,softxent,softxent-lean"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+    }
+    command = [sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--methods", methods]
+    result = subprocess.run(
+        [*command, "--json", str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    rows = {(row["family"], tuple(row["shape"]), row["method"]): row for row in report["rows"]}
+    shapes = {family: {shape for f, shape, _ in rows if f == family} for family in ("linear", "ce")}
+    assert len(shapes["linear"]) == 2, shapes
+    assert len(shapes["ce"]) == 2, shapes
+    expected_errors = {"linear": ("loss", "dX", "dW"), "ce": ("loss", "dlogits")}
+    for family, family_shapes in shapes.items():
+        for shape in family_shapes:
+            eager = rows[family, shape, "eager"]
+            assert eager["status"] == "ok", eager
+            assert eager["ms"] > 0, eager
+            methods_here = ["softxent"] + (["softxent-lean"] if family == "linear" else [])
+            for method in methods_here:
+                row = rows[family, shape, method]
+                if method == "softxent-lean" and row["status"] == "skipped":
+                    assert row["reason"] == "memory= not available", row
+                    continue
+                assert row["status"] == "ok", row
+                assert set(row["errors"]) == set(expected_errors[family]), row
+                worst = {name: value for name, value in row["errors"].items() if not value < BF16_TOLERANCE}
+                assert not worst, f"{family} {shape} {method}: relative errors over {BF16_TOLERANCE}: {worst}"
+            for peer in ("liger", "cce") if family == "linear" else ("liger",):
+                assert rows[family, shape, peer]["status"] == "skipped", rows[family, shape, peer]
+    assert "| eager |" in result.stdout
