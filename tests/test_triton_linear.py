@@ -30,9 +30,12 @@ def _problem(n, d, c, rng, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("memory", ["speed", "lean"])
-def test_linear_cross_entropy_no_worse_than_eager_over_several_chunks(dtype, memory, rng):
+@pytest.mark.parametrize("several", [True, False], ids=["several_chunks", "one_chunk"])
+def test_linear_cross_entropy_no_worse_than_eager(dtype, memory, several, rng):
     x, w, b, target = _problem(67, 72, 517, rng, dtype)
-    chunk = 16 if memory == "speed" else 128  # five chunks of rows, or five vocabulary slices
+    # five chunks of rows, or five vocabulary slices; or the default: one chunk (dW written in the input
+    # dtype by a single matmul), one slice
+    chunk = (16 if memory == "speed" else 128) if several else None
     ours = softxent.linear_cross_entropy(
         x, w, target, linear_bias=b, label_smoothing=0.1, chunk_size=chunk, memory=memory, impl="triton"
     )
