@@ -486,17 +486,19 @@ def _addmm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
 def accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a·b for bf16/fp16 ``a`` (M, K), ``b`` (K, P) into a float32 ``acc`` (M, P).
 
-    The product runs in the inputs' dtype on the matrix units (float32 accumulation inside, as any
-    input-dtype matmul) and is summed into ``acc`` in float32, so repeated calls add no input-dtype
-    rounding beyond one per product. On CUDA a single addmm with a float32 output does both; elsewhere
-    the product is formed ACCUMULATE_BLOCK_ROWS rows of ``acc`` at a time and added.
+    On CUDA one addmm with a float32 output: the input-dtype product on the matrix units, accumulated in
+    float32 into ``acc`` with no input-dtype rounding at all, so repeated calls sum like one big matmul.
+    Where torch has no such addmm (the CPU), the same numbers come from float32 copies of the operands,
+    ACCUMULATE_BLOCK_ROWS rows of ``acc`` at a time (rounding each product to the input dtype before the
+    sum instead would add an error that grows when the partial sums cancel).
     """
     if _addmm_out_dtype_works(acc.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
         return
+    b_wide = b.to(acc.dtype)
     for start in range(0, acc.shape[0], ACCUMULATE_BLOCK_ROWS):
         stop = min(start + ACCUMULATE_BLOCK_ROWS, acc.shape[0])
-        acc[start:stop] += torch.mm(a[start:stop], b)
+        acc[start:stop].addmm_(a[start:stop].to(acc.dtype), b_wide)
 
 
 def linear_head_pass(

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from softxent.ops import cpu
 from softxent.ops.triton._layout import copy_back, out_rows, rows
+from softxent.ops.triton.cross_entropy import _to_output
 
 # Columns per program: a power of two (smaller rows use the next power of two above their width).
 MAX_BLOCK = 1024
@@ -71,11 +72,11 @@ def _sigmoid_bce_kernel(
         scale = scale.to(tl.float32) * w
         if WRITE_TGRAD:
             tgrad = (-z + (p - 1.0) * softplus_neg) * scale
-            tl.store(tgrad_ptr + row * tgrad_stride + cols, tgrad, mask=mask)
+            tl.store(tgrad_ptr + row * tgrad_stride + cols, _to_output(tgrad, tgrad_ptr), mask=mask)
         if WRITE_GRAD:
             sigmoid = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
             grad = (log_weight * sigmoid - p * y) * scale
-            tl.store(grad_ptr + row * grad_stride + cols, grad, mask=mask)
+            tl.store(grad_ptr + row * grad_stride + cols, _to_output(grad, grad_ptr), mask=mask)
 
 
 def sigmoid_bce_block(

@@ -43,6 +43,23 @@ def _tanh(x):
 
 
 @triton.jit
+def _to_output(value, ptr):
+    """fp32 ``value`` in the element type of ``ptr``, rounded to nearest-even.
+
+    The GPU rounds a store to bf16 to nearest-even; Triton's interpreter truncates instead (its bf16 is
+    emulated through the bits), which doubles the rounding error the CPU tests would see. Rounding the
+    bits here gives the same bf16 values on both: add half an ulp (0x7FFF, plus 1 when the kept last
+    bit is odd, for ties to even) and drop the low 16 bits; nan stays nan."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(value != value, value.to(tl.bfloat16), rounded)
+    else:
+        return value.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _load_logits(row_ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
     """The row's logits at ``cols`` in fp32 (−inf where masked), softcapped: z = cap·tanh(z/cap)."""
     z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
@@ -154,7 +171,7 @@ def _softmax_xent_rows_kernel(
             q, w = _target_mass(target_row, weight_ptr, cols, mask, eps, smooth, PROBS, HAS_WEIGHT)
             if WRITE_TGRAD:
                 tgrad = -(1.0 - eps) * w * tl.where(mask, z - lse, 0.0) * scale
-                tl.store(tgrad_ptr + row * tgrad_stride + cols, tgrad, mask=mask)
+                tl.store(tgrad_ptr + row * tgrad_stride + cols, _to_output(tgrad, tgrad_ptr), mask=mask)
             if WRITE_GRAD:
                 is_neg_inf = z == float("-inf")
                 p = tl.where(is_neg_inf, 0.0, tl.exp(tl.where(is_neg_inf, 0.0, z - m)) / sum_exp)
@@ -164,7 +181,7 @@ def _softmax_xent_rows_kernel(
                 grad = grad * scale
                 if HAS_SOFTCAP:
                     grad = grad * (1.0 - tanh * tanh)
-                tl.store(grad_ptr + row * grad_stride + cols, grad, mask=mask)
+                tl.store(grad_ptr + row * grad_stride + cols, _to_output(grad, grad_ptr), mask=mask)
 
 
 def softmax_xent_block(

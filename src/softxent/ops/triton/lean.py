@@ -22,7 +22,7 @@ from torch import Tensor
 from softxent.ops import lean
 from softxent.ops.cpu import SoftmaxLoss
 from softxent.ops.triton._layout import copy_back, out_rows
-from softxent.ops.triton.cross_entropy import _load_logits, _tanh, _target_mass
+from softxent.ops.triton.cross_entropy import _load_logits, _tanh, _target_mass, _to_output
 
 STATS_BLOCK = 4096
 GRAD_BLOCK = 1024
@@ -114,7 +114,7 @@ def _slice_grad_kernel(
     q, w = _target_mass(target_row, weight_ptr, cols, mask, eps, eps / num_classes, PROBS, HAS_WEIGHT)
     if WRITE_TGRAD:
         tgrad = -(1.0 - eps) * w * tl.where(mask, z - lse, 0.0) * scale
-        tl.store(tgrad_ptr + row * tgrad_stride + cols, tgrad, mask=mask)
+        tl.store(tgrad_ptr + row * tgrad_stride + cols, _to_output(tgrad, tgrad_ptr), mask=mask)
     if WRITE_GRAD:
         is_neg_inf = z == float("-inf")
         p = tl.where(is_neg_inf, 0.0, tl.exp(tl.where(is_neg_inf, 0.0, z - lse)))
@@ -124,7 +124,7 @@ def _slice_grad_kernel(
         grad = grad * scale
         if HAS_SOFTCAP:
             grad = grad * (1.0 - tanh * tanh)
-        tl.store(grad_ptr + row * grad_stride + cols, grad, mask=mask)
+        tl.store(grad_ptr + row * grad_stride + cols, _to_output(grad, grad_ptr), mask=mask)
 
 
 def _common(logits: Tensor, start: int, targets: lean.Targets, spec: SoftmaxLoss):
