@@ -586,7 +586,7 @@ def linear_head_pass(
             )
         if grad_weight is not None:
             if grad.dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad.t(), x_chunk if x_chunk.dtype == grad.dtype else x_chunk.to(grad.dtype))
+                grad_weight.addmm_(grad.t(), x_chunk.to(grad.dtype))  # no copy when the dtypes agree
             else:
                 accumulate_matmul(grad_weight, grad.t(), x_chunk)
         if grad_bias is not None:

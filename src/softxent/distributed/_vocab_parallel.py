@@ -1,0 +1,460 @@
+r"""Vocabulary-parallel softmax cross-entropy: each rank holds a contiguous slice of the classes.
+
+Rank r of a group of P ranks holds the logits (or the linear head's weight rows) of classes
+[o_r, o_r + C_r), with Σ_r C_r = C; shards may be uneven (C not divisible by P; an empty shard is allowed).
+Every rank holds the same rows and the same class-index targets (global indices in [0, C)).
+
+The loss of a row needs its log-sum-exp over all C classes and, for class y, its true logit. Each rank
+folds its own columns into the online-softmax statistics of :mod:`softxent.ops.lean` (the same per-slice
+functions, torch ops or Triton kernels, that the lean head runs over vocabulary slices): the max m_r,
+Σ exp(z − m_r), Σq, Σq·(z − m_r) and z_y where it holds y. Two all-reduces combine them (O(N) numbers,
+never O(N·C)):
+
+.. math::
+    M = \max_r m_r, \qquad
+    Σ e^{z - M} = Σ_r e^{m_r - M} Σ_{c ∈ r} e^{z_c - m_r}, \qquad
+    Σ q (z - M) = Σ_r \big[Σ_{c ∈ r} q_c (z_c - m_r) + (Σ_{c ∈ r} q_c)(m_r - M)\big]
+
+(a max, then one sum of the four stacked (N,) statistics). From there every rank has the same loss,
+lse = M + log Σ e^{z − M} and coeff = Σq + 2λ·lse, and writes the gradient of its own columns,
+∂ℓ/∂z_c = coeff·ŷ_c − q_c, with no further communication. The linear head adds one all-reduce of the
+partial dX = Σ_{c ∈ r} G_c W_c (N×D, summed in float32).
+
+Shapes, class weights and the targets' range are checked collectively: one all-gather of a few integers
+per rank (rows, features, classes, the targets' min and max, the class weights' length) before any work,
+so every rank raises the same error instead of one rank raising while the others wait in a collective.
+That gather reads its result on the host (one synchronization per call on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from softxent import _validate as check
+from softxent.functional import _backend, _lean_slice_fns
+from softxent.ops import cpu
+from softxent.ops.lean import RowStats, Targets, finish
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+
+_NO_TARGET_MIN = torch.iinfo(torch.int64).max
+_NO_TARGET_MAX = torch.iinfo(torch.int64).min
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where this rank's classes sit: [offset, offset + classes) of total_classes; max_classes is the
+    widest shard (chunk sizes come from it so that every rank runs the same number of collectives)."""
+
+    offset: int
+    classes: int
+    total_classes: int
+    max_classes: int
+
+
+def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "group: expected an initialized torch.distributed process group (call "
+            "torch.distributed.init_process_group first), got none initialized"
+        )
+    if group is None:
+        return dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"group: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}"
+        )
+    return group
+
+
+def _collective_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
+    """NCCL communicates CUDA tensors; Gloo CPU ones (and CUDA ones, through a copy): use the data's
+    device for NCCL and the CPU otherwise."""
+    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def _target_range(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """min and max of the counted targets (sentinels when none counts), as 0-d int64 tensors."""
+    if target.numel() == 0:
+        return torch.tensor(_NO_TARGET_MIN), torch.tensor(_NO_TARGET_MAX)
+    counted = target != ignore_index
+    low = torch.where(counted, target, _NO_TARGET_MIN).min()
+    high = torch.where(counted, target, _NO_TARGET_MAX).max()
+    return low, high
+
+
+def shard_layout(
+    group: dist.ProcessGroup,
+    *,
+    shard_name: str,
+    rows: int,
+    features: int,
+    classes: int,
+    target: Tensor,
+    ignore_index: int,
+    weight: Tensor | None,
+) -> ShardLayout:
+    """Gather every rank's (rows, features, classes, target min/max, class-weight length), check them
+    together and return this rank's layout. Raises the same ValueError on every rank."""
+    device = _collective_device(group, target.device)
+    low, high = _target_range(target, ignore_index)
+    local = torch.stack(
+        [
+            torch.tensor(rows),
+            torch.tensor(features),
+            torch.tensor(classes),
+            low.cpu(),
+            high.cpu(),
+            torch.tensor(-1 if weight is None else weight.numel()),
+        ]
+    ).to(device)
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    table = torch.stack(gathered).cpu().tolist()
+    rank = dist.get_rank(group)
+    per_rank = list(zip(*table, strict=True))
+    row_counts, feature_counts, class_counts, lows, highs, weight_lengths = per_rank
+    if len(set(row_counts)) != 1:
+        raise ValueError(
+            f"{shard_name}: expected the same rows (positions) on every rank, got {list(row_counts)} "
+            "across the ranks"
+        )
+    if len(set(feature_counts)) != 1:
+        raise ValueError(
+            f"{shard_name}: expected the same in_features on every rank, got {list(feature_counts)} "
+            "across the ranks"
+        )
+    total = sum(class_counts)
+    if total == 0:
+        raise ValueError(f"{shard_name}: expected at least one class across the ranks, got shards of 0")
+    if len(set(lows)) != 1 or len(set(highs)) != 1:
+        raise ValueError(
+            "target: expected the same targets on every rank, got different ones across the ranks"
+        )
+    if lows[0] != _NO_TARGET_MIN and (lows[0] < 0 or highs[0] >= total):
+        bad = lows[0] if lows[0] < 0 else highs[0]
+        raise ValueError(
+            f"target: expected class indices in [0, {total}) (the classes of all {world} shards, "
+            f"{list(class_counts)}) or ignore_index={ignore_index}, got {bad}, outside every shard"
+        )
+    if len(set(weight_lengths)) != 1 or weight_lengths[0] not in (-1, total):
+        raise ValueError(
+            f"weight: expected the whole vocabulary's class weights, shape ({total},), on every rank, got "
+            f"{['None' if n == -1 else (n,) for n in weight_lengths]} across the ranks"
+        )
+    return ShardLayout(
+        offset=sum(class_counts[:rank]), classes=classes, total_classes=total, max_classes=max(class_counts)
+    )
+
+
+def _all_reduce_stats(stats: RowStats, group: dist.ProcessGroup) -> None:
+    """Combine every rank's statistics in place: all-reduce max of m, then one all-reduce sum of the
+    other four, each first rescaled from its rank's max to the global one."""
+    device = _collective_device(group, stats.m.device)
+    local_max = stats.m
+    global_max = local_max.to(device, copy=True)
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    global_max = global_max.to(local_max.device)
+    # m_r − M ≤ 0; a rank with no finite logit in a row (m_r = −inf) contributes nothing to Σexp
+    rise = torch.where(local_max == global_max, 0.0, global_max - local_max)
+    packed = torch.stack(
+        [
+            stats.sum_exp * torch.exp(-rise),
+            stats.q_dot - stats.q_sum * torch.where(stats.q_sum == 0.0, 0.0, rise),
+            stats.q_sum,
+            stats.z_y,  # 0 on every rank but the one that holds the row's class
+        ]
+    ).to(device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    packed = packed.to(local_max.device)
+    stats.m.copy_(global_max)
+    stats.sum_exp.copy_(packed[0])
+    stats.q_dot.copy_(packed[1])
+    stats.q_sum.copy_(packed[2])
+    stats.z_y.copy_(packed[3])
+
+
+def vocab_parallel_block(
+    logits: Tensor,
+    target: Tensor,
+    spec: cpu.SoftmaxLoss,
+    *,
+    layout: ShardLayout,
+    group: dist.ProcessGroup,
+    stats_fn,
+    grad_fn,
+    grad_scale: Tensor | float | None = None,
+    grad_out: Tensor | None = None,
+    target_grad_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`softxent.ops.cpu.softmax_xent_block`'s contract for one block of rows of this rank's shard.
+
+    logits: (R, C_r); target: (R,) global class indices; ``spec.weight``: the whole vocabulary's (C,).
+    Returns (loss, lse), (R,), the same on every rank; writes grad_scale·∂ℓ/∂z of this rank's columns into
+    ``grad_out`` (R, C_r) when given. Two all-reduces of O(R) numbers; every rank must call it with the
+    same rows.
+    """
+    ct = cpu.compute_dtype(logits.dtype)
+    rows = logits.shape[0]
+    targets = Targets.prepare(target, spec, layout.total_classes, ct)
+    stats = RowStats.empty(rows, ct, logits.device)
+    if logits.shape[1]:
+        stats_fn(logits, layout.offset, targets, spec, layout.total_classes, stats)
+    _all_reduce_stats(stats, group)
+    loss, lse, coeff = finish(stats, targets, spec)
+    if grad_scale is not None and grad_out is not None:
+        scale = torch.as_tensor(grad_scale, dtype=ct, device=logits.device).expand(rows)
+        scale = torch.where(targets.counted, scale, 0.0)
+        if logits.shape[1]:
+            grad_fn(
+                logits, layout.offset, targets, spec, layout.total_classes, lse, coeff, scale, grad_out, None
+            )
+    return loss, lse
+
+
+def _check_options(reduction, label_smoothing, ignore_index):
+    return (
+        check.check_reduction(reduction),
+        check.check_label_smoothing(label_smoothing),
+        check.check_ignore_index(ignore_index),
+    )
+
+
+def _check_class_target(target: Tensor, shape: tuple[int, ...]) -> Tensor:
+    check.check_tensor("target", target)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(
+            f"target: expected integer class indices of shape {shape} (the vocabulary-parallel losses "
+            f"take no probability targets), got {target.dtype}"
+        )
+    if tuple(target.shape) != shape:
+        raise ValueError(f"target: expected class indices of shape {shape}, got shape {tuple(target.shape)}")
+    return target.long()
+
+
+def _spec(
+    weight, layout: ShardLayout, device, ct, ignore_index, label_smoothing, z_loss, softcap
+) -> cpu.SoftmaxLoss:
+    class_weight = check.check_class_weight(weight, layout.total_classes, device)
+    return cpu.SoftmaxLoss(
+        weight=None if class_weight is None else class_weight.to(ct),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=check.check_z_loss(z_loss),
+        softcap=check.check_softcap(softcap),
+    )
+
+
+def vocab_parallel_cross_entropy(
+    logits_shard: Tensor,
+    target: Tensor,
+    group: dist.ProcessGroup | None = None,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    r"""Softmax cross-entropy over logits whose classes are split across the ranks of ``group``.
+
+    On every rank, the result equals ``softxent.cross_entropy(logits, target, weight, ...)`` on the
+    gathered ``logits = torch.cat([shard of rank 0, shard of rank 1, ...], dim=-1)`` (classes last here),
+    and ``logits_shard.grad`` is that loss's gradient restricted to this rank's columns:
+
+    .. math::
+        ℓ = (Σ_c q_c)\,\mathrm{lse} - Σ_c q_c z_c + λ\,\mathrm{lse}^2, \quad
+        \frac{∂ℓ}{∂z_c} = (Σ q + 2λ\,\mathrm{lse})\,ŷ_c - q_c \quad (c \text{ in this rank's shard})
+
+    with q_c = (1 − ε)·w_y·1[c = y] + (ε/C)·w_c, lse over all C classes (see the module docstring for how
+    the ranks combine it: an all-reduce max and an all-reduce sum of O(N) numbers).
+
+    Args:
+        logits_shard: ``(..., C_r)``, classes last: this rank's contiguous slice of the classes (rank 0
+            holds the first C_0, and so on; shards may differ in size); float32, float16, bfloat16 or
+            float64 (math in float32, float64 for float64).
+        target: ``(...)`` global class indices in [0, C) or ``ignore_index``, the same on every rank.
+        group: the process group the classes are split over (None: the default group).
+        weight: ``(C,)`` class weights of the whole vocabulary, the same on every rank.
+        ignore_index, reduction, label_smoothing, z_loss, softcap, impl: as in
+            :func:`softxent.cross_entropy` ("mean" divides by Σ w_y over counted positions).
+
+    Returns:
+        The loss (float32; float64 for float64 input), the same on every rank: a scalar, or ``(...)`` for
+        "none". Every rank must call it together (it runs collectives), with the same rows and targets.
+
+    Example (each of P processes, after ``torch.distributed.init_process_group``)::
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        bounds = [round(i * C / world) for i in range(world + 1)]
+        loss = vocab_parallel_cross_entropy(logits[:, bounds[rank]:bounds[rank + 1]], target)
+    """
+    group = _group(group)
+    check.check_float_tensor("logits_shard", logits_shard)
+    if logits_shard.dim() == 0:
+        raise ValueError("logits_shard: expected shape (..., C_r) with the classes last, got shape ()")
+    reduction, label_smoothing, ignore_index = _check_options(reduction, label_smoothing, ignore_index)
+    target = _check_class_target(target, tuple(logits_shard.shape[:-1]))
+    check.check_same_device("target", target, logits_shard.device)
+    stats_fn, grad_fn = _lean_slice_fns(impl, logits_shard.device)
+    batch_shape = tuple(logits_shard.shape[:-1])
+    logits = logits_shard.reshape(math.prod(batch_shape), logits_shard.shape[-1])  # C_r may be 0
+    flat_target = target.reshape(-1)
+    layout = shard_layout(
+        group, shard_name="logits_shard", rows=logits.shape[0], features=0, classes=logits.shape[1],
+        target=flat_target, ignore_index=ignore_index, weight=weight,
+    )  # fmt: skip
+    ct = cpu.compute_dtype(logits_shard.dtype)
+    spec = _spec(weight, layout, logits.device, ct, ignore_index, label_smoothing, z_loss, softcap)
+    block = partial(vocab_parallel_block, layout=layout, group=group, stats_fn=stats_fn, grad_fn=grad_fn)
+
+    def compute(need_input_grad: bool, _need_target_grad: bool):
+        denominator, anything_counts = cpu._mean_denominator(flat_target, spec, layout.total_classes, ct)
+        grad = torch.empty_like(logits_shard) if need_input_grad else None
+        scale = None
+        if need_input_grad:
+            scale = cpu._reduction_scale(reduction, denominator, anything_counts, ct).to(logits.device)
+        loss, _ = block(
+            logits, flat_target, spec, grad_scale=scale,
+            grad_out=None if grad is None else grad.view(logits.shape),
+        )  # fmt: skip
+        return cpu._reduce(loss.view(batch_shape), reduction, denominator), None, grad, None
+
+    needs = (torch.is_grad_enabled() and logits_shard.requires_grad, False)
+    if needs[0]:
+        return cpu.FusedLossFunction.apply(logits_shard, target, compute, needs, -1)
+    return compute(False, False)[0]
+
+
+@dataclass(frozen=True)
+class VocabParallelHead:
+    """A :class:`softxent.ops.cpu.SoftmaxHead` over this rank's weight rows whose dX is summed over the
+    ranks (the head protocol of :class:`softxent.ops.cpu.LinearHeadFunction`)."""
+
+    inner: cpu.SoftmaxHead
+    group: dist.ProcessGroup
+
+    @property
+    def reduction(self) -> str:
+        return self.inner.reduction
+
+    def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, Tensor | bool]:
+        return self.inner.denominator(target, ct)
+
+    def run(self, x, linear_weight, linear_bias, target, *, grad_scale, needs):
+        loss, grad_x, grad_weight, grad_bias, grad_target = self.inner.run(
+            x, linear_weight, linear_bias, target, grad_scale=grad_scale, needs=needs
+        )
+        if grad_x is not None:
+            # the partial dX = Σ_{c ∈ shard} G_c·W_c of every rank, summed in float32
+            device = _collective_device(self.group, grad_x.device)
+            total = grad_x.to(device=device, dtype=torch.promote_types(grad_x.dtype, torch.float32))
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+            grad_x = total.to(device=grad_x.device, dtype=grad_x.dtype)
+        return loss, grad_x, grad_weight, grad_bias, grad_target
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: Tensor,
+    weight_shard: Tensor,
+    target: Tensor,
+    *,
+    bias_shard: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    r"""The linear head's softmax cross-entropy with the head's rows (classes) split across the ranks.
+
+    On every rank, the result equals ``softxent.linear_cross_entropy(input, W, target,
+    linear_bias=b, weight=weight, ...)`` with ``W = torch.cat([weight_shard of every rank])`` and b
+    likewise; ``weight_shard.grad`` / ``bias_shard.grad`` are this rank's rows of dW = Gᵀx and db = Σ G,
+    and ``input.grad`` is the whole dX = G·W, summed over the ranks (an all-reduce of N×D numbers, in
+    float32). Each rank forms its logits z_r = x·W_rᵀ + b_r a chunk of rows at a time (never the N×C_r
+    block), combines the rows' statistics with the other ranks per chunk (O(chunk) numbers), and turns
+    its logits into G_r = coeff·ŷ_r − q_r in place: 6·N·D·C_r FLOPs per rank.
+
+    Args:
+        input: ``(..., D)``, the same on every rank (e.g. the hidden states of a tensor-parallel model).
+        weight_shard: ``(C_r, D)``: this rank's contiguous rows of the (C, D) weight (rank 0 the first
+            C_0, and so on; shards may differ in size).
+        target: ``(...)`` global class indices in [0, C) or ``ignore_index``, the same on every rank.
+        bias_shard: ``(C_r,)`` or None.
+        group: the process group the classes are split over (None: the default group).
+        weight: ``(C,)`` class weights of the whole vocabulary (not the linear weight), on every rank.
+        ignore_index, reduction, label_smoothing, z_loss, softcap, impl: as in
+            :func:`softxent.linear_cross_entropy`.
+        chunk_size: rows per chunk (default: from the widest shard, so every rank runs the same chunks).
+
+    Returns:
+        The loss (float32; float64 for float64 input), the same on every rank: a scalar, or ``(...)``
+        for "none". Every rank must call it together, with the same rows and targets.
+    """
+    group = _group(group)
+    check.check_float_tensor("input", input)
+    check.check_float_tensor("weight_shard", weight_shard)
+    if input.dim() == 0:
+        raise ValueError("input: expected shape (..., in_features), got shape ()")
+    if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
+        raise ValueError(
+            f"weight_shard: expected shape (C_r, {input.shape[-1]}) (this rank's classes × the input's "
+            f"in_features), got {tuple(weight_shard.shape)}"
+        )
+    if weight_shard.dtype != input.dtype:
+        raise TypeError(f"weight_shard: expected {input.dtype} like the input, got {weight_shard.dtype}")
+    check.check_same_device("weight_shard", weight_shard, input.device)
+    if bias_shard is not None:
+        check.check_float_tensor("bias_shard", bias_shard)
+        if tuple(bias_shard.shape) != (weight_shard.shape[0],):
+            raise ValueError(
+                f"bias_shard: expected shape ({weight_shard.shape[0]},) (one per class of the shard), got "
+                f"{tuple(bias_shard.shape)}"
+            )
+        if bias_shard.dtype != input.dtype:
+            raise TypeError(f"bias_shard: expected {input.dtype} like the input, got {bias_shard.dtype}")
+        check.check_same_device("bias_shard", bias_shard, input.device)
+    reduction, label_smoothing, ignore_index = _check_options(reduction, label_smoothing, ignore_index)
+    chunk_size = check.check_chunk_size(chunk_size)
+    target = _check_class_target(target, tuple(input.shape[:-1]))
+    check.check_same_device("target", target, input.device)
+    stats_fn, grad_fn = _lean_slice_fns(impl, input.device)
+    on_triton = _backend(impl, input.device) == "triton"
+    x = input.reshape(-1, input.shape[-1])
+    flat_target = target.reshape(-1)
+    layout = shard_layout(
+        group, shard_name="weight_shard", rows=x.shape[0], features=x.shape[1], classes=weight_shard.shape[0],
+        target=flat_target, ignore_index=ignore_index, weight=weight,
+    )  # fmt: skip
+    ct = cpu.compute_dtype(input.dtype)
+    spec = _spec(weight, layout, input.device, ct, ignore_index, label_smoothing, z_loss, softcap)
+    if chunk_size is None:
+        chunk_size = cpu.default_chunk_rows(layout.max_classes, input.element_size() if on_triton else None)
+    block = partial(vocab_parallel_block, layout=layout, group=group, stats_fn=stats_fn, grad_fn=grad_fn)
+    head = VocabParallelHead(
+        cpu.SoftmaxHead(
+            spec, reduction, layout.classes, (), chunk_size, block, grad_in_input_dtype=on_triton
+        ),
+        group,
+    )
+    enabled = torch.is_grad_enabled()
+    needs = (*(enabled and t is not None and t.requires_grad for t in (x, weight_shard, bias_shard)), False)
+    if any(needs):
+        loss = cpu.LinearHeadFunction.apply(x, weight_shard, bias_shard, flat_target, head, needs)
+    else:
+        loss = cpu.linear_head_loss(head, x, weight_shard, bias_shard, flat_target)
+    return loss.view(target.shape) if reduction == "none" else loss

@@ -1,0 +1,84 @@
+"""softxent.distributed's vocabulary-parallel losses: two and three Gloo processes on this machine, each
+against the single-device op on the gathered tensors (see vocab_parallel_worker.py for the cases)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vocab_parallel_worker
+from softxent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+IMPLS = ["torch", *(["triton"] if importlib.util.find_spec("triton") else [])]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_matches_single_device(world: int, tmp_path) -> None:
+    """Loss, logits gradient, dX, each weight and bias shard's gradient, for every loss feature and
+    reduction, uneven and empty shards, extreme logits, several chunks, both backends (Triton in the
+    interpreter), and the collective errors."""
+    seed = int(np.random.SeedSequence().entropy % (2**31))
+    # the Triton interpreter is slow: the three-process run covers the torch backend, the two-process both
+    impls = IMPLS if world == 2 else ["torch"]
+    mp.spawn(
+        vocab_parallel_worker.run,
+        args=(world, str(tmp_path / "rendezvous"), seed, impls),
+        nprocs=world,
+        join=True,
+    )
+
+
+def test_needs_an_initialized_group() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with pytest.raises(ValueError, match=r"group: expected an initialized torch\.distributed process group"):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="group: expected an initialized"):
+        vocab_parallel_linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]))
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_argument_errors() -> None:
+    """Local argument errors (raised before any collective) name the argument, expected vs got."""
+    with pytest.raises(TypeError, match="target: expected integer class indices"):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.rand(2, 3))
+    with pytest.raises(ValueError, match=r"target: expected class indices of shape \(2,\)"):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="reduction"):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), reduction="avg")
+    with pytest.raises(ValueError, match=r"weight_shard: expected shape \(C_r, 3\)"):
+        vocab_parallel_linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 5), torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match=r"weight_shard: expected torch\.float32"):
+        vocab_parallel_linear_cross_entropy(
+            torch.randn(2, 3), torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1])
+        )
+    with pytest.raises(ValueError, match=r"bias_shard: expected shape \(4,\)"):
+        vocab_parallel_linear_cross_entropy(
+            torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), bias_shard=torch.randn(5)
+        )
+    with pytest.raises(TypeError, match=r"group: expected a torch\.distributed ProcessGroup"):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), group="world")
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_one_rank_is_the_single_device_op() -> None:
+    logits = torch.randn(9, 31, requires_grad=True)
+    target = torch.randint(0, 31, (9,))
+    loss = vocab_parallel_cross_entropy(logits, target, label_smoothing=0.1)
+    expected = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss, logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, expected_grad)
