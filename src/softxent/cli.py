@@ -4,10 +4,12 @@
     softxent predict MODEL DATA [--out FILE]
     softxent evaluate MODEL DATA [--target COLUMN]
 
-``train`` without DATA fits scikit-learn's bundled digits. Bad input (a missing or unreadable file, an
-unknown column, a non-numeric or missing feature value, a single class, a model trained on other features,
-a corrupted model file) prints one ``softxent: error: ...`` line on stderr and exits with status 2; every
-file is written to a temporary file and renamed into place, so no output is ever half written.
+``train`` without DATA fits scikit-learn's bundled digits; with ``--nproc N``, or run by torchrun, it trains
+data-parallel on torch.distributed (:mod:`softxent.distributed._data_parallel`). Bad input (a missing or
+unreadable file, an unknown column, a non-numeric or missing feature value, a single class, a model trained
+on other features, a corrupted model file) prints one ``softxent: error: ...`` line on stderr and exits with
+status 2; every file is written to a temporary file and renamed into place, so no output is ever half
+written.
 
 This module parses arguments, orchestrates and prints; the readers live in ``softxent._data`` and the
 models in ``softxent.estimators``.
@@ -19,13 +21,15 @@ import argparse
 import io
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import torch
+import torch.distributed as dist
 
 import softxent
 from softxent._data import (
@@ -38,6 +42,15 @@ from softxent._data import (
     standardize,
 )
 from softxent._files import atomic_path
+from softxent.distributed._data_parallel import (
+    RankZeroError,
+    default_backend,
+    init_from_torchrun,
+    launch,
+    rank_and_world_size,
+    run_on_rank_zero,
+    torchrun_environment,
+)
 from softxent.estimators import (
     SigmoidClassifier,
     SoftmaxClassifier,
@@ -79,6 +92,7 @@ DEFAULTS = {
     "seed": 0,
     "out": "softxent-model",
     "checkpoint_every": 0,
+    "nproc": 1,
 }
 
 
@@ -202,6 +216,15 @@ per-class rows up to 20 classes), and --out DIR gets:
                           a note beyond 20 labels
   checkpoint.safetensors  only with --checkpoint-every, while training; it is
                           removed once the model is written
+
+With --nproc N (N > 1), training runs data-parallel on N local processes
+(Gloo on the CPU; NCCL on CUDA, one GPU per process): every process reads
+DATA and trains on its share of every minibatch, one all-reduce per step sums
+the gradients, and the model equals a one-process run's within float
+rounding. Run by torchrun instead (torchrun --nproc-per-node N [--nnodes M
+--node-rank K --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m softxent.cli
+train ...), each worker joins torchrun's process group; leave --nproc at 1
+there. Either way rank 0 alone prints and writes the files.
 """
 
 PREDICT_DESCRIPTION = """\
@@ -339,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the interrupted run from DIR/checkpoint.safetensors; needs the same DATA and options, "
         "and ends with the same model as an uninterrupted run (default: off)",
+    )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=DEFAULTS["nproc"],
+        metavar="N",
+        help="train data-parallel on N local processes (Gloo on the CPU, NCCL with CUDA: one GPU each); "
+        "under torchrun leave it at 1, the processes are torchrun's (default: %(default)s)",
     )
     train.set_defaults(handler=run_train)
 
@@ -708,14 +739,72 @@ def _build_estimator(args: argparse.Namespace) -> SoftmaxClassifier | SigmoidCla
     )
 
 
+def _training_device(args: argparse.Namespace) -> str:
+    """The device --device names: "cuda" for cuda, and for auto where CUDA is available; else "cpu"."""
+    return "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """``softxent train``."""
+    """``softxent train``: in this process, on --nproc local processes, or as one rank of torchrun's
+    process group."""
+    if args.nproc < 1:
+        raise InputError(f"--nproc: expected an integer >= 1, got {args.nproc}")
+    try:
+        environment = torchrun_environment()
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    backend = default_backend(_training_device(args))
+    if args.nproc > 1:
+        if environment is not None:
+            raise InputError(
+                f"--nproc: expected 1 under torchrun (RANK={environment.rank}, "
+                f"WORLD_SIZE={environment.world_size} are set), got {args.nproc}; let torchrun start the "
+                "processes (--nproc-per-node)"
+            )
+        if backend == "nccl" and torch.cuda.device_count() < args.nproc:
+            raise InputError(
+                f"--nproc: expected at most {torch.cuda.device_count()} processes with CUDA (NCCL runs one "
+                f"per GPU), got {args.nproc}; use fewer processes or --device cpu"
+            )
+        statuses = launch(_train_on_rank, args.nproc, (args,), backend=backend)
+        return next((status for status in statuses if status), 0)
+    try:
+        joined = init_from_torchrun(backend)
+    except (ValueError, RuntimeError) as error:  # torch's DistNetworkError, DistStoreError, ...
+        raise InputError(f"torchrun environment: cannot join the process group: {error}") from None
+    if not joined:
+        return _train(args)
+    try:
+        return _exit_status(_train, args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_on_rank(args: argparse.Namespace) -> int:
+    """One process of ``softxent train --nproc N`` (started by :func:`launch`, in the process group)."""
+    return _exit_status(_train, args)
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train and write the outputs, alone or as one rank of a data-parallel run.
+
+    Data-parallel, every rank reads DATA, splits and standardizes it the same way and fits (the estimator
+    takes this rank's share of every minibatch and all-reduces the gradients); rank 0 alone checks --out,
+    reads a --resume checkpoint (and shares it), prints, evaluates and writes files, the other ranks
+    waiting for it (:func:`run_on_rank_zero`), so a failure there ends every rank.
+    """
     from sklearn.metrics import accuracy_score
     from tqdm import tqdm
 
+    rank, world_size = rank_and_world_size()
+    lead = rank == 0
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
+    run_on_rank_zero(_check_out_dir, out)
     dataset = _read_training_data(args)
     X_train, X_test, y_train, y_test = _split(args, dataset)
     mean = scale = None
@@ -728,40 +817,46 @@ def run_train(args: argparse.Namespace) -> int:
     checkpoint_path = out / CHECKPOINT_FILE
     resume, history, checkpoint_every = None, [], args.checkpoint_every
     if args.resume:
-        resume, stored = _resume_state(args, checkpoint_path, data_hash)
+        resume, stored = run_on_rank_zero(_resume_state, args, checkpoint_path, data_hash, share_result=True)
         history = list(stored.get("val_accuracy", []))
         checkpoint_every = checkpoint_every or int(stored.get("options", {}).get("checkpoint_every") or 0)
 
     accuracy_name = "subset accuracy" if multilabel else "accuracy"
     outputs = f"{y_train.shape[1]} labels" if multilabel else f"{len(np.unique(y_train.astype(str)))} classes"
-    print(
-        f"training {type(estimator).__name__} on {dataset.source}: {X_train.shape[0]} training and "
-        f"{X_test.shape[0]} held-out samples, {X_train.shape[1]} features, {outputs}"
-        + (f"; resuming after epoch {resume.info['epoch']}" if resume is not None else "")
-    )
+    if lead:
+        print(
+            f"training {type(estimator).__name__} on {dataset.source}: {X_train.shape[0]} training and "
+            f"{X_test.shape[0]} held-out samples, {X_train.shape[1]} features, {outputs}"
+            + (f"; data-parallel on {world_size} processes" if world_size > 1 else "")
+            + (f"; resuming after epoch {resume.info['epoch']}" if resume is not None else "")
+        )
     options = _options(args)
     progress: list[Any] = []
 
+    def write_checkpoint(fitted: SoftmaxClassifier | SigmoidClassifier) -> None:
+        metadata = {"options": options, "data_sha256": data_hash, "val_accuracy": history}
+        out.mkdir(parents=True, exist_ok=True)  # made when first needed: a failed fit leaves nothing
+        save_checkpoint(fitted.checkpoint(), checkpoint_path, metadata=metadata)
+
     def on_epoch(fitted: SoftmaxClassifier | SigmoidClassifier, info: dict[str, Any]) -> bool:
-        """Advance the progress bar, record the held-out accuracy, write a checkpoint when due."""
-        if not progress:  # created at the first epoch, so that a fit that fails at once prints no bar
-            progress.append(
-                tqdm(
-                    total=info["max_iter"],
-                    initial=info["epoch"] - 1,
-                    desc="train",
-                    unit="epoch",
-                    file=sys.stderr,
+        """Advance the progress bar, record the held-out accuracy (rank 0), write a checkpoint when due."""
+        if lead:
+            if not progress:  # created at the first epoch, so that a fit that fails at once prints no bar
+                progress.append(
+                    tqdm(
+                        total=info["max_iter"],
+                        initial=info["epoch"] - 1,
+                        desc="train",
+                        unit="epoch",
+                        file=sys.stderr,
+                    )
                 )
-            )
-        accuracy = float(accuracy_score(y_test, fitted.predict(X_test)))
-        history.append(accuracy)
-        progress[0].set_postfix(loss=f"{info['loss']:.4f}", val_acc=f"{accuracy:.4f}", refresh=False)
-        progress[0].update(1)
+            accuracy = float(accuracy_score(y_test, fitted.predict(X_test)))
+            history.append(accuracy)
+            progress[0].set_postfix(loss=f"{info['loss']:.4f}", val_acc=f"{accuracy:.4f}", refresh=False)
+            progress[0].update(1)
         if checkpoint_every and info["epoch"] % checkpoint_every == 0:
-            metadata = {"options": options, "data_sha256": data_hash, "val_accuracy": history}
-            out.mkdir(parents=True, exist_ok=True)  # made when first needed: a failed fit leaves nothing
-            save_checkpoint(fitted.checkpoint(), checkpoint_path, metadata=metadata)
+            run_on_rank_zero(write_checkpoint, fitted)
         return False
 
     try:
@@ -773,45 +868,49 @@ def run_train(args: argparse.Namespace) -> int:
             progress[0].close()
         if not checkpoint_path.is_file():
             raise
-        print(
-            f"{PROG}: interrupted; {checkpoint_path} holds the last checkpoint: "
-            "run the same command with --resume to continue",
-            file=sys.stderr,
-        )
+        if lead:
+            print(
+                f"{PROG}: interrupted; {checkpoint_path} holds the last checkpoint: "
+                "run the same command with --resume to continue",
+                file=sys.stderr,
+            )
         return 130
     finally:
         if progress:
             progress[0].total = progress[0].n  # the stopping rule may end training before --epochs
             progress[0].close()
 
-    label_names = list(args.multilabel) if multilabel else [str(label) for label in estimator.classes_]
-    model = Model(
-        estimator=estimator,
-        multilabel=multilabel,
-        feature_names=dataset.feature_names,
-        targets=dataset.targets,
-        label_names=label_names,
-        mean=mean,
-        scale=scale,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(
-        estimator, out / MODEL_FILE, metadata=model.metadata({"data": dataset.source, "options": options})
-    )
-    written = [out / MODEL_FILE]
-    plot_loss_curve(out / LOSS_CURVE_FILE, estimator.loss_curve_, history, accuracy_name)
-    written.append(out / LOSS_CURVE_FILE)
-    note = plot_confusion(out / CONFUSION_FILE, model, y_test, estimator.predict(X_test))
-    if note is None:
-        written.append(out / CONFUSION_FILE)
-    checkpoint_path.unlink(missing_ok=True)  # the model supersedes it
+    def write_outputs() -> None:
+        """The model, the plots and the report (rank 0)."""
+        label_names = list(args.multilabel) if multilabel else [str(label) for label in estimator.classes_]
+        model = Model(
+            estimator=estimator,
+            multilabel=multilabel,
+            feature_names=dataset.feature_names,
+            targets=dataset.targets,
+            label_names=label_names,
+            mean=mean,
+            scale=scale,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {"data": dataset.source, "options": options, "processes": world_size}
+        save_model(estimator, out / MODEL_FILE, metadata=model.metadata(extra))
+        written = [out / MODEL_FILE]
+        plot_loss_curve(out / LOSS_CURVE_FILE, estimator.loss_curve_, history, accuracy_name)
+        written.append(out / LOSS_CURVE_FILE)
+        note = plot_confusion(out / CONFUSION_FILE, model, y_test, estimator.predict(X_test))
+        if note is None:
+            written.append(out / CONFUSION_FILE)
+        checkpoint_path.unlink(missing_ok=True)  # the model supersedes it
 
-    print()
-    print(report(model, X_test, y_test, "held-out split"))
-    print()
-    if note is not None:
-        print(note)
-    print("wrote " + "\n      ".join(str(path) for path in written))
+        print()
+        print(report(model, X_test, y_test, "held-out split"))
+        print()
+        if note is not None:
+            print(note)
+        print("wrote " + "\n      ".join(str(path) for path in written))
+
+    run_on_rank_zero(write_outputs)
     return 0
 
 
@@ -863,21 +962,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_status(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``command(args)``'s exit status: bad input, or an output that cannot be written (a full disk, a
+    read-only directory), prints one ``softxent: error:`` line and gives 2. In a data-parallel run only
+    rank 0 prints; the other ranks learn of its failures as a RankZeroError."""
+    try:
+        return command(args)
+    except RankZeroError:
+        return 2
+    except (InputError, OSError) as error:
+        if rank_and_world_size()[0] == 0:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if rank_and_world_size()[0] == 0:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``softxent`` command line; returns the exit status (2 for bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except InputError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # an output that cannot be written: a full disk, a read-only directory
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return _exit_status(args.handler, args)
 
 
 if __name__ == "__main__":

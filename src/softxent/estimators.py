@@ -21,6 +21,12 @@ Both minimize, over minibatches B of the training set,
 weighted mean and the step size does not depend on the scale of the weights; biases are not penalized)
 with SGD and momentum, a learning-rate schedule and scikit-learn's stopping rules.
 
+``fit`` and ``partial_fit`` train data-parallel when torch.distributed is initialized (under torchrun, or
+in processes started by :func:`softxent.distributed.launch`) or when given a ``process_group``: every rank
+passes the whole data, trains on its share of every minibatch, and one all-reduce per step sums the
+gradients, so all ranks end with the same model as one process with the same batch size (within float
+rounding); see :mod:`softxent.distributed._data_parallel`.
+
 ``save_model``/``load_model`` write and read a fitted estimator as one safetensors file with JSON metadata
 in its header; ``Checkpoint``, ``save_checkpoint`` and ``load_checkpoint`` let a long fit resume after an
 interruption.
@@ -36,7 +42,8 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -54,6 +61,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd
 
 from softxent._files import atomic_path
+from softxent.distributed._data_parallel import ReplicaGroup, all_reduce_sum, sum_gradients
 from softxent.functional import linear_binary_cross_entropy, linear_cross_entropy
 
 __all__ = [
@@ -390,27 +398,39 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         params: dict[str, Tensor],
         epoch: int,
         planned_epochs: int,
+        replicas: ReplicaGroup,
     ) -> float:
-        """One pass over ``data``; returns the epoch's mean weighted data loss (one host read)."""
+        """One pass over ``data``; returns the epoch's mean weighted data loss (one host read).
+
+        Each step's gradient is that of Σ_{i ∈ B} s_i·ℓ_i / (|B|·s̄) over the batch B. Data-parallel (P =
+        ``replicas.size`` > 1), every rank draws the same batches, takes the gradient over its own share
+        B_r of each (still divided by the whole |B|·s̄) and one all-reduce sums the P gradients and loss
+        sums: every rank gets the one-process gradient of B and takes the same step. A rank whose share
+        is empty (|B| < P) contributes zeros.
+        """
         n = data.n
         batch_size = self._batch_size(n)
-        if self.shuffle:
-            order = np.random.default_rng([self._seed, epoch]).permutation(n)
-            batches: Iterator[np.ndarray | slice] = (
-                order[s : s + batch_size] for s in range(0, n, batch_size)
-            )
-        else:
-            batches = (slice(s, s + batch_size) for s in range(0, n, batch_size))
-        n_batches = -(-n // batch_size)
+        order = np.random.default_rng([self._seed, epoch]).permutation(n) if self.shuffle else None
+        starts = range(0, n, batch_size)
         total = torch.zeros((), dtype=data.dtype, device=data.device)
-        for index, rows in enumerate(batches):
-            X, target, sample_weight = data.batch(rows)
-            lr = self._learning_rate(self.t_, (epoch + index / n_batches) / planned_epochs)
-            h = self._hidden(params, X)
-            loss_sum = self._head_loss(h, params["head.weight"], params["head.bias"], target, sample_weight)
-            (loss_sum / (X.shape[0] * self._weight_mean)).backward()
+        for index, start in enumerate(starts):
+            stop = min(start + batch_size, n)
+            low, high = replicas.share(start, stop)
+            lr = self._learning_rate(self.t_, (epoch + index / len(starts)) / planned_epochs)
+            if high > low:
+                X, target, sample_weight = data.batch(slice(low, high) if order is None else order[low:high])
+                h = self._hidden(params, X)
+                loss_sum = self._head_loss(
+                    h, params["head.weight"], params["head.bias"], target, sample_weight
+                )
+                (loss_sum / ((stop - start) * self._weight_mean)).backward()
+                loss_sum = loss_sum.detach()
+            else:
+                loss_sum = torch.zeros((), dtype=data.dtype, device=data.device)
+            if replicas.size > 1:
+                (loss_sum,) = sum_gradients(params.values(), loss_sum, group=replicas.group)
             self._sgd_step(params, lr)
-            total += loss_sum.detach()
+            total += loss_sum
             self.t_ += 1
         self._last_lr = lr
         return float(total) / (n * self._weight_mean)
@@ -462,6 +482,7 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         *,
         callback: EpochCallback | None = None,
         resume: Checkpoint | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> _SGDClassifier:
         """Train by minibatch SGD for up to ``max_iter`` epochs.
 
@@ -477,20 +498,34 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
             resume: a :class:`Checkpoint` of an earlier fit of this estimator on the same data and
                 parameters; training continues after its epoch and ends exactly where the uninterrupted
                 fit would have.
+            process_group: train data-parallel over the ranks of this torch.distributed group. None:
+                over the default group when torch.distributed is initialized (under torchrun), else in
+                this process alone; a group of one rank (``torch.distributed.new_group([rank])``) fits
+                each rank on its own. Every rank calls ``fit`` with the whole data and the same
+                parameters (checked) and gets the same fitted model; the seed is rank 0's; ``callback``
+                runs on every rank, and training stops when it returns True on any rank. With NCCL, train
+                on CUDA (``device="cuda"``, the rank's current GPU).
 
         Returns:
             self.
         """
         sizes, device = self._check_params()
+        replicas = ReplicaGroup.resolve(process_group, device)
         warm = bool(self.warm_start) and hasattr(self, "coef_") and resume is None
         X, target, stratify, sample_weight = self._prepare(
             X, y, sample_weight, classes=None, reset=not warm, partial=False
         )
-        self._seed = (
+        self._seed = replicas.broadcast_int(
             int(resume.info["seed"])
             if resume is not None
             else int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         )
+        if replicas.size > 1:
+            summary = self._data_summary(X, target, sample_weight)
+            resumed = -1 if resume is None else int(resume.info["epoch"])
+            replicas.check_same(
+                {**summary, "warm_start": int(warm), "resume_epoch": resumed}, "X, y, sample_weight"
+            )
         self._loss_weight = self._target_weights(target, sample_weight)
         self._weight_mean = self._mean_row_weight(target, sample_weight)
         validation = None
@@ -523,16 +558,16 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         for epoch in range(self.n_iter_, int(self.max_iter)):
             if converged:
                 break
-            loss = self._run_epoch(data, params, epoch, int(self.max_iter)) + self._penalty(params)
+            loss = self._run_epoch(data, params, epoch, int(self.max_iter), replicas) + self._penalty(params)
             self.n_iter_ = epoch + 1
             self.loss_curve_.append(loss)
             self._export(params)
             score = None
             if validation is not None:
-                score = float(self._score_arrays(*validation))
+                score = self._validation_score(*validation, replicas)
                 self.validation_scores_.append(score)
             converged = self._update_stopping(loss, score)
-            if self.verbose:
+            if self.verbose and replicas.rank == 0:
                 extra = "" if score is None else f", validation score {score:.4f}"
                 print(
                     f"-- Epoch {self.n_iter_}: loss {loss:.6f}{extra}, lr {self._last_lr:.3g}, "
@@ -545,10 +580,16 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
                 "validation_score": score,
                 "learning_rate": self._last_lr,
             }
-            if callback is not None and callback(self, info):
+            stop_requested = callback is not None and bool(callback(self, info))
+            if replicas.any(stop_requested):
                 break
         else:
-            if not converged and self.tol is not None and self.learning_rate != "cosine":
+            if (
+                not converged
+                and self.tol is not None
+                and self.learning_rate != "cosine"
+                and replicas.rank == 0
+            ):
                 warnings.warn(
                     f"{type(self).__name__}: max_iter={self.max_iter} epochs reached before the stopping "
                     "rule fired; consider raising max_iter",
@@ -584,8 +625,37 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         """The held-out targets in the form ``score`` compares predictions with."""
         raise NotImplementedError
 
-    def _score_arrays(self, X: Any, y: np.ndarray, sample_weight: np.ndarray | None) -> float:
-        return accuracy_score(y, self.predict(X), sample_weight=sample_weight)
+    def _validation_score(
+        self, X: Any, y: np.ndarray, sample_weight: np.ndarray | None, replicas: ReplicaGroup
+    ) -> float:
+        """Accuracy on the held-out rows, Σ_i w_i·[ŷ_i = y_i] / Σ_i w_i; data-parallel, each rank scores
+        its share of the rows and one all-reduce sums the two numbers, so every rank gets the same
+        score."""
+        if replicas.size == 1:
+            return float(accuracy_score(y, self.predict(X), sample_weight=sample_weight))
+        low, high = replicas.share(0, X.shape[0])
+        weight = np.ones(X.shape[0]) if sample_weight is None else sample_weight
+        correct = 0.0
+        if high > low:
+            correct = float(
+                accuracy_score(
+                    y[low:high], self.predict(X[low:high]), normalize=False, sample_weight=weight[low:high]
+                )
+            )
+        share = torch.tensor([correct, float(weight[low:high].sum())], dtype=torch.float64)
+        correct, total = all_reduce_sum([share.to(replicas.device)], group=replicas.group)[0].tolist()
+        return correct / total
+
+    def _data_summary(self, X: Any, target: np.ndarray, sample_weight: np.ndarray | None) -> dict[str, int]:
+        """Integers that differ when two ranks pass different data: shapes and CRC-32 checksums of the
+        classes, the encoded targets and the sample weights (X itself is not read: it may be large)."""
+        return {
+            "n_samples": int(X.shape[0]),
+            "n_features": int(X.shape[1]),
+            "classes": zlib.crc32(repr(self.classes_.tolist()).encode()),
+            "y": zlib.crc32(np.ascontiguousarray(target).tobytes()),
+            "sample_weight": -1 if sample_weight is None else zlib.crc32(sample_weight.tobytes()),
+        }
 
     def _update_stopping(self, loss: float, score: float | None) -> bool:
         """scikit-learn's rule: stop after n_iter_no_change epochs without the validation score rising by
@@ -609,7 +679,13 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         return stop["done"]
 
     def partial_fit(
-        self, X: object, y: object, classes: object = None, sample_weight: object = None
+        self,
+        X: object,
+        y: object,
+        classes: object = None,
+        sample_weight: object = None,
+        *,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> _SGDClassifier:
         """One epoch over (X, y), continuing the parameters, momentum and schedule of earlier calls.
 
@@ -618,9 +694,11 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         are multiples of ``batch_size`` (shuffle=False) equals one epoch of ``fit`` under the constant and
         invscaling schedules. Under "cosine" each call counts as one of ``max_iter`` epochs; after
         ``max_iter`` calls the rate is 0. No stopping rule is applied. See the subclasses for
-        class_weight / pos_weight "balanced" with partial_fit.
+        class_weight / pos_weight "balanced" with partial_fit. ``process_group`` is :meth:`fit`'s: every
+        rank passes the same chunk and takes its share of every minibatch of it.
         """
         sizes, device = self._check_params()
+        replicas = ReplicaGroup.resolve(process_group, device)
         first = not hasattr(self, "coef_")
         X, target, _, sample_weight = self._prepare(
             X, y, sample_weight, classes=classes, reset=first, partial=True
@@ -631,9 +709,13 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
             self.loss_curve_ = []
             self.validation_scores_ = None
         if first or not hasattr(self, "_seed"):  # a first call, or the first after load_model
-            self._seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+            seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+            self._seed = replicas.broadcast_int(seed)
             self._stop = {"best_loss": math.inf, "best_score": -math.inf, "no_improvement": 0, "best": None}
             self._momentum = {}
+        if replicas.size > 1:
+            summary = self._data_summary(X, target, sample_weight)
+            replicas.check_same({**summary, "t": int(self.t_)}, "X, y, sample_weight")
         self._loss_weight = self._target_weights(target, sample_weight)
         self._weight_mean = self._mean_row_weight(target, sample_weight)
         data = self._to_data(X, target, sample_weight, device)
@@ -647,7 +729,8 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
             params = getattr(self, "_params", None) or self._fitted_parameters(device, data.dtype)
         params = {k: v.detach().to(device, data.dtype).requires_grad_(True) for k, v in params.items()}
         self._momentum = {k: v.to(device, data.dtype) for k, v in self._momentum.items()}
-        loss = self._run_epoch(data, params, self.n_iter_, int(self.max_iter)) + self._penalty(params)
+        loss = self._run_epoch(data, params, self.n_iter_, int(self.max_iter), replicas)
+        loss += self._penalty(params)
         self._params = params
         self.n_iter_ += 1
         self.loss_curve_.append(loss)
