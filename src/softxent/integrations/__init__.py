@@ -1,0 +1,7 @@
+"""Integrations of softxent's ops with other libraries, one module per library.
+
+- :mod:`softxent.integrations.transformers`: Hugging Face causal LMs compute their training loss with the
+  fused linear head (:func:`softxent.linear_cross_entropy`) instead of materializing the logits.
+
+Importing this package imports none of those libraries; each module imports its library when it is used.
+"""

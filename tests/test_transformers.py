@@ -1,0 +1,347 @@
+"""softxent.integrations.transformers: patched causal LMs give the unpatched model's loss and gradients.
+
+Tiny randomly initialized models (no downloads) of every supported family; each test computes the loss
+and every parameter's gradient with the unpatched forward (logits, then transformers' ForCausalLMLoss),
+patches the same model and computes them again with softxent's fused head.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_close, to_numpy
+
+transformers = pytest.importorskip("transformers")
+
+from softxent.integrations import transformers as sx  # noqa: E402
+
+VOCAB = 317  # odd, not a multiple of any chunk or block size
+BATCH, SEQ = 3, 11
+TOL = 2e-5  # float32: |patched − unpatched| <= TOL·(1 + |unpatched|); measured differences are below 1e-6
+
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+CONFIGS: dict[str, Callable[[], object]] = {
+    "gemma": lambda: transformers.GemmaConfig(**_DECODER),
+    "gemma2": lambda: transformers.Gemma2Config(**_DECODER, final_logit_softcapping=3.0),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**_DECODER, final_logit_softcapping=2.5),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "llama": lambda: transformers.LlamaConfig(**_DECODER),
+    "mistral": lambda: transformers.MistralConfig(**_DECODER),
+    "olmo2": lambda: transformers.Olmo2Config(**_DECODER),
+    "phi3": lambda: transformers.Phi3Config(**_DECODER),
+    "qwen2": lambda: transformers.Qwen2Config(**_DECODER),
+    "qwen3": lambda: transformers.Qwen3Config(**_DECODER),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread (hand-offs between threads cost more than these matmuls, and on a
+    busy 2-core machine they stall backward for seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(model_type: str, rng: torch.Generator) -> torch.nn.Module:
+    """A tiny randomly initialized causal LM (seeded from ``rng``) in training mode, without dropout."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    return transformers.AutoModelForCausalLM.from_config(CONFIGS[model_type]()).train()
+
+
+def make_batch(rng: torch.Generator) -> dict[str, torch.Tensor]:
+    """Token ids, an attention mask with right padding (row 1) and left padding (row 2), and labels that are
+    the ids with -100 at the padding and at a few random positions."""
+    input_ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=rng)
+    attention_mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    attention_mask[1, -4:] = 0
+    attention_mask[2, :3] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[torch.rand(BATCH, SEQ, generator=rng) < 0.2] = -100
+    labels[0, 5] = input_ids[0, 5]  # at least one counted position in row 0 whatever the draw
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_grads(model: torch.nn.Module, **inputs: object) -> tuple[object, dict[str, torch.Tensor]]:
+    """The model's output for ``inputs`` and every parameter's gradient of its loss."""
+    model.zero_grad(set_to_none=True)
+    output = model(**inputs)
+    output.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output, grads
+
+
+def assert_same_loss_and_grads(
+    model: torch.nn.Module, tol: float = TOL, **inputs: object
+) -> tuple[float, float]:
+    """Unpatched, then patched with ``apply``: equal loss and gradients; ``logits`` is None when patched.
+    Returns the largest differences (loss, gradients)."""
+    expected, expected_grads = loss_and_grads(model, **inputs)
+    head_outputs: list[torch.Size] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: head_outputs.append(output.shape)
+    )
+    sx.apply(model)
+    try:
+        patched, grads = loss_and_grads(model, **inputs)
+    finally:
+        sx.revert(model)
+        hook.remove()
+    assert len(head_outputs) == 1
+    assert head_outputs[0][-1] == 0  # lm_head formed no logits (an empty view of its input)
+    assert patched.logits is None
+    assert expected.logits is not None
+    assert_close(patched.loss, to_numpy(expected.loss), tol, "loss")
+    assert grads.keys() == expected_grads.keys()
+    assert len(grads) == sum(1 for _ in model.parameters())  # every parameter gets a gradient
+    for name, grad in grads.items():
+        assert_close(grad, to_numpy(expected_grads[name]), tol, f"grad of {name}")
+    grad_diff = max((grads[name] - expected_grads[name]).abs().max().item() for name in grads)
+    return (patched.loss - expected.loss).abs().item(), grad_diff
+
+
+def test_every_supported_family_is_tested() -> None:
+    assert set(CONFIGS) == set(sx.SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+@pytest.mark.parametrize("normalizer", ["mean", "num_items_in_batch", "int_num_items", "shift_labels"])
+def test_loss_and_grads_match_unpatched(model_type: str, normalizer: str, rng: torch.Generator) -> None:
+    model = make_model(model_type, rng)
+    batch = make_batch(rng)
+    counted = int((batch["labels"][:, 1:] != -100).sum())
+    if normalizer == "num_items_in_batch":
+        # Trainer's gradient accumulation: the count over all micro-batches of the step (here 2.5x this one's)
+        batch["num_items_in_batch"] = torch.tensor(counted * 5 // 2)
+    elif normalizer == "int_num_items":
+        batch["num_items_in_batch"] = counted + 7
+    elif normalizer == "shift_labels":
+        # Already shifted labels (context parallelism passes them): each row's last position counts too.
+        batch["shift_labels"] = torch.randint(0, VOCAB, (BATCH, SEQ), generator=rng).masked_fill(
+            batch["attention_mask"] == 0, -100
+        )
+    loss_diff, grad_diff = assert_same_loss_and_grads(model, **batch)
+    print(f"{model_type} {normalizer}: max |Δloss| {loss_diff:.2e}, max |Δgrad| {grad_diff:.2e}")
+
+
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_backends_and_memory_modes(memory: str, impl: str, rng: torch.Generator) -> None:
+    model = make_model("gemma2", rng)  # with its final-logit softcap
+    batch = make_batch(rng)
+    expected, expected_grads = loss_and_grads(model, **batch)
+    # Several chunks: 16 rows each (speed) or vocabulary slices of 128 classes (lean).
+    sx.apply(model, impl=impl, memory=memory, chunk_size={"speed": 16, "lean": 128}[memory])
+    patched, grads = loss_and_grads(model, **batch)
+    assert_close(patched.loss, to_numpy(expected.loss), TOL, "loss")
+    for name, grad in grads.items():
+        assert_close(grad, to_numpy(expected_grads[name]), TOL, f"grad of {name}")
+
+
+def test_no_labels_returns_the_logits_and_generates_the_same(rng: torch.Generator) -> None:
+    model = make_model("gemma2", rng).eval()
+    batch = make_batch(rng)
+    del batch["labels"]
+    with torch.no_grad():
+        expected = model(**batch).logits
+        prompt = batch["input_ids"][:1, :4]
+        expected_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        sx.apply(model)
+        logits = model(**batch).logits
+        tokens = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert logits.shape == (BATCH, SEQ, VOCAB)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(tokens, expected_tokens, rtol=0, atol=0)
+
+
+def test_logits_to_keep(rng: torch.Generator) -> None:
+    """With ``logits_to_keep=k`` the loss covers the last k positions, whose labels are (batch, k)."""
+    model = make_model("qwen3", rng)
+    batch = make_batch(rng)
+    batch["labels"] = batch["labels"][:, -6:]
+    assert_same_loss_and_grads(model, logits_to_keep=6, **batch)
+
+
+def test_return_dict_false_gives_a_tuple_led_by_the_loss(rng: torch.Generator) -> None:
+    model = make_model("mistral", rng)
+    batch = make_batch(rng)
+    expected = model(**batch, use_cache=False, return_dict=False)
+    sx.apply(model)
+    output = model(**batch, use_cache=False, return_dict=False)
+    assert isinstance(output, tuple)
+    assert len(output) == 1  # the logits are left out, as to_tuple() leaves out every None
+    assert_close(output[0], to_numpy(expected[0]), TOL, "loss")
+
+
+def test_autocast_bfloat16_matches_within_bfloat16_rounding(rng: torch.Generator) -> None:
+    model = make_model("llama", rng)
+    batch = make_batch(rng)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(**batch).loss
+        sx.apply(model)
+        loss = model(**batch).loss
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert model.lm_head.weight.grad is not None
+    assert_close(loss, to_numpy(expected), 2e-2, "loss under bfloat16 autocast")
+
+
+def test_patch_causal_lm_patches_the_class_until_removed(rng: torch.Generator) -> None:
+    original = transformers.LlamaForCausalLM.forward
+    model = make_model("llama", rng)  # made before the patch: patched too
+    batch = make_batch(rng)
+    with sx.patch_causal_lm(transformers.LlamaForCausalLM, memory="lean") as patch:
+        assert transformers.LlamaForCausalLM.forward is not original
+        assert "labels" in inspect.signature(model.forward).parameters  # what Trainer inspects
+        patched, grads = loss_and_grads(model, **batch)
+    assert transformers.LlamaForCausalLM.forward is original
+    patch.remove()  # a second removal is a no-op
+    expected, expected_grads = loss_and_grads(model, **batch)
+    assert patched.logits is None
+    assert expected.logits is not None
+    assert_close(patched.loss, to_numpy(expected.loss), TOL, "loss")
+    for name, grad in grads.items():
+        assert_close(grad, to_numpy(expected_grads[name]), TOL, f"grad of {name}")
+
+
+def _training_data(rng: torch.Generator, rows: int) -> list[dict[str, torch.Tensor]]:
+    """Rows of random lengths (right padding, labels -100 there) drawn from a few repeated sequences, so a
+    few steps of training lower the loss."""
+    motifs = torch.randint(3, VOCAB, (4, SEQ), generator=rng)
+    data = []
+    for i in range(rows):
+        length = int(torch.randint(5, SEQ + 1, (1,), generator=rng))
+        input_ids = motifs[i % 4].clone()
+        attention_mask = (torch.arange(SEQ) < length).long()
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        data.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    return data
+
+
+def test_trainer_run_matches_unpatched(
+    rng: torch.Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short Trainer run with gradient accumulation (so num_items_in_batch reaches the loss): the patched
+    model logs the unpatched run's losses, ends with its weights and evaluation loss, and its loss goes
+    down."""
+    data = _training_data(rng, rows=16)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+
+    def train(patched: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        model = make_model("qwen2", torch.Generator().manual_seed(seed))
+        if patched:
+            sx.apply(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / ("patched" if patched else "unpatched")),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_steps=4,
+            optim="sgd",  # Adam would magnify rounding in near-zero gradients
+            learning_rate=0.5,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        assert trainer.model_accepts_loss_kwargs  # the patched forward keeps the signature Trainer inspects
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        losses.append(trainer.evaluate(data[:8])["eval_loss"])  # evaluation: the loss without logits
+        return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    calls = []
+    fused = sx.linear_cross_entropy
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(kwargs["reduction"])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(sx, "linear_cross_entropy", counting)
+    expected_losses, expected_weights = train(patched=False)
+    assert calls == []
+    losses, weights = train(patched=True)
+    # 4 steps × 2 micro-batches and 1 evaluation batch, each summed and divided by num_items_in_batch
+    assert calls == ["sum"] * 9
+    assert len(losses) == 5
+    assert_close(torch.tensor(losses), to_numpy(torch.tensor(expected_losses)), 1e-4, "logged losses")
+    assert losses[3] < losses[0]
+    for name, weight in weights.items():
+        assert_close(weight, to_numpy(expected_weights[name]), 1e-4, f"trained {name}")
+
+
+def test_errors_name_the_argument(rng: torch.Generator) -> None:
+    with pytest.raises(TypeError, match=r"model: expected a transformers PreTrainedModel .* got Linear"):
+        sx.apply(torch.nn.Linear(3, 4))
+    granite = transformers.GraniteForCausalLM(transformers.GraniteConfig(**_DECODER))
+    with pytest.raises(ValueError, match=r"model: expected a causal LM whose .* model_type 'granite'"):
+        sx.apply(granite)
+    with pytest.raises(TypeError, match=r"model_class: expected a subclass of .* got 'LlamaForCausalLM'"):
+        sx.patch_causal_lm("LlamaForCausalLM")
+    with pytest.raises(
+        TypeError, match=r"model_class: expected LlamaForCausalLM \(or a subclass\) .* got LlamaModel"
+    ):
+        sx.patch_causal_lm(transformers.LlamaModel)
+
+    class NoKwargs(transformers.LlamaForCausalLM):
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> object:
+            return super().forward(input_ids=input_ids, labels=labels)
+
+    with pytest.raises(
+        TypeError, match=r"model_class: expected a forward\(\.\.\., labels=None, \.\.\., \*\*kwargs\)"
+    ):
+        sx.patch_causal_lm(NoKwargs)
+    model = make_model("llama", rng)
+    with pytest.raises(ValueError, match=r"memory: expected one of \('speed', 'lean'\), got 'fast'"):
+        sx.apply(model, memory="fast")
+    with pytest.raises(ValueError, match=r"impl: expected one of .* got 'cuda'"):
+        sx.apply(model, impl="cuda")
+    with pytest.raises(ValueError, match=r"chunk_size: expected None or a positive int, got 0"):
+        sx.patch_causal_lm(transformers.LlamaForCausalLM, chunk_size=0)
+    with pytest.raises(ValueError, match=r"model: expected a model patched by apply\(\), got an unpatched"):
+        sx.revert(model)
+    sx.apply(model)
+    model.loss_function = lambda logits, labels, **kwargs: logits.sum()
+    with pytest.raises(ValueError, match=r"model.loss_function: softxent computes .* ForCausalLMLoss"):
+        model(**make_batch(rng))
+
+
+def test_importing_softxent_does_not_import_transformers() -> None:
+    code = (
+        "import sys, softxent, softxent.integrations.transformers; "
+        "assert 'transformers' not in sys.modules, 'transformers was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
