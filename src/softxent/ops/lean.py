@@ -156,15 +156,18 @@ def _slice_stats_rows(
     rise = torch.where(m_new == stats.m, 0.0, m_new - stats.m)
     stats.sum_exp.mul_(torch.exp(-rise))
     stats.q_dot.sub_(stats.q_sum * torch.where(stats.q_sum == 0.0, 0.0, rise))
-    neg_inf = z == float("-inf")
-    shifted = torch.where(neg_inf, 0.0, z - m_new.unsqueeze(1))
-    stats.sum_exp.add_(torch.where(neg_inf, 0.0, shifted.exp()).sum(1))
-    q = _slice_mass(targets, spec, start, stop, num_classes, ct)
-    if not targets.probabilities:
-        q = torch.where(targets.counted.unsqueeze(1), q, 0.0)
-    # a −inf logit with target mass makes the loss +inf; without mass it adds nothing
-    stats.q_dot.add_(torch.where(neg_inf, torch.where(q > 0.0, float("-inf"), 0.0), q * shifted).sum(1))
-    stats.q_sum.add_(q.sum(1).expand_as(stats.q_sum))
+    # z − m with m made finite (0 where the row has no finite logit yet): exp gives 0 for a −inf logit
+    # and no lane ever holds −inf − (−inf)
+    shifted = z - torch.where(m_new == float("-inf"), 0.0, m_new).unsqueeze(1)
+    stats.sum_exp.add_(shifted.exp().sum(1))
+    if targets.probabilities or spec.label_smoothing > 0:  # else q = 0 off the true class
+        q = _slice_mass(targets, spec, start, stop, num_classes, ct)
+        if not targets.probabilities:
+            q = torch.where(targets.counted.unsqueeze(1), q, 0.0)
+        # a −inf logit with target mass makes the loss +inf; without mass it adds nothing
+        masked = torch.where(q > 0.0, float("-inf"), 0.0)
+        stats.q_dot.add_(torch.where(z == float("-inf"), masked, q * shifted).sum(1))
+        stats.q_sum.add_(q.sum(1).expand_as(stats.q_sum))
     stats.m.copy_(m_new)
     if not targets.probabilities:
         y = targets.target
@@ -216,15 +219,17 @@ def _slice_grad_rows(
     ct = lse.dtype
     stop = start + logits.shape[1]
     z, tanh = _capped(logits, spec, ct)
-    q = _slice_mass(targets, spec, start, stop, num_classes, ct)
     row_scale = scale.unsqueeze(1)
     if target_grad_out is not None:
         weight = 1.0 if spec.weight is None else spec.weight[start:stop].to(ct)
         target_grad_out.copy_((z - lse.unsqueeze(1)) * weight * (-(1.0 - spec.label_smoothing)) * row_scale)
     if grad_out is None:
         return
-    neg_inf = z == float("-inf")
-    grad = torch.where(neg_inf, 0.0, (z - lse.unsqueeze(1)).exp()).mul_(coeff.unsqueeze(1)).sub_(q)
+    # ŷ = exp(z − lse): 0 for a −inf logit; lse made finite where a row has no finite logit (ŷ = 0 there)
+    finite_lse = torch.where(lse == float("-inf"), 0.0, lse)
+    grad = (z - finite_lse.unsqueeze(1)).exp_().mul_(coeff.unsqueeze(1))
+    if targets.probabilities or spec.label_smoothing > 0:  # else q = 0 off the true class
+        grad.sub_(_slice_mass(targets, spec, start, stop, num_classes, ct))
     if not targets.probabilities:
         y = targets.target
         in_slice = targets.counted & (y >= start) & (y < stop)
