@@ -82,3 +82,16 @@ def test_one_rank_is_the_single_device_op() -> None:
     (grad,) = torch.autograd.grad(loss, logits)
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL runs one GPU per rank)")
+def test_matches_single_device_on_gpus_with_nccl(tmp_path) -> None:
+    """The same checks with NCCL, rank r on GPU r, the Triton kernels compiled for the GPU."""
+    seed = int(np.random.SeedSequence().entropy % (2**31))
+    mp.spawn(
+        vocab_parallel_worker.run,
+        args=(2, str(tmp_path / "rendezvous"), seed, IMPLS, "nccl"),
+        nprocs=2,
+        join=True,
+    )
