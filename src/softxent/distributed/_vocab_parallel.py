@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from softxent import _validate as check
-from softxent.functional import _backend, _lean_slice_fns
+from softxent.functional import _backend, _lean_slice_fns, _softmax_spec
 from softxent.ops import cpu
 from softxent.ops.lean import RowStats, Targets, finish
 
@@ -239,19 +239,6 @@ def _check_class_target(target: Tensor, shape: tuple[int, ...]) -> Tensor:
     return target.long()
 
 
-def _spec(
-    weight, layout: ShardLayout, device, ct, ignore_index, label_smoothing, z_loss, softcap
-) -> cpu.SoftmaxLoss:
-    class_weight = check.check_class_weight(weight, layout.total_classes, device)
-    return cpu.SoftmaxLoss(
-        weight=None if class_weight is None else class_weight.to(ct),
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=check.check_z_loss(z_loss),
-        softcap=check.check_softcap(softcap),
-    )
-
-
 def vocab_parallel_cross_entropy(
     logits_shard: Tensor,
     target: Tensor,
@@ -314,7 +301,9 @@ def vocab_parallel_cross_entropy(
         target=flat_target, ignore_index=ignore_index, weight=weight,
     )  # fmt: skip
     ct = cpu.compute_dtype(logits_shard.dtype)
-    spec = _spec(weight, layout, logits.device, ct, ignore_index, label_smoothing, z_loss, softcap)
+    spec = _softmax_spec(
+        weight, layout.total_classes, logits.device, ct, ignore_index, label_smoothing, z_loss, softcap
+    )
     block = partial(vocab_parallel_block, layout=layout, group=group, stats_fn=stats_fn, grad_fn=grad_fn)
 
     def compute(need_input_grad: bool, _need_target_grad: bool):
@@ -441,7 +430,9 @@ def vocab_parallel_linear_cross_entropy(
         target=flat_target, ignore_index=ignore_index, weight=weight,
     )  # fmt: skip
     ct = cpu.compute_dtype(input.dtype)
-    spec = _spec(weight, layout, input.device, ct, ignore_index, label_smoothing, z_loss, softcap)
+    spec = _softmax_spec(
+        weight, layout.total_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
+    )
     if chunk_size is None:
         chunk_size = cpu.default_chunk_rows(layout.max_classes, input.element_size() if on_triton else None)
     block = partial(vocab_parallel_block, layout=layout, group=group, stats_fn=stats_fn, grad_fn=grad_fn)
