@@ -39,7 +39,7 @@ from torch import Tensor
 from softxent import _validate as check
 from softxent.functional import _backend, _lean_slice_fns, _softmax_spec
 from softxent.ops import cpu
-from softxent.ops.lean import RowStats, Targets, finish
+from softxent.ops.lean import RowStats, Targets, finish, softmax_shift
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -213,9 +213,11 @@ def vocab_parallel_block(
         scale = torch.as_tensor(grad_scale, dtype=ct, device=logits.device).expand(rows)
         scale = torch.where(targets.counted, scale, 0.0)
         if logits.shape[1]:
+            m, log_sum_exp = softmax_shift(stats)
             grad_fn(
-                logits, layout.offset, targets, spec, layout.total_classes, lse, coeff, scale, grad_out, None
-            )
+                logits, layout.offset, targets, spec, layout.total_classes, m, log_sum_exp, coeff, scale,
+                grad_out, None,
+            )  # fmt: skip
     return loss, lse
 
 

@@ -10,8 +10,9 @@ without keeping any (rows × C) block of logits. The classes are cut into slices
   z_y is picked up by the slice that holds it. Then lse = m + log Σexp and
   ℓ = (Σq)·log Σexp − Σq·(z − m) + λ·lse², exactly as :func:`softxent.ops.cpu.softmax_xent_block`.
 * backward (6·N·D·C FLOPs): each slice's logits are formed again and turned into
-  G_v = s·[(Σq + 2λ·lse)·exp(z_v − lse) − q_v] in place; then dW_v = G_vᵀ·x in one matmul over all N rows
-  (no accumulation of dW across chunks, so its rounding is eager autograd's), db_v = Σ_rows G_v and
+  G_v = s·[(Σq + 2λ·lse)·exp(z_v − lse) − q_v] in place (the exp as exp((z_v − m) − log Σexp), see
+  :func:`softmax_shift`); then dW_v = G_vᵀ·x in one matmul over all N rows (no accumulation of dW
+  across chunks, so its rounding is eager autograd's), db_v = Σ_rows G_v and
   dX += G_v·W_v into a float32 accumulator.
 
 Memory beyond inputs and gradients: one (N, S) slice of logits (plus a float32 copy where the backend keeps
@@ -182,7 +183,8 @@ def slice_grad(
     targets: Targets,
     spec: SoftmaxLoss,
     num_classes: int,
-    lse: Tensor,
+    m: Tensor,
+    log_sum_exp: Tensor,
     coeff: Tensor,
     scale: Tensor,
     grad_out: Tensor | None,
@@ -192,13 +194,14 @@ def slice_grad(
     for probability targets, scale·∂ℓ/∂t into ``target_grad_out``.
 
     ∂ℓ/∂z_c = coeff·ŷ_c − q_c (− hard at the true class), times 1 − tanh²(z/cap) under a softcap, with
-    ŷ = exp(z − lse) and coeff = Σq + 2λ·lse; ∂ℓ/∂t_c = −(1 − ε)·w_c·(z_c − lse). ``scale`` is (N,), already
+    ŷ = exp((z − m) − log Σexp) and coeff = Σq + 2λ·lse; ∂ℓ/∂t_c = −(1 − ε)·w_c·(z_c − lse), with m and
+    log Σexp from :func:`softmax_shift`. ``scale`` is (N,), already
     0 for rows that do not count. Works through blocks of rows, as :func:`slice_stats` does.
     """
     for first, last in _blocks(logits.shape[0], logits.shape[1], BLOCK_ELEMENTS):
         _slice_grad_rows(
             logits[first:last], start, targets.rows(first, last), spec, num_classes,
-            lse[first:last], coeff[first:last], scale[first:last],
+            m[first:last], log_sum_exp[first:last], coeff[first:last], scale[first:last],
             None if grad_out is None else grad_out[first:last],
             None if target_grad_out is None else target_grad_out[first:last],
         )  # fmt: skip
@@ -210,24 +213,24 @@ def _slice_grad_rows(
     targets: Targets,
     spec: SoftmaxLoss,
     num_classes: int,
-    lse: Tensor,
+    m: Tensor,
+    log_sum_exp: Tensor,
     coeff: Tensor,
     scale: Tensor,
     grad_out: Tensor | None,
     target_grad_out: Tensor | None,
 ) -> None:
-    ct = lse.dtype
+    ct = m.dtype
     stop = start + logits.shape[1]
     z, tanh = _capped(logits, spec, ct)
     row_scale = scale.unsqueeze(1)
+    log_p = (z - m.unsqueeze(1)).sub_(log_sum_exp.unsqueeze(1))  # log ŷ; −inf for a −inf logit
     if target_grad_out is not None:
         weight = 1.0 if spec.weight is None else spec.weight[start:stop].to(ct)
-        target_grad_out.copy_((z - lse.unsqueeze(1)) * weight * (-(1.0 - spec.label_smoothing)) * row_scale)
+        target_grad_out.copy_(log_p * weight * (-(1.0 - spec.label_smoothing)) * row_scale)
     if grad_out is None:
         return
-    # ŷ = exp(z − lse): 0 for a −inf logit; lse made finite where a row has no finite logit (ŷ = 0 there)
-    finite_lse = torch.where(lse == float("-inf"), 0.0, lse)
-    grad = (z - finite_lse.unsqueeze(1)).exp_().mul_(coeff.unsqueeze(1))
+    grad = log_p.exp_().mul_(coeff.unsqueeze(1))
     if targets.probabilities or spec.label_smoothing > 0:  # else q = 0 off the true class
         grad.sub_(_slice_mass(targets, spec, start, stop, num_classes, ct))
     if not targets.probabilities:
@@ -243,6 +246,18 @@ def _slice_grad_rows(
 
 SliceStatsFn = Callable[[Tensor, int, Targets, SoftmaxLoss, int, RowStats], None]
 SliceGradFn = Callable[..., None]
+
+
+def softmax_shift(stats: RowStats) -> tuple[Tensor, Tensor]:
+    """(m, log Σexp) per row, for ŷ = exp((z − m) − log Σexp) in the gradient pass.
+
+    The two are kept apart rather than summed into lse = m + log Σexp: lse rounds to an ulp of its size
+    (1e-3 for logits near 1e4 in float32), an error exp would carry into every ŷ, while z − m is exact
+    there and log Σexp is small. Both are 0 for a row with no finite logit (ŷ = exp(−inf) = 0 there).
+    """
+    m = torch.where(stats.m == float("-inf"), 0.0, stats.m)
+    log_sum_exp = stats.sum_exp.log()
+    return m, torch.where(log_sum_exp == float("-inf"), 0.0, log_sum_exp)
 
 
 def finish(stats: RowStats, targets: Targets, spec: SoftmaxLoss) -> tuple[Tensor, Tensor, Tensor]:
@@ -310,8 +325,9 @@ class LeanSoftmaxHead:
             return torch.addmm(bias[start:stop], x, weight[start:stop].t(), out=out)
         return torch.mm(x, weight[start:stop].t(), out=out)
 
-    def forward_stats(self, x, weight, bias, targets: Targets) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-row (loss, lse, coeff): one pass over the slices, 2·N·D·C FLOPs."""
+    def forward_stats(self, x, weight, bias, targets: Targets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-row (loss, coeff, m, log Σexp) (see :func:`finish`, :func:`softmax_shift`): one pass over
+        the slices, 2·N·D·C FLOPs."""
         ct = compute_dtype(x.dtype)
         stats = RowStats.empty(x.shape[0], ct, x.device)
         if x.shape[0]:
@@ -320,9 +336,10 @@ class LeanSoftmaxHead:
                     self._logits(x, weight, bias, start, stop, logits),
                     start, targets, self.spec, self.num_classes, stats,
                 )  # fmt: skip
-        return finish(stats, targets, self.spec)
+        loss, _, coeff = finish(stats, targets, self.spec)
+        return (loss, coeff, *softmax_shift(stats))
 
-    def backward_pass(self, x, weight, bias, targets: Targets, lse, coeff, scale, needs):
+    def backward_pass(self, x, weight, bias, targets: Targets, m, log_sum_exp, coeff, scale, needs):
         """(dX, dW, db, d_target) for per-row gradient scales ``scale`` (N,): 6·N·D·C FLOPs.
 
         dW_v and db_v are written whole for each slice; dX accumulates over slices in float32 (the compute
@@ -349,7 +366,7 @@ class LeanSoftmaxHead:
             self._logits(x, weight, bias, start, stop, logits)
             grad = logits if low or x.dtype == ct else torch.empty(logits.shape, dtype=ct, device=x.device)
             self.grad_fn(
-                logits, start, targets, self.spec, self.num_classes, lse, coeff, scale,
+                logits, start, targets, self.spec, self.num_classes, m, log_sum_exp, coeff, scale,
                 grad if (need_dx or need_dw or need_db) else None,
                 grad_target[:, start:stop] if grad_target is not None else None,
             )  # fmt: skip
@@ -374,20 +391,20 @@ class LeanLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, target, head, needs):  # type: ignore[override]
         ct = compute_dtype(x.dtype)
         targets = Targets.prepare(target, head.spec, head.num_classes, ct)
-        loss, lse, coeff = head.forward_stats(x, weight, bias, targets)
+        loss, coeff, m, log_sum_exp = head.forward_stats(x, weight, bias, targets)
         denominator, anything_counts = _mean_denominator(target, head.spec, head.num_classes, ct)
         ctx.head, ctx.needs, ctx.targets = head, needs, targets
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, target.dtype)
         ctx.reduction_scale = _reduction_scale(head.reduction, denominator, anything_counts, ct).to(x.device)
-        ctx.save_for_backward(x, weight, bias, lse, coeff)
+        ctx.save_for_backward(x, weight, bias, m, log_sum_exp, coeff)
         return _reduce(loss, head.reduction, denominator)
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        x, weight, bias, lse, coeff = ctx.saved_tensors
+        x, weight, bias, m, log_sum_exp, coeff = ctx.saved_tensors
         head, targets = ctx.head, ctx.targets
-        scale = (grad_loss.to(lse.dtype) * ctx.reduction_scale).expand_as(lse)
-        grads = head.backward_pass(x, weight, bias, targets, lse, coeff, scale, ctx.needs)
+        scale = (grad_loss.to(m.dtype) * ctx.reduction_scale).expand_as(m)
+        grads = head.backward_pass(x, weight, bias, targets, m, log_sum_exp, coeff, scale, ctx.needs)
         grad_x, grad_weight, grad_bias, grad_target = (
             None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)
         )
@@ -402,6 +419,6 @@ def lean_linear_cross_entropy(
         return LeanLinearCrossEntropyFunction.apply(x, weight, bias, target, head, needs)
     ct = compute_dtype(x.dtype)
     targets = Targets.prepare(target, head.spec, head.num_classes, ct)
-    loss, _, _ = head.forward_stats(x, weight, bias, targets)
+    loss = head.forward_stats(x, weight, bias, targets)[0]
     denominator, _ = _mean_denominator(target, head.spec, head.num_classes, ct)
     return _reduce(loss, head.reduction, denominator)

@@ -90,7 +90,7 @@ def _slice_stats_kernel(
 @triton.jit
 def _slice_grad_kernel(
     logits_ptr, logits_stride, width, start, num_classes, target_ptr, target_stride, weight_ptr,
-    hard_ptr, lse_ptr, coeff_ptr, scale_ptr, grad_ptr, grad_stride, tgrad_ptr, tgrad_stride,
+    hard_ptr, m_ptr, log_sum_exp_ptr, coeff_ptr, scale_ptr, grad_ptr, grad_stride, tgrad_ptr, tgrad_stride,
     ignore_index, eps, softcap,
     PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr, WRITE_TGRAD: tl.constexpr, BLOCK: tl.constexpr,
@@ -102,7 +102,8 @@ def _slice_grad_kernel(
     target_row = target_ptr + row * target_stride + start
     counted, y_local = _row_target(target_ptr, row, start, num_classes, ignore_index, PROBS)
     scale = tl.where(counted, tl.load(scale_ptr + row), 0.0)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(m_ptr + row)
+    log_sum_exp = tl.load(log_sum_exp_ptr + row)
     coeff = tl.load(coeff_ptr + row)
 
     raw = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
@@ -112,13 +113,14 @@ def _slice_grad_kernel(
     else:
         z = raw
     q, w = _target_mass(target_row, weight_ptr, cols, mask, eps, eps / num_classes, PROBS, HAS_WEIGHT)
+    # log ŷ = (z − m) − log Σexp, m and log Σexp finite (softmax_shift): −inf for a −inf logit, and no
+    # rounding of lse = m + log Σexp to an ulp of its size
+    log_p = (z - m) - log_sum_exp
     if WRITE_TGRAD:
-        tgrad = -(1.0 - eps) * w * tl.where(mask, z - lse, 0.0) * scale
+        tgrad = -(1.0 - eps) * w * tl.where(mask, log_p, 0.0) * scale
         tl.store(tgrad_ptr + row * tgrad_stride + cols, _to_output(tgrad, tgrad_ptr), mask=mask)
     if WRITE_GRAD:
-        is_neg_inf = z == float("-inf")
-        p = tl.where(is_neg_inf, 0.0, tl.exp(tl.where(is_neg_inf, 0.0, z - lse)))
-        grad = coeff * p - q
+        grad = coeff * tl.exp(log_p) - q
         if not PROBS:
             grad = grad - tl.where(cols == y_local, tl.load(hard_ptr + row), 0.0)
         grad = grad * scale
@@ -170,7 +172,8 @@ def slice_grad(
     targets: lean.Targets,
     spec: SoftmaxLoss,
     num_classes: int,
-    lse: Tensor,
+    m: Tensor,
+    log_sum_exp: Tensor,
     coeff: Tensor,
     scale: Tensor,
     grad_out: Tensor | None,
@@ -179,7 +182,7 @@ def slice_grad(
     """:func:`softxent.ops.lean.slice_grad` in one launch; ``grad_out`` may alias ``logits``."""
     if logits.dtype == torch.float64:
         return lean.slice_grad(
-            logits, start, targets, spec, num_classes, lse, coeff, scale, grad_out, target_grad_out
+            logits, start, targets, spec, num_classes, m, log_sum_exp, coeff, scale, grad_out, target_grad_out
         )
     rows, width = logits.shape
     if not rows or not width or (grad_out is None and target_grad_out is None):
@@ -189,11 +192,12 @@ def slice_grad(
     target, target_stride, weight = _common(logits, start, targets, spec)
     grad = out_rows(grad_out, width) if grad_out is not None else None
     tgrad = out_rows(target_grad_out, width) if target_grad_out is not None else None
-    hard = targets.hard.to(torch.float32) if targets.hard is not None else lse
+    hard = targets.hard.to(torch.float32) if targets.hard is not None else m
     block = min(GRAD_BLOCK, triton.next_power_of_2(width))
     _slice_grad_kernel[(rows, triton.cdiv(width, block))](
         logits, logits.stride(0), width, start, num_classes, target, target_stride,
-        weight if weight is not None else lse, hard, lse, coeff, scale.to(torch.float32).contiguous(),
+        weight if weight is not None else m, hard, m, log_sum_exp, coeff,
+        scale.to(torch.float32).contiguous(),
         grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
         tgrad if tgrad is not None else logits, tgrad.stride(0) if tgrad is not None else 0,
         spec.ignore_index, float(spec.label_smoothing), float(spec.softcap or 1.0),
