@@ -86,6 +86,25 @@ def _target_mass(target_row_ptr, weight_ptr, cols, mask, eps, smooth,
 
 
 @triton.jit
+def _online_update(m, sum_exp, q_sum, q_dot, z, q):
+    """Fold one block of a row's logits z (−inf where masked) and target mass q into the running
+    (m, Σexp(z − m), Σq, Σq·(z − m)), rescaling the sums when the max m grows (arXiv 1805.02867)."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    same = m_new == m  # also when both are −inf: nothing to rescale
+    # (the tl.where inside each op keeps −inf − (−inf) out of it, so no lane ever holds a nan)
+    rise = tl.where(same, 0.0, m_new - m)
+    sum_exp = sum_exp * tl.exp(-rise)
+    q_dot = q_dot - q_sum * tl.where(q_sum == 0.0, 0.0, rise)
+    is_neg_inf = z == float("-inf")
+    shifted = tl.where(is_neg_inf, 0.0, z - m_new)
+    sum_exp += tl.sum(tl.where(is_neg_inf, 0.0, tl.exp(shifted)), 0)
+    # a −inf logit with target mass makes the loss +inf; without mass it adds nothing
+    q_dot += tl.sum(tl.where(is_neg_inf, tl.where(q > 0.0, float("-inf"), 0.0), q * shifted), 0)
+    q_sum += tl.sum(q, 0)
+    return m_new, sum_exp, q_sum, q_dot
+
+
+@triton.jit
 def _softmax_xent_rows_kernel(
     logits_ptr, logits_stride, target_ptr, target_stride, weight_ptr, scale_ptr, loss_ptr, lse_ptr,
     grad_ptr, grad_stride, tgrad_ptr, tgrad_stride,
@@ -126,19 +145,7 @@ def _softmax_xent_rows_kernel(
         mask = cols < num_classes
         z = _load_logits(logits_row, cols, mask, softcap, HAS_SOFTCAP)
         q, _ = _target_mass(target_row, weight_ptr, cols, mask, eps, smooth, PROBS, HAS_WEIGHT)
-        m_new = tl.maximum(m, tl.max(z, 0))
-        same = m_new == m  # also when both are −inf: nothing to rescale
-        # (the tl.where inside each op keeps −inf − (−inf) out of it, so no lane ever holds a nan)
-        rise = tl.where(same, 0.0, m_new - m)
-        sum_exp = sum_exp * tl.exp(-rise)
-        q_dot = q_dot - q_sum * tl.where(q_sum == 0.0, 0.0, rise)
-        is_neg_inf = z == float("-inf")
-        shifted = tl.where(is_neg_inf, 0.0, z - m_new)
-        sum_exp += tl.sum(tl.where(is_neg_inf, 0.0, tl.exp(shifted)), 0)
-        # a −inf logit with target mass makes the loss +inf; without mass it adds nothing
-        q_dot += tl.sum(tl.where(is_neg_inf, tl.where(q > 0.0, float("-inf"), 0.0), q * shifted), 0)
-        q_sum += tl.sum(q, 0)
-        m = m_new
+        m, sum_exp, q_sum, q_dot = _online_update(m, sum_exp, q_sum, q_dot, z, q)
 
     log_sum_exp = tl.log(sum_exp)
     lse = m + log_sum_exp

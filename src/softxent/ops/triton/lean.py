@@ -22,7 +22,13 @@ from torch import Tensor
 from softxent.ops import lean
 from softxent.ops.cpu import SoftmaxLoss
 from softxent.ops.triton._layout import copy_back, out_rows
-from softxent.ops.triton.cross_entropy import _load_logits, _tanh, _target_mass, _to_output
+from softxent.ops.triton.cross_entropy import (
+    _load_logits,
+    _online_update,
+    _tanh,
+    _target_mass,
+    _to_output,
+)
 
 STATS_BLOCK = 4096
 GRAD_BLOCK = 1024
@@ -63,16 +69,7 @@ def _slice_stats_kernel(
         z = _load_logits(logits_row, cols, mask, softcap, HAS_SOFTCAP)
         q, _ = _target_mass(target_row, weight_ptr, cols, mask, eps, smooth, PROBS, HAS_WEIGHT)
         q = tl.where(counted, q, 0.0)
-        m_new = tl.maximum(m, tl.max(z, 0))
-        rise = tl.where(m_new == m, 0.0, m_new - m)
-        sum_exp = sum_exp * tl.exp(-rise)
-        q_dot = q_dot - q_sum * tl.where(q_sum == 0.0, 0.0, rise)
-        is_neg_inf = z == float("-inf")
-        shifted = tl.where(is_neg_inf, 0.0, z - m_new)
-        sum_exp += tl.sum(tl.where(is_neg_inf, 0.0, tl.exp(shifted)), 0)
-        q_dot += tl.sum(tl.where(is_neg_inf, tl.where(q > 0.0, float("-inf"), 0.0), q * shifted), 0)
-        q_sum += tl.sum(q, 0)
-        m = m_new
+        m, sum_exp, q_sum, q_dot = _online_update(m, sum_exp, q_sum, q_dot, z, q)
     tl.store(m_ptr + row, m)
     tl.store(sum_exp_ptr + row, sum_exp)
     tl.store(q_sum_ptr + row, q_sum)
