@@ -38,8 +38,9 @@ def impl(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def rng() -> torch.Generator:
-    """A torch generator with a fresh seed each run (printed on failure through the test id's repr)."""
-    seed = int(np.random.SeedSequence().entropy % (2**63))
+    """A torch generator with a fresh seed each run (printed on failure); SOFTXENT_TEST_SEED replays one."""
+    replay = os.environ.get("SOFTXENT_TEST_SEED")
+    seed = int(replay) if replay else int(np.random.SeedSequence().entropy % (2**63))
     generator = torch.Generator().manual_seed(seed)
     print(f"torch generator seed: {seed}")  # shown by pytest when the test fails
     return generator
