@@ -79,6 +79,48 @@ def test_compiled_graph_equals_eager(case, reduction, impl, rng):
         assert_close(mine, to_numpy(theirs), 1e-6, name)
 
 
+UNBATCHED = {
+    "cross_entropy": lambda x, w, b, t, red, impl: softxent.cross_entropy(
+        torch.nn.functional.linear(x, w, b), t, reduction=red, z_loss=1e-3, impl=impl
+    ),
+    "cross_entropy_probabilities": lambda x, w, b, t, red, impl: softxent.cross_entropy(
+        torch.nn.functional.linear(x, w, b), torch.softmax(b.detach(), 0), reduction=red, impl=impl
+    ),
+    "linear_cross_entropy": lambda x, w, b, t, red, impl: softxent.linear_cross_entropy(
+        x, w, t, linear_bias=b, reduction=red, impl=impl
+    ),
+    "linear_cross_entropy_lean": lambda x, w, b, t, red, impl: softxent.linear_cross_entropy(
+        x, w, t, linear_bias=b, reduction=red, memory="lean", chunk_size=64, impl=impl
+    ),
+    "linear_binary_cross_entropy": lambda x, w, b, t, red, impl: softxent.linear_binary_cross_entropy(
+        x, w, (torch.arange(203) == t).float(), linear_bias=b, weight=torch.linspace(0.5, 1, 203),
+        reduction=red, impl=impl,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", sorted(UNBATCHED))
+def test_compiled_unbatched_equals_eager(case, reduction, impl, rng):
+    """A single (D,) or (C,) input: the custom op must keep it attached to the graph (it runs below
+    autograd, where the public op's unbatching view would not be recorded)."""
+    x, w, b, target, _ = _inputs(rng)
+    x, target = x[0].detach().requires_grad_(), target[1]
+
+    def objective(x, w, b, target):
+        loss = UNBATCHED[case](x, w, b, target, reduction, impl)
+        return (loss * torch.linspace(0.5, 2, loss.numel()).reshape(loss.shape)).sum()
+
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=True)
+    expected = objective(x, w, b, target)
+    got = compiled(x, w, b, target)
+    assert_close(got, to_numpy(expected), 1e-6, "loss")
+    got_grads, expected_grads = torch.autograd.grad(got, [x, w, b]), torch.autograd.grad(expected, [x, w, b])
+    for name, mine, theirs in zip(["dX", "dW", "db"], got_grads, expected_grads, strict=True):
+        assert mine.shape == theirs.shape, name
+        assert_close(mine, to_numpy(theirs), 1e-6, name)
+
+
 def test_inductor_compiles_the_linear_head(rng):
     x, w, b, target, upstream = _inputs(rng)
     objective = _objective("linear_cross_entropy", "mean", "torch")
@@ -92,11 +134,39 @@ def test_inductor_compiles_the_linear_head(rng):
         assert_close(mine, to_numpy(theirs), 1e-6, "grad")
 
 
+@pytest.mark.parametrize("shape", [(37, 203), (203,), (5, 203, 3)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_return_lse_equals_eager(shape, reduction, impl, rng):
+    """With return_lse the custom op also returns the (not differentiable) log-sum-exp, in one graph."""
+    logits = (3 * torch.randn(shape, generator=rng)).requires_grad_()
+    batch = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    target = torch.randint(0, 203, batch, generator=rng)
+
+    def objective(logits, target):
+        loss, lse = softxent.cross_entropy(
+            logits, target, reduction=reduction, z_loss=1e-2, return_lse=True, impl=impl
+        )
+        return loss.sum(), lse
+
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=True)
+    expected, expected_lse = objective(logits, target)
+    got, got_lse = compiled(logits, target)
+    assert not got_lse.requires_grad
+    assert got_lse.shape == expected_lse.shape == batch
+    assert_close(got_lse, to_numpy(expected_lse), 1e-6, "lse")
+    assert_close(got, to_numpy(expected), 1e-6, "loss")
+    mine, theirs = torch.autograd.grad(got, logits), torch.autograd.grad(expected, logits)
+    assert_close(mine[0], to_numpy(theirs[0]), 1e-6, "dlogits")
+
+
 def test_custom_ops_pass_opcheck(rng):
     x, w, b, target, upstream = _inputs(rng)
     config = _compile._encode(dict(reduction="sum", ignore_index=None, label_smoothing=0.1, impl="torch"))
     args = ("linear_cross_entropy", x, w, b, target, None, None, [True, True, True, False, False], config)
-    torch.library.opcheck(torch.ops.softxent.loss_and_grads.default, args)
+    torch.library.opcheck(torch.ops.softxent.loss_lse_and_grads.default, args)
+    lse_config = _compile._encode(dict(reduction="mean", return_lse=True, impl="torch"))
+    lse_args = ("cross_entropy", x @ w.T, target, None, None, None, None, [True, False, False], lse_config)
+    torch.library.opcheck(torch.ops.softxent.loss_lse_and_grads.default, lse_args)
     none_config = _compile._encode(dict(reduction="none", impl="torch"))
     backward_args = (
         "cross_entropy",

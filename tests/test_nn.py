@@ -21,6 +21,22 @@ def test_cross_entropy_loss_module_equals_torch(impl, rng):
         assert softxent.nn.CrossEntropyLoss(size_average=False).reduction == "sum"
 
 
+def test_cross_entropy_loss_module_inplace_backward(impl, rng):
+    """inplace_backward=True: the module's gradient is torch's and it is written over the logits."""
+    logits = torch.randn(12, 37, generator=rng)
+    target = torch.randint(0, 37, (12,), generator=rng)
+    expected = torch.func.grad(lambda z: torch.nn.functional.cross_entropy(z, target))(logits)
+    leaf = logits.clone().requires_grad_()
+    z = leaf * 1.0  # a non-leaf whose storage the loss may overwrite
+    criterion = softxent.nn.CrossEntropyLoss(inplace_backward=True, impl=impl)
+    assert "inplace_backward=True" in repr(criterion)
+    criterion(z, target).backward()
+    assert_close(leaf.grad, to_numpy(expected), 1e-6, "dlogits")
+    assert_close(z.detach(), to_numpy(expected), 1e-6, "logits' storage")
+    with pytest.raises(TypeError, match="inplace_backward: expected a bool, got int"):
+        softxent.nn.CrossEntropyLoss(inplace_backward=1)
+
+
 def test_linear_cross_entropy_loss_loads_torch_state_dict(impl, rng):
     torch.manual_seed(0)
     theirs = torch.nn.LinearCrossEntropyLoss(16, 50, out_features=(2,), bias=True, label_smoothing=0.1)

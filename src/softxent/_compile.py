@@ -4,9 +4,10 @@ The fused ops run Python loops over chunks, launch Triton kernels and read a few
 validating, none of which Dynamo should trace. Under ``torch.compile`` (``torch.compiler.is_compiling()``)
 the public functions in :mod:`softxent.functional` therefore call two custom ops instead:
 
-* ``softxent::loss_and_grads(op, t0, ..., t5, needs, config)`` runs the eager op and returns
-  [loss, ∂loss/∂tensor for each tensor asked for in ``needs``]; for "mean" and "sum" the gradients come
-  out of the fused forward, so backward only scales them by the incoming gradient;
+* ``softxent::loss_lse_and_grads(op, t0, ..., t5, needs, config)`` runs the eager op and returns
+  [loss, lse, ∂loss/∂tensor for each tensor asked for in ``needs``] (lse, not differentiable, only for
+  cross_entropy with ``return_lse=True``); for "mean" and "sum" the gradients come out of the fused
+  forward, so backward only scales them by the incoming gradient;
 * ``softxent::loss_backward(op, t0, ..., t5, needs, config, grad_loss)`` gives the gradients for a
   per-position incoming gradient (reduction="none"), recomputing as the eager op's backward does.
 
@@ -51,44 +52,70 @@ TENSOR_ARGS = {
 }
 
 
-def _eager(op: str, tensors: Sequence[Tensor | None], needs: Sequence[bool], config: str):
-    """The eager op on detached leaves (those in ``needs`` requiring grad): (loss, leaves)."""
-    from softxent import functional
-
-    leaves = [
-        None if t is None else (t.detach().requires_grad_() if need else t.detach())
-        for t, need in zip(tensors, needs, strict=True)
-    ]
-    kwargs = dict(zip(TENSOR_ARGS[op], leaves, strict=True), **_decode(config))
-    with torch.enable_grad():
-        loss = getattr(functional, op)(**kwargs)
-    return loss, leaves
-
-
 def _placeholder(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _grads(loss: Tensor, leaves, needs, grad_loss: Tensor | None) -> list[Tensor]:
-    wanted = [leaf for leaf, need in zip(leaves, needs, strict=True) if need]
-    found = iter(torch.autograd.grad(loss, wanted, grad_loss) if wanted else ())
-    return [next(found) if need else _placeholder(loss) for need in needs]
+def _run(
+    op: str,
+    tensors: Sequence[Tensor | None],
+    needs: Sequence[bool],
+    config: str,
+    *,
+    want_grads: bool,
+    grad_loss: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """The eager op on detached leaves: (loss, lse or None, [grad_loss·∂loss/∂tensor where ``needs``, else
+    a placeholder]), the gradients only when ``want_grads``.
+
+    Custom ops run below autograd, where view ops are not recorded: the unbatching view the public ops take
+    before their autograd.Function would cut the leaves off the graph. So an unbatched call ((C,) logits,
+    (D,) features) runs here with a leading dimension of 1 on input and target, and the results are shaped
+    back.
+    """
+    from softxent import functional
+
+    decoded = _decode(config)
+    names = TENSOR_ARGS[op]
+    unbatched = op != "binary_cross_entropy_with_logits" and tensors[0].dim() == 1
+    batched = [
+        t.unsqueeze(0) if unbatched and name in ("input", "target") else t
+        for name, t in zip(names, tensors, strict=True)
+    ]
+    leaves = [
+        None if t is None else t.detach().requires_grad_(need) for t, need in zip(batched, needs, strict=True)
+    ]
+    with torch.enable_grad():
+        result = getattr(functional, op)(**dict(zip(names, leaves, strict=True)), **decoded)
+    loss, lse = result if isinstance(result, tuple) else (result, None)
+    grads = [_placeholder(loss) for _ in needs]
+    if want_grads and any(needs):
+        wanted = [leaf for leaf, need in zip(leaves, needs, strict=True) if need]
+        upstream = None if grad_loss is None else grad_loss.reshape(loss.shape)
+        found = iter(torch.autograd.grad(loss, wanted, upstream))
+        grads = [
+            next(found).reshape(t.shape) if need else grads[i]
+            for i, (t, need) in enumerate(zip(tensors, needs, strict=True))
+        ]
+    loss = loss.detach().reshape(_loss_shape(op, tensors, decoded["reduction"]))
+    if lse is not None:
+        lse = lse.detach().reshape(_loss_shape(op, tensors, "none"))
+    return loss, lse, grads
 
 
 ARITY = 6  # the most tensor arguments of any op
 Optional = Tensor | None
 
 
-@torch.library.custom_op("softxent::loss_and_grads", mutates_args=())
-def loss_and_grads(
+@torch.library.custom_op("softxent::loss_lse_and_grads", mutates_args=())
+def loss_lse_and_grads(
     op: str, t0: Tensor, t1: Optional, t2: Optional, t3: Optional, t4: Optional, t5: Optional,
     needs: list[bool], config: str,
 ) -> list[Tensor]:  # fmt: skip
     tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
-    loss, leaves = _eager(op, tensors, needs, config)
-    if _decode(config)["reduction"] == "none" or not any(needs):
-        return [loss.detach(), *(_placeholder(loss) for _ in needs)]
-    return [loss.detach(), *_grads(loss, leaves, needs, None)]
+    fused = _decode(config)["reduction"] != "none"
+    loss, lse, grads = _run(op, tensors, needs, config, want_grads=fused)
+    return [loss, _placeholder(loss) if lse is None else lse, *grads]
 
 
 @torch.library.custom_op("softxent::loss_backward", mutates_args=())
@@ -97,8 +124,7 @@ def loss_backward(
     needs: list[bool], config: str, grad_loss: Tensor,
 ) -> list[Tensor]:  # fmt: skip
     tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
-    loss, leaves = _eager(op, tensors, needs, config)
-    return _grads(loss, leaves, needs, grad_loss)
+    return _run(op, tensors, needs, config, want_grads=True, grad_loss=grad_loss)[2]
 
 
 def _loss_shape(op: str, tensors: Sequence[Tensor | None], reduction: str) -> tuple[int, ...]:
@@ -119,14 +145,17 @@ def _grad_like(tensor: Tensor | None, need: bool, loss: Tensor) -> Tensor:
     return torch.empty_like(tensor) if need and tensor is not None else loss.new_empty(0)
 
 
-@loss_and_grads.register_fake
+@loss_lse_and_grads.register_fake
 def _(op, t0, t1, t2, t3, t4, t5, needs, config):
     tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
-    reduction = _decode(config)["reduction"]
+    decoded = _decode(config)
+    reduction = decoded["reduction"]
     dtype = torch.float64 if t0.dtype == torch.float64 else torch.float32
     loss = t0.new_empty(_loss_shape(op, tensors, reduction), dtype=dtype)
+    lse = t0.new_empty(_loss_shape(op, tensors, "none"), dtype=dtype) if decoded.get("return_lse") else None
     fused = reduction != "none" and any(needs)
-    return [loss, *(_grad_like(t, need and fused, loss) for t, need in zip(tensors, needs, strict=True))]
+    grads = (_grad_like(t, need and fused, loss) for t, need in zip(tensors, needs, strict=True))
+    return [loss, loss.new_empty(0) if lse is None else lse, *grads]
 
 
 @loss_backward.register_fake
@@ -139,7 +168,8 @@ def _setup_context(ctx, inputs, output):
     op, *tensors, needs, config = inputs
     ctx.op, ctx.needs, ctx.config = op, needs, config
     ctx.fused = _decode(config)["reduction"] != "none"
-    ctx.save_for_backward(*(output[1:] if ctx.fused else tensors))
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*(output[2:] if ctx.fused else tensors))
 
 
 def _backward(ctx, grad_outputs):
@@ -156,11 +186,12 @@ def _backward(ctx, grad_outputs):
     return None, *grads, None, None
 
 
-torch.library.register_autograd("softxent::loss_and_grads", _backward, setup_context=_setup_context)
+torch.library.register_autograd("softxent::loss_lse_and_grads", _backward, setup_context=_setup_context)
 
 
-def call(op: str, tensors: dict[str, Tensor | None], **config) -> Tensor:
-    """``op`` through the custom ops: the path the public functions take under torch.compile."""
+def call(op: str, tensors: dict[str, Tensor | None], **config) -> Tensor | tuple[Tensor, Tensor]:
+    """``op`` through the custom ops: the path the public functions take under torch.compile; the loss, or
+    (loss, lse) when ``config`` has ``return_lse=True``."""
     ordered = [tensors.get(name) for name in TENSOR_ARGS[op]]
     grad_enabled = torch.is_grad_enabled()
     needs = [
@@ -169,4 +200,5 @@ def call(op: str, tensors: dict[str, Tensor | None], **config) -> Tensor:
         for name, t in zip(TENSOR_ARGS[op], ordered, strict=True)
     ]  # fmt: skip
     padded = ordered + [None] * (ARITY - len(ordered))
-    return loss_and_grads(op, *padded, needs, _encode(config))[0]
+    outputs = loss_lse_and_grads(op, *padded, needs, _encode(config))
+    return (outputs[0], outputs[1]) if config.get("return_lse") else outputs[0]

@@ -46,6 +46,12 @@ def check_reduction_legacy(size_average: bool | None, reduce: bool | None, reduc
     return check_reduction(reduction)
 
 
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
 def check_impl(impl: object) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")

@@ -67,7 +67,7 @@ def _block_fns(impl: str, device: torch.device):
     return cpu.softmax_xent_block, cpu.sigmoid_bce_block
 
 
-def _compiled(op: str, tensors: dict[str, Tensor | None], **config) -> Tensor:
+def _compiled(op: str, tensors: dict[str, Tensor | None], **config) -> Tensor | tuple[Tensor, Tensor]:
     """``op`` as one custom-op call (the path under torch.compile; see :mod:`softxent._compile`)."""
     from softxent import _compile
 
@@ -182,20 +182,19 @@ def cross_entropy(
         >>> logits.grad  # ŷ − y
         tensor([[-0.2144,  0.1753,  0.0391]])
     """
-    if torch.compiler.is_compiling() and not return_lse:
+    if torch.compiler.is_compiling():
         return _compiled(
             "cross_entropy", dict(input=input, target=target, weight=weight),
             reduction=check.check_reduction_legacy(size_average, reduce, reduction),
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            impl=impl,
+            return_lse=return_lse, impl=impl,
         )  # fmt: skip
     check.check_float_tensor("input", input)
     check.check_tensor("target", target)
     reduction = check.check_reduction_legacy(size_average, reduce, reduction)
     label_smoothing = check.check_label_smoothing(label_smoothing)
     ignore_index = check.check_ignore_index(ignore_index)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward: expected a bool, got {type(inplace_backward).__name__}")
+    inplace_backward = check.check_bool("inplace_backward", inplace_backward)
     block_fn, _ = _block_fns(impl, input.device)
     if input.dim() == 0:
         raise ValueError("input: expected logits of shape (C,), (N, C) or (N, C, d1, ..., dk), got shape ()")

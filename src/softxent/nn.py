@@ -17,7 +17,8 @@ __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
 class CrossEntropyLoss(torch.nn.Module):
     """Drop-in for ``torch.nn.CrossEntropyLoss``, computed by :func:`softxent.cross_entropy`.
 
-    Extras (keyword-only): ``z_loss``, ``softcap``, ``impl``. ``weight`` is a buffer, as in torch.
+    Extras (keyword-only): ``z_loss``, ``softcap``, ``inplace_backward`` (the gradient is written over the
+    logits; see :func:`softxent.cross_entropy`), ``impl``. ``weight`` is a buffer, as in torch.
 
     Example:
         >>> import torch, softxent
@@ -37,6 +38,7 @@ class CrossEntropyLoss(torch.nn.Module):
         *,
         z_loss: float = 0.0,
         softcap: float | None = None,
+        inplace_backward: bool = False,
         impl: str = "auto",
     ) -> None:
         super().__init__()
@@ -49,6 +51,7 @@ class CrossEntropyLoss(torch.nn.Module):
         self.label_smoothing = check.check_label_smoothing(label_smoothing)
         self.z_loss = check.check_z_loss(z_loss)
         self.softcap = check.check_softcap(softcap)
+        self.inplace_backward = check.check_bool("inplace_backward", inplace_backward)
         self.impl = check.check_impl(impl)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -61,13 +64,15 @@ class CrossEntropyLoss(torch.nn.Module):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            inplace_backward=self.inplace_backward,
             impl=self.impl,
         )
 
     def extra_repr(self) -> str:
         return (
             f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}"
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+            f"inplace_backward={self.inplace_backward}"
         )
 
 
