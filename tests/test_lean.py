@@ -180,6 +180,37 @@ def test_lean_extreme_logits_and_masked_classes(impl, rng):
     assert torch.equal(masked_grad, torch.zeros_like(masked_grad))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lean_label_smoothing_extreme_logits_and_masks(weighted, impl, rng):
+    """Label smoothing spreads target mass over every class: ±1e4 logits agree with the default mode, and
+    a −inf logit (a masked class) makes a counted row's loss +inf, as in torch, and adds 0 elsewhere."""
+    (x, w, b), target = _problem(23, 16, 700, rng, dtype=torch.float32)
+    weight = (torch.rand(700, generator=rng) + 0.5).to(DEVICE) if weighted else None
+    kwargs = dict(weight=weight, label_smoothing=0.1, reduction="none")
+    with torch.no_grad():
+        w.mul_(2e4)
+    lean = softxent.linear_cross_entropy(
+        x, w, target, linear_bias=b, memory="lean", chunk_size=128, impl=impl, **kwargs
+    )
+    speed = softxent.linear_cross_entropy(x, w, target, linear_bias=b, impl="torch", **kwargs)
+    assert_close(lean, to_numpy(speed), 1e-6, "loss")
+    for name, mine, default in zip(
+        ["dX", "dW", "db"], _grads(lean, [x, w, b]), _grads(speed, [x, w, b]), strict=True
+    ):
+        size = float(default.abs().max())
+        assert_close(mine.double() / size, to_numpy(default) / size, 1e-5, name)
+    with torch.no_grad():
+        b[::3] = float("-inf")
+    masked = softxent.linear_cross_entropy(
+        x, w, target, linear_bias=b, memory="lean", chunk_size=128, impl=impl, **kwargs
+    )
+    expected = F.cross_entropy(F.linear(x, w, b), target, **kwargs)
+    counted = target != -100
+    assert torch.isposinf(masked[counted]).all()
+    assert torch.isposinf(expected[counted]).all()
+    assert torch.equal(masked[~counted], torch.zeros_like(masked[~counted]))
+
+
 def test_lean_all_ignored_unbatched_empty_and_no_grad(impl, rng):
     (x, w, b), _ = _problem(6, 4, 9, rng, dtype=torch.float32)
     all_ignored = torch.full((6,), -100, device=DEVICE)

@@ -161,7 +161,13 @@ def _slice_stats_rows(
     # and no lane ever holds −inf − (−inf)
     shifted = z - torch.where(m_new == float("-inf"), 0.0, m_new).unsqueeze(1)
     stats.sum_exp.add_(shifted.exp().sum(1))
-    if targets.probabilities or spec.label_smoothing > 0:  # else q = 0 off the true class
+    if not targets.probabilities and spec.weight is None and spec.label_smoothing > 0:
+        # q = ε/C on every column of a counted row: Σq·(z − m) = ε/C·Σ(z − m), which is −inf when the
+        # slice holds a −inf logit, as the general form below gives; rows that do not count add nothing
+        share = spec.label_smoothing / num_classes
+        stats.q_dot.add_(torch.where(targets.counted, shifted.sum(1) * share, 0.0))
+        stats.q_sum.add_(torch.where(targets.counted, share * (stop - start), 0.0))
+    elif targets.probabilities or spec.label_smoothing > 0:  # else q = 0 off the true class
         q = _slice_mass(targets, spec, start, stop, num_classes, ct)
         if not targets.probabilities:
             q = torch.where(targets.counted.unsqueeze(1), q, 0.0)
