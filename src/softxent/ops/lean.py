@@ -76,15 +76,17 @@ class RowStats:
 class Targets:
     """The target of every row, prepared once: class indices (with the hard term) or probabilities.
 
-    target: (N,) int64 indices or (N, C) probabilities; counted: (N,) bool, rows that count (class targets:
+    target: (N,) int64 indices or (N, C') probabilities; counted: (N,) bool, rows that count (class targets:
     not ignored and in [0, C)); hard: (N,) (1 − ε)·w_y for counted rows, else 0 (None for probabilities);
-    out_of_range: (N,) bool, class targets outside [0, C) (GPU targets are not range-checked on the host).
+    out_of_range: (N,) bool, class targets outside [0, C) (GPU targets are not range-checked on the host);
+    first_column: the class of the probabilities' column 0 (a vocabulary shard's offset; else 0, C' = C).
     """
 
     target: Tensor
     counted: Tensor
     hard: Tensor | None
     out_of_range: Tensor | None
+    first_column: int = 0
 
     @property
     def probabilities(self) -> bool:
@@ -95,15 +97,24 @@ class Targets:
             return None if t is None else t[start:stop]
 
         return Targets(
-            self.target[start:stop], self.counted[start:stop], part(self.hard), part(self.out_of_range)
+            self.target[start:stop],
+            self.counted[start:stop],
+            part(self.hard),
+            part(self.out_of_range),
+            self.first_column,
         )
 
+    def columns(self, start: int, stop: int) -> Tensor:
+        """The probabilities of classes start:stop, (N, stop − start)."""
+        return self.target[:, start - self.first_column : stop - self.first_column]
+
     @classmethod
-    def prepare(cls, target: Tensor, spec: SoftmaxLoss, num_classes: int, ct: torch.dtype) -> Targets:
+    def prepare(
+        cls, target: Tensor, spec: SoftmaxLoss, num_classes: int, ct: torch.dtype, first_column: int = 0
+    ) -> Targets:
         if target.is_floating_point():
-            return cls(
-                target, torch.ones(target.shape[0], dtype=torch.bool, device=target.device), None, None
-            )
+            counted = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+            return cls(target, counted, None, None, first_column)
         not_ignored = target != spec.ignore_index
         out_of_range = not_ignored & ((target < 0) | (target >= num_classes))
         counted = not_ignored & ~out_of_range
@@ -128,7 +139,7 @@ def _slice_mass(targets: Targets, spec: SoftmaxLoss, start: int, stop: int, num_
     eps = spec.label_smoothing
     weight = None if spec.weight is None else spec.weight[start:stop].to(ct)
     if targets.probabilities:
-        q = targets.target[:, start:stop].to(ct) * (1.0 - eps) + eps / num_classes
+        q = targets.columns(start, stop).to(ct) * (1.0 - eps) + eps / num_classes
     else:
         q = torch.full((1, stop - start), eps / num_classes, dtype=ct, device=targets.target.device)
     return q * weight if weight is not None else q
@@ -166,7 +177,7 @@ def _slice_stats_rows(
         # slice holds a −inf logit, as the general form below gives; rows that do not count add nothing
         share = spec.label_smoothing / num_classes
         stats.q_dot.add_(torch.where(targets.counted, shifted.sum(1) * share, 0.0))
-        stats.q_sum.add_(torch.where(targets.counted, share * (stop - start), 0.0))
+        stats.q_sum.add_(targets.counted.to(ct) * (share * (stop - start)))
     elif targets.probabilities or spec.label_smoothing > 0:  # else q = 0 off the true class
         q = _slice_mass(targets, spec, start, stop, num_classes, ct)
         if not targets.probabilities:

@@ -54,8 +54,8 @@ def _slice_stats_kernel(
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_stride
-    # probability targets: the slice's columns of the row; weight_ptr points at the slice's first class
-    target_row = target_ptr + row * target_stride + start
+    # probability targets: target_ptr and weight_ptr point at the slice's first class
+    target_row = target_ptr + row * target_stride
     counted, y_local = _row_target(target_ptr, row, start, num_classes, ignore_index, PROBS)
     smooth = eps / num_classes
 
@@ -96,7 +96,7 @@ def _slice_grad_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
     logits_row = logits_ptr + row * logits_stride
-    target_row = target_ptr + row * target_stride + start
+    target_row = target_ptr + row * target_stride
     counted, y_local = _row_target(target_ptr, row, start, num_classes, ignore_index, PROBS)
     scale = tl.where(counted, tl.load(scale_ptr + row), 0.0)
     m = tl.load(m_ptr + row)
@@ -127,11 +127,13 @@ def _slice_grad_kernel(
 
 
 def _common(logits: Tensor, start: int, targets: lean.Targets, spec: SoftmaxLoss):
-    """Kernel arguments shared by both launches: target pointer and stride, the slice's class weights."""
+    """Kernel arguments shared by both launches: the target (class indices, or the slice's probabilities)
+    and its row stride, the slice's class weights."""
     target = targets.target
     probabilities = targets.probabilities
-    if probabilities and target.stride(-1) != 1:
-        target = target.contiguous()
+    if probabilities:
+        target = targets.columns(start, start + logits.shape[1])
+        target = target if target.stride(-1) == 1 else target.contiguous()
     target_stride = target.stride(0) if probabilities else 0
     weight = None
     if spec.weight is not None:
