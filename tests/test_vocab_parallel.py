@@ -52,8 +52,12 @@ def single_process_group(tmp_path):
 @pytest.mark.usefixtures("single_process_group")
 def test_argument_errors() -> None:
     """Local argument errors (raised before any collective) name the argument, expected vs got."""
-    with pytest.raises(TypeError, match="target: expected integer class indices"):
-        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.rand(2, 3))
+    with pytest.raises(
+        ValueError, match=r"target: expected probabilities of this rank's classes, shape \(2, 3\)"
+    ):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.rand(2, 4))
+    with pytest.raises(TypeError, match="target: expected integer class indices of shape"):
+        vocab_parallel_cross_entropy(torch.randn(2, 3), torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"target: expected class indices of shape \(2,\)"):
         vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="reduction"):
@@ -82,6 +86,14 @@ def test_one_rank_is_the_single_device_op() -> None:
     (grad,) = torch.autograd.grad(loss, logits)
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(grad, expected_grad)
+    soft = torch.softmax(torch.randn(9, 31), 1).requires_grad_()
+    loss = vocab_parallel_cross_entropy(logits, soft, label_smoothing=0.1)
+    expected = torch.nn.functional.cross_entropy(logits, soft, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+    for mine, torchs in zip(
+        torch.autograd.grad(loss, [logits, soft]), torch.autograd.grad(expected, [logits, soft]), strict=True
+    ):
+        torch.testing.assert_close(mine, torchs)
 
 
 @pytest.mark.gpu

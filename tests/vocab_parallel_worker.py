@@ -255,6 +255,65 @@ def check_linear_cases(check: Checker, rank: int, world: int, seed: int, impl: s
     check.close("linear no_grad: loss", loss, expected, 2e-5, 1e-6)
 
 
+def check_probability_cases(check: Checker, rank: int, world: int, seed: int, impl: str, full: bool) -> None:
+    """Probability targets (soft labels), each rank holding its classes' columns: the loss, the logits' (or
+    dX, dW, db) and the targets' gradients against the single-device op on the gathered tensors; an empty
+    shard on the third rank, ±1e4 logits in one case."""
+    generator = torch.Generator().manual_seed(seed + 3)
+    rows, features, classes = 23, 17, 517
+    cases = [(f, r) for f in (FEATURES if full else FEATURES[-1:]) for r in REDUCTIONS[:: 1 if full else 2]]
+    for i, (feature, reduction) in enumerate(cases):
+        bounds = bounds_for(classes, world, empty_shard=i % 2 == 1)
+        mine = slice(bounds[rank], bounds[rank + 1])
+        dtype = torch.float64 if i % 4 == 3 else torch.float32
+        logits = torch.randn(rows, classes, generator=generator, dtype=torch.float64) * 3
+        if i % 3 == 2:
+            logits[::4] *= 3000  # ±1e4 logits
+        probs = torch.softmax(torch.randn(rows, classes, generator=generator, dtype=torch.float64), 1)
+        logits, probs = on(logits.to(dtype)), on(probs.to(dtype))
+        weight = on(torch.rand(classes, generator=generator) + 0.5) if feature.get("weight") else None
+        options = {k: v for k, v in feature.items() if k != "weight"}
+        upstream = on(torch.rand(rows, generator=generator, dtype=torch.float64) + 0.5)
+        rtol, atol = tolerances(dtype)
+        what = f"probabilities {dtype} {feature} {reduction} bounds={bounds}"
+
+        shard, target = logits[:, mine].clone().requires_grad_(), probs[:, mine].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(
+            shard, target, weight=weight, reduction=reduction, impl=impl, **options
+        )
+        (loss * (upstream if reduction == "none" else 1.0)).sum().backward()
+        whole, whole_target = logits.clone().requires_grad_(), probs.clone().requires_grad_()
+        expected = softxent.cross_entropy(
+            whole, whole_target, weight, reduction=reduction, impl=impl, **options
+        )
+        (expected * (upstream if reduction == "none" else 1.0)).sum().backward()
+        check.close(f"{what}: loss", loss, expected, rtol, atol)
+        check.close(f"{what}: grad", shard.grad, whole.grad[:, mine], rtol, atol)
+        check.close(f"{what}: target grad", target.grad, whole_target.grad[:, mine], rtol, atol)
+
+        x = on(torch.randn(rows, features, generator=generator, dtype=torch.float64).to(dtype))
+        w = on((torch.randn(classes, features, generator=generator, dtype=torch.float64) / 3).to(dtype))
+        b = on(torch.randn(classes, generator=generator, dtype=torch.float64).to(dtype))
+        x_vp, w_vp, b_vp = (t.clone().requires_grad_() for t in (x, w[mine], b[mine]))
+        target = probs[:, mine].clone().requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(
+            x_vp, w_vp, target, bias_shard=b_vp, weight=weight, reduction=reduction,
+            chunk_size=8 if i % 2 else None, impl=impl, **options,
+        )  # fmt: skip
+        (loss * (upstream if reduction == "none" else 1.0)).sum().backward()
+        x_sd, w_sd, b_sd, whole_target = (t.clone().requires_grad_() for t in (x, w, b, probs))
+        expected = softxent.linear_cross_entropy(
+            x_sd, w_sd, whole_target, linear_bias=b_sd, weight=weight, reduction=reduction, impl=impl,
+            **options,
+        )  # fmt: skip
+        (expected * (upstream if reduction == "none" else 1.0)).sum().backward()
+        check.close(f"linear {what}: loss", loss, expected, rtol, atol)
+        check.close(f"linear {what}: dX", x_vp.grad, x_sd.grad, rtol, atol)
+        check.close(f"linear {what}: dW", w_vp.grad, w_sd.grad[mine], rtol, atol)
+        check.close(f"linear {what}: db", b_vp.grad, b_sd.grad[mine], rtol, atol)
+        check.close(f"linear {what}: target grad", target.grad, whole_target.grad[:, mine], rtol, atol)
+
+
 def check_errors(check: Checker, rank: int, world: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed + 2)
     classes = 50
@@ -290,6 +349,11 @@ def check_errors(check: Checker, rank: int, world: int, seed: int) -> None:
             on(torch.randn(6, features)), on(torch.randn(bounds[rank + 1] - bounds[rank], features)), target
         ),
     )
+    # probabilities on one rank, class indices on the others
+    mixed = on(torch.rand(shard.shape, generator=generator)) if rank == 0 else target
+    check.raises(
+        "mixed target kinds", "the same kind of target", lambda: vocab_parallel_cross_entropy(shard, mixed)
+    )
     # the group still works after the errors (every rank raised, none is left waiting)
     loss = vocab_parallel_cross_entropy(shard, target)
     check.close("after errors: loss", loss, softxent.cross_entropy(logits, target), 2e-5, 1e-6)
@@ -314,6 +378,7 @@ def run(rank: int, world: int, init_file: str, seed: int, impls: list[str], back
             # the torch backend on every case, the Triton kernels (interpreted on a CPU: slow) on a few
             check_logits_cases(check, rank, world, seed, impl, full=impl == "torch")
             check_linear_cases(check, rank, world, seed, impl, full=impl == "torch")
+            check_probability_cases(check, rank, world, seed, impl, full=impl == "torch")
         check_errors(check, rank, world, seed)
     finally:
         dist.destroy_process_group()

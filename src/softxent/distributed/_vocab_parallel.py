@@ -2,7 +2,8 @@ r"""Vocabulary-parallel softmax cross-entropy: each rank holds a contiguous slic
 
 Rank r of a group of P ranks holds the logits (or the linear head's weight rows) of classes
 [o_r, o_r + C_r), with Σ_r C_r = C; shards may be uneven (C not divisible by P; an empty shard is allowed).
-Every rank holds the same rows and the same class-index targets (global indices in [0, C)).
+Every rank holds the same rows and either the same class-index targets (global indices in [0, C)) or
+its own classes' columns of probability targets (soft labels, e.g. a teacher's distribution).
 
 The loss of a row needs its log-sum-exp over all C classes and, for class y, its true logit. Each rank
 folds its own columns into the online-softmax statistics of :mod:`softxent.ops.lean` (the same per-slice
@@ -21,7 +22,7 @@ lse = M + log Σ e^{z − M} and coeff = Σq + 2λ·lse, and writes the gradient
 partial dX = Σ_{c ∈ r} G_c W_c (N×D, summed in float32).
 
 Shapes, class weights and the targets' range are checked collectively: one all-gather of a few integers
-per rank (rows, features, classes, the targets' min and max, the class weights' length) before any work,
+per rank (rows, features, classes, the targets' kind, min and max, the class weights' length) before any work,
 so every rank raises the same error instead of one rank raising while the others wait in a collective.
 That gather reads its result on the host (one synchronization per call on a GPU).
 """
@@ -100,10 +101,16 @@ def shard_layout(
     ignore_index: int,
     weight: Tensor | None,
 ) -> ShardLayout:
-    """Gather every rank's (rows, features, classes, target min/max, class-weight length), check them
-    together and return this rank's layout. Raises the same ValueError on every rank."""
+    """Gather every rank's (rows, features, classes, target min/max, class-weight length, target kind),
+    check them together and return this rank's layout. Raises the same ValueError on every rank.
+
+    ``target``: (rows,) class indices, or (rows, classes) probabilities (this rank's columns)."""
     device = _collective_device(group, target.device)
-    low, high = _target_range(target, ignore_index)
+    probabilities = target.is_floating_point()
+    if probabilities:
+        low, high = torch.tensor(_NO_TARGET_MIN), torch.tensor(_NO_TARGET_MAX)
+    else:
+        low, high = _target_range(target, ignore_index)
     local = torch.stack(
         [
             torch.tensor(rows),
@@ -112,6 +119,7 @@ def shard_layout(
             low.cpu(),
             high.cpu(),
             torch.tensor(-1 if weight is None else weight.numel()),
+            torch.tensor(int(probabilities)),
         ]
     ).to(device)
     world = dist.get_world_size(group)
@@ -120,7 +128,7 @@ def shard_layout(
     table = torch.stack(gathered).cpu().tolist()
     rank = dist.get_rank(group)
     per_rank = list(zip(*table, strict=True))
-    row_counts, feature_counts, class_counts, lows, highs, weight_lengths = per_rank
+    row_counts, feature_counts, class_counts, lows, highs, weight_lengths, kinds = per_rank
     if len(set(row_counts)) != 1:
         raise ValueError(
             f"{shard_name}: expected the same rows (positions) on every rank, got {list(row_counts)} "
@@ -130,6 +138,11 @@ def shard_layout(
         raise ValueError(
             f"{shard_name}: expected the same in_features on every rank, got {list(feature_counts)} "
             "across the ranks"
+        )
+    if len(set(kinds)) != 1:
+        raise ValueError(
+            "target: expected the same kind of target on every rank (class indices or probabilities), got "
+            f"{['probabilities' if kind else 'class indices' for kind in kinds]} across the ranks"
         )
     total = sum(class_counts)
     if total == 0:
@@ -196,27 +209,28 @@ def vocab_parallel_block(
 ) -> tuple[Tensor, Tensor]:
     """:func:`softxent.ops.cpu.softmax_xent_block`'s contract for one block of rows of this rank's shard.
 
-    logits: (R, C_r); target: (R,) global class indices; ``spec.weight``: the whole vocabulary's (C,).
-    Returns (loss, lse), (R,), the same on every rank; writes grad_scale·∂ℓ/∂z of this rank's columns into
-    ``grad_out`` (R, C_r) when given. Two all-reduces of O(R) numbers; every rank must call it with the
-    same rows.
+    logits: (R, C_r); target: (R,) global class indices or (R, C_r) probabilities of this rank's classes;
+    ``spec.weight``: the whole vocabulary's (C,). Returns (loss, lse), (R,), the same on every rank; writes
+    grad_scale·∂ℓ/∂z of this rank's columns into ``grad_out`` (R, C_r) and grad_scale·∂ℓ/∂t into
+    ``target_grad_out`` (R, C_r, probabilities) when given. Two all-reduces of O(R) numbers; every rank
+    must call it with the same rows.
     """
     ct = cpu.compute_dtype(logits.dtype)
     rows = logits.shape[0]
-    targets = Targets.prepare(target, spec, layout.total_classes, ct)
+    targets = Targets.prepare(target, spec, layout.total_classes, ct, first_column=layout.offset)
     stats = RowStats.empty(rows, ct, logits.device)
     if logits.shape[1]:
         stats_fn(logits, layout.offset, targets, spec, layout.total_classes, stats)
     _all_reduce_stats(stats, group)
     loss, lse, coeff = finish(stats, targets, spec)
-    if grad_scale is not None and grad_out is not None:
+    if grad_scale is not None and (grad_out is not None or target_grad_out is not None):
         scale = torch.as_tensor(grad_scale, dtype=ct, device=logits.device).expand(rows)
         scale = torch.where(targets.counted, scale, 0.0)
         if logits.shape[1]:
             m, log_sum_exp = softmax_shift(stats)
             grad_fn(
                 logits, layout.offset, targets, spec, layout.total_classes, m, log_sum_exp, coeff, scale,
-                grad_out, None,
+                grad_out, target_grad_out,
             )  # fmt: skip
     return loss, lse
 
@@ -229,16 +243,38 @@ def _check_options(reduction, label_smoothing, ignore_index):
     )
 
 
-def _check_class_target(target: Tensor, shape: tuple[int, ...]) -> Tensor:
+def _check_target(target: Tensor, shard_shape: tuple[int, ...]) -> Tensor:
+    """Class indices of shape ``shard_shape[:-1]`` (returned as int64), or floating probabilities of this
+    rank's classes, of ``shard_shape``."""
     check.check_tensor("target", target)
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+    batch_shape = shard_shape[:-1]
+    if target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(
-            f"target: expected integer class indices of shape {shape} (the vocabulary-parallel losses "
-            f"take no probability targets), got {target.dtype}"
+            f"target: expected integer class indices of shape {batch_shape} or floating probabilities of "
+            f"this rank's classes, shape {shard_shape}, got {target.dtype}"
         )
-    if tuple(target.shape) != shape:
-        raise ValueError(f"target: expected class indices of shape {shape}, got shape {tuple(target.shape)}")
+    if target.is_floating_point():
+        if tuple(target.shape) != shard_shape:
+            raise ValueError(
+                f"target: expected probabilities of this rank's classes, shape {shard_shape}, got shape "
+                f"{tuple(target.shape)}"
+            )
+        return target
+    if tuple(target.shape) != batch_shape:
+        raise ValueError(
+            f"target: expected class indices of shape {batch_shape}, got shape {tuple(target.shape)}"
+        )
     return target.long()
+
+
+def _mean_denominator(
+    target: Tensor, rows: int, spec: cpu.SoftmaxLoss, layout: ShardLayout, ct: torch.dtype
+) -> tuple[Tensor, Tensor | bool]:
+    """ "mean"'s denominator: the number of rows for probabilities (whatever this shard's width), else
+    :func:`softxent.ops.cpu._mean_denominator` of the class indices."""
+    if target.is_floating_point():
+        return torch.tensor(float(rows), dtype=ct, device=target.device), rows > 0
+    return cpu._mean_denominator(target, spec, layout.total_classes, ct)
 
 
 def vocab_parallel_cross_entropy(
@@ -264,18 +300,22 @@ def vocab_parallel_cross_entropy(
         ℓ = (Σ_c q_c)\,\mathrm{lse} - Σ_c q_c z_c + λ\,\mathrm{lse}^2, \quad
         \frac{∂ℓ}{∂z_c} = (Σ q + 2λ\,\mathrm{lse})\,ŷ_c - q_c \quad (c \text{ in this rank's shard})
 
-    with q_c = (1 − ε)·w_y·1[c = y] + (ε/C)·w_c, lse over all C classes (see the module docstring for how
-    the ranks combine it: an all-reduce max and an all-reduce sum of O(N) numbers).
+    with q_c = (1 − ε)·w_y·1[c = y] + (ε/C)·w_c for class indices, q_c = w_c·((1 − ε)·t_c + ε/C) for
+    probabilities t, and lse over all C classes (see the module docstring for how the ranks combine it: an
+    all-reduce max and an all-reduce sum of O(N) numbers).
 
     Args:
         logits_shard: ``(..., C_r)``, classes last: this rank's contiguous slice of the classes (rank 0
             holds the first C_0, and so on; shards may differ in size); float32, float16, bfloat16 or
             float64 (math in float32, float64 for float64).
-        target: ``(...)`` global class indices in [0, C) or ``ignore_index``, the same on every rank.
+        target: ``(...)`` global class indices in [0, C) or ``ignore_index``, the same on every rank; or
+            ``(..., C_r)`` floating class probabilities, this rank's columns of the (..., C) targets
+            (differentiable, as in torch).
         group: the process group the classes are split over (None: the default group).
         weight: ``(C,)`` class weights of the whole vocabulary, the same on every rank.
         ignore_index, reduction, label_smoothing, z_loss, softcap, impl: as in
-            :func:`softxent.cross_entropy` ("mean" divides by Σ w_y over counted positions).
+            :func:`softxent.cross_entropy` ("mean" divides by Σ w_y over counted positions, or by the
+            number of positions for probabilities).
 
     Returns:
         The loss (float32; float64 for float64 input), the same on every rank: a scalar, or ``(...)`` for
@@ -292,12 +332,13 @@ def vocab_parallel_cross_entropy(
     if logits_shard.dim() == 0:
         raise ValueError("logits_shard: expected shape (..., C_r) with the classes last, got shape ()")
     reduction, label_smoothing, ignore_index = _check_options(reduction, label_smoothing, ignore_index)
-    target = _check_class_target(target, tuple(logits_shard.shape[:-1]))
+    target = _check_target(target, tuple(logits_shard.shape))
     check.check_same_device("target", target, logits_shard.device)
     stats_fn, grad_fn = _lean_slice_fns(impl, logits_shard.device)
     batch_shape = tuple(logits_shard.shape[:-1])
     logits = logits_shard.reshape(math.prod(batch_shape), logits_shard.shape[-1])  # C_r may be 0
-    flat_target = target.reshape(-1)
+    probabilities = target.is_floating_point()
+    flat_target = target.reshape(logits.shape) if probabilities else target.reshape(-1)
     layout = shard_layout(
         group, shard_name="logits_shard", rows=logits.shape[0], features=0, classes=logits.shape[1],
         target=flat_target, ignore_index=ignore_index, weight=weight,
@@ -308,20 +349,23 @@ def vocab_parallel_cross_entropy(
     )
     block = partial(vocab_parallel_block, layout=layout, group=group, stats_fn=stats_fn, grad_fn=grad_fn)
 
-    def compute(need_input_grad: bool, _need_target_grad: bool):
-        denominator, anything_counts = cpu._mean_denominator(flat_target, spec, layout.total_classes, ct)
+    def compute(need_input_grad: bool, need_target_grad: bool):
+        denominator, anything_counts = _mean_denominator(flat_target, logits.shape[0], spec, layout, ct)
         grad = torch.empty_like(logits_shard) if need_input_grad else None
+        target_grad = torch.empty_like(target) if need_target_grad else None
         scale = None
-        if need_input_grad:
+        if need_input_grad or need_target_grad:
             scale = cpu._reduction_scale(reduction, denominator, anything_counts, ct).to(logits.device)
         loss, _ = block(
             logits, flat_target, spec, grad_scale=scale,
             grad_out=None if grad is None else grad.view(logits.shape),
+            target_grad_out=None if target_grad is None else target_grad.view(logits.shape),
         )  # fmt: skip
-        return cpu._reduce(loss.view(batch_shape), reduction, denominator), None, grad, None
+        return cpu._reduce(loss.view(batch_shape), reduction, denominator), None, grad, target_grad
 
-    needs = (torch.is_grad_enabled() and logits_shard.requires_grad, False)
-    if needs[0]:
+    enabled = torch.is_grad_enabled()
+    needs = (enabled and logits_shard.requires_grad, enabled and probabilities and target.requires_grad)
+    if any(needs):
         return cpu.FusedLossFunction.apply(logits_shard, target, compute, needs, -1)
     return compute(False, False)[0]
 
@@ -333,13 +377,14 @@ class VocabParallelHead:
 
     inner: cpu.SoftmaxHead
     group: dist.ProcessGroup
+    layout: ShardLayout
 
     @property
     def reduction(self) -> str:
         return self.inner.reduction
 
     def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, Tensor | bool]:
-        return self.inner.denominator(target, ct)
+        return _mean_denominator(target, target.shape[0], self.inner.spec, self.layout, ct)
 
     def run(self, x, linear_weight, linear_bias, target, *, grad_scale, needs):
         loss, grad_x, grad_weight, grad_bias, grad_target = self.inner.run(
@@ -384,7 +429,8 @@ def vocab_parallel_linear_cross_entropy(
         input: ``(..., D)``, the same on every rank (e.g. the hidden states of a tensor-parallel model).
         weight_shard: ``(C_r, D)``: this rank's contiguous rows of the (C, D) weight (rank 0 the first
             C_0, and so on; shards may differ in size).
-        target: ``(...)`` global class indices in [0, C) or ``ignore_index``, the same on every rank.
+        target: ``(...)`` global class indices in [0, C) or ``ignore_index``, the same on every rank; or
+            ``(..., C_r)`` floating class probabilities, this rank's columns of the (..., C) targets.
         bias_shard: ``(C_r,)`` or None.
         group: the process group the classes are split over (None: the default group).
         weight: ``(C,)`` class weights of the whole vocabulary (not the linear weight), on every rank.
@@ -421,12 +467,13 @@ def vocab_parallel_linear_cross_entropy(
         check.check_same_device("bias_shard", bias_shard, input.device)
     reduction, label_smoothing, ignore_index = _check_options(reduction, label_smoothing, ignore_index)
     chunk_size = check.check_chunk_size(chunk_size)
-    target = _check_class_target(target, tuple(input.shape[:-1]))
+    target = _check_target(target, (*input.shape[:-1], weight_shard.shape[0]))
     check.check_same_device("target", target, input.device)
     stats_fn, grad_fn = _lean_slice_fns(impl, input.device)
     on_triton = _backend(impl, input.device) == "triton"
     x = input.reshape(-1, input.shape[-1])
-    flat_target = target.reshape(-1)
+    probabilities = target.is_floating_point()
+    flat_target = target.reshape(x.shape[0], -1) if probabilities else target.reshape(-1)
     layout = shard_layout(
         group, shard_name="weight_shard", rows=x.shape[0], features=x.shape[1], classes=weight_shard.shape[0],
         target=flat_target, ignore_index=ignore_index, weight=weight,
@@ -443,11 +490,15 @@ def vocab_parallel_linear_cross_entropy(
             spec, reduction, layout.classes, (), chunk_size, block, grad_in_input_dtype=on_triton
         ),
         group,
+        layout,
     )
     enabled = torch.is_grad_enabled()
-    needs = (*(enabled and t is not None and t.requires_grad for t in (x, weight_shard, bias_shard)), False)
+    needs = tuple(
+        enabled and t is not None and t.requires_grad
+        for t in (x, weight_shard, bias_shard, flat_target if probabilities else None)
+    )
     if any(needs):
         loss = cpu.LinearHeadFunction.apply(x, weight_shard, bias_shard, flat_target, head, needs)
     else:
         loss = cpu.linear_head_loss(head, x, weight_shard, bias_shard, flat_target)
-    return loss.view(target.shape) if reduction == "none" else loss
+    return loss.view(input.shape[:-1]) if reduction == "none" else loss
