@@ -50,6 +50,10 @@ CASES = {
         x, w, (t.unsqueeze(1) == torch.arange(203)).float(), linear_bias=b, reduction=red, chunk_size=8,
         impl=impl,
     ),
+    "linear_binary_cross_entropy_lean": lambda x, w, b, t, u, impl, red: softxent.linear_binary_cross_entropy(
+        x, w, (t.unsqueeze(1) == torch.arange(203)).float(), linear_bias=b, reduction=red, chunk_size=64,
+        memory="lean", impl=impl,
+    ),
 }  # fmt: skip
 
 

@@ -76,6 +76,46 @@ def test_lean_matches_reference_float64(
         assert_close(mine, expected, 1e-10, name)
 
 
+@given(
+    n=st.integers(1, 30),
+    d=st.integers(1, 20),
+    c=st.integers(1, 200),
+    seed=st.integers(0, 2**32 - 1),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    weighted=st.sampled_from([None, "element", "row"]),
+    pos_weighted=st.booleans(),
+    bias=st.booleans(),
+    slice_columns=st.sampled_from([None, 1, 7, 64]),
+)
+def test_lean_binary_cross_entropy_matches_reference_float64(
+    n, d, c, seed, reduction, weighted, pos_weighted, bias, slice_columns
+):
+    """linear_binary_cross_entropy(memory="lean"): vocabulary slices of all rows, against the reference."""
+    rng = torch.Generator().manual_seed(seed)
+    (x, w, b), _ = _problem(n, d, c, rng, bias=bias, ignore_every=0, spread=4.0)
+    target = torch.rand(n, c, generator=rng, dtype=torch.float64)
+    weight_shape = {None: None, "element": (n, c), "row": (n, 1)}[weighted]
+    weight = None if weight_shape is None else torch.rand(weight_shape, generator=rng, dtype=torch.float64)
+    pos_weight = torch.rand(c, generator=rng, dtype=torch.float64) * 3 if pos_weighted else None
+    ours = softxent.linear_binary_cross_entropy(
+        x, w, target.to(DEVICE), linear_bias=b, reduction=reduction, memory="lean", chunk_size=slice_columns,
+        impl="torch", weight=None if weight is None else weight.to(DEVICE),
+        pos_weight=None if pos_weight is None else pos_weight.to(DEVICE),
+    )  # fmt: skip
+    logits = to_numpy(x) @ to_numpy(w).T + (0.0 if b is None else to_numpy(b))
+    arrays = dict(
+        weight=None if weight is None else weight.numpy(),
+        pos_weight=None if pos_weight is None else pos_weight.numpy(),
+        reduction=reduction,
+    )
+    expected = reference.sigmoid_binary_cross_entropy(logits, target.numpy(), **arrays)
+    grad_logits = reference.sigmoid_binary_cross_entropy_grad(logits, target.numpy(), **arrays)
+    assert_close(ours, np.asarray(expected), 1e-10, "loss")
+    refs = [grad_logits @ to_numpy(w), grad_logits.T @ to_numpy(x), grad_logits.sum(0)]
+    for name, mine, ref in zip(["dX", "dW", "db"], _grads(ours, [x, w, b]), refs, strict=False):
+        assert_close(mine, ref, 1e-10, name)
+
+
 FEATURES = [
     dict(),
     dict(label_smoothing=0.1),

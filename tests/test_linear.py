@@ -157,7 +157,7 @@ def test_gradcheck_float64(impl, rng):
     def probability_loss(x_, w_, p_):
         return softxent.linear_cross_entropy(x_, w_, p_, reduction="sum", chunk_size=4, impl=impl)
 
-    def sigmoid_loss(x_, w_, b_):
+    def sigmoid_loss(x_, w_, b_, memory="speed"):
         return softxent.linear_binary_cross_entropy(
             x_,
             w_,
@@ -165,12 +165,14 @@ def test_gradcheck_float64(impl, rng):
             linear_bias=b_,
             pos_weight=torch.full((13,), 2.0, dtype=torch.float64),
             chunk_size=4,
+            memory=memory,
             impl=impl,
         )
 
     assert torch.autograd.gradcheck(class_loss, (x, w, b))
     assert torch.autograd.gradcheck(probability_loss, (x, w, probabilities))
     assert torch.autograd.gradcheck(sigmoid_loss, (x, w, b))
+    assert torch.autograd.gradcheck(lambda *args: sigmoid_loss(*args, memory="lean"), (x, w, b))
 
 
 def test_only_needed_gradients_and_no_grad(impl, rng):
@@ -210,15 +212,18 @@ def test_all_ignored_unbatched_and_empty(impl, rng):
     assert torch.isnan(empty)
 
 
+@pytest.mark.parametrize("memory", ["speed", "lean"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_linear_binary_cross_entropy_equals_torch(reduction, impl, rng):
+def test_linear_binary_cross_entropy_equals_torch(reduction, memory, impl, rng):
     x, w, b, _ = _problem(29, 17, 41, rng)
     target = torch.randint(0, 2, (29, 41), generator=rng).double().requires_grad_()
     weight = torch.rand(29, 1, generator=rng, dtype=torch.float64)
     pos_weight = torch.rand(41, generator=rng, dtype=torch.float64) * 3
     kwargs = dict(weight=weight, pos_weight=pos_weight, reduction=reduction)
+    # speed: five chunks of 6 rows; lean: five slices of 9 classes
+    chunk_size = 6 if memory == "speed" else 9
     ours = softxent.linear_binary_cross_entropy(
-        x, w, target, linear_bias=b, chunk_size=6, impl=impl, **kwargs
+        x, w, target, linear_bias=b, chunk_size=chunk_size, memory=memory, impl=impl, **kwargs
     )
     theirs = F.binary_cross_entropy_with_logits(F.linear(x, w, b), target, **kwargs)
     assert_close(ours, to_numpy(theirs), 1e-12, "loss")
@@ -229,11 +234,14 @@ def test_linear_binary_cross_entropy_equals_torch(reduction, impl, rng):
         assert_close(mine, to_numpy(ref), 1e-11, name)
 
 
-def test_linear_binary_cross_entropy_matches_reference(impl, rng):
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_linear_binary_cross_entropy_matches_reference(memory, impl, rng):
     x, w, b, _ = _problem(33, 12, 7, rng)
     target = torch.rand(33, 7, generator=rng, dtype=torch.float64)
     pos_weight = torch.rand(7, generator=rng, dtype=torch.float64) + 0.5
-    loss = softxent.linear_binary_cross_entropy(x, w, target, linear_bias=b, pos_weight=pos_weight, impl=impl)
+    loss = softxent.linear_binary_cross_entropy(
+        x, w, target, linear_bias=b, pos_weight=pos_weight, memory=memory, chunk_size=3, impl=impl
+    )
     dx, dw, db = _grads(loss, [x, w, b], random_upstream=False)
     logits = to_numpy(x) @ to_numpy(w).T + to_numpy(b)
     expected = reference.sigmoid_binary_cross_entropy(logits, target.numpy(), pos_weight=pos_weight.numpy())
@@ -244,3 +252,55 @@ def test_linear_binary_cross_entropy_matches_reference(impl, rng):
     assert_close(dx, grad_logits @ to_numpy(w), 1e-11, "dX")
     assert_close(dw, grad_logits.T @ to_numpy(x), 1e-11, "dW")
     assert_close(db, grad_logits.sum(0), 1e-11, "db")
+
+
+def test_lean_linear_binary_cross_entropy_extremes_unbatched_empty_no_grad(impl, rng):
+    """memory="lean" against the default mode: ±1e4 logits in several slices, an unbatched input, an
+    empty batch, no gradient wanted, only some gradients wanted."""
+    x, w, b, _ = _problem(23, 9, 300, rng)
+    target = torch.rand(23, 300, generator=rng, dtype=torch.float64)
+    with torch.no_grad():
+        w.mul_(2e4)
+    for reduction in ("mean", "none"):
+        kwargs = dict(
+            linear_bias=b, pos_weight=torch.full((300,), 3.0, dtype=torch.float64), reduction=reduction
+        )
+        lean = softxent.linear_binary_cross_entropy(
+            x, w, target, memory="lean", chunk_size=64, impl=impl, **kwargs
+        )
+        speed = softxent.linear_binary_cross_entropy(x, w, target, impl=impl, **kwargs)
+        assert torch.isfinite(lean).all()
+        assert_close(lean, to_numpy(speed), 1e-12, f"±1e4 loss, {reduction}")
+        for name, mine, theirs in zip(
+            ["dX", "dW", "db"], _grads(lean, [x, w, b]), _grads(speed, [x, w, b]), strict=True
+        ):
+            size = float(theirs.abs().max())
+            assert_close(mine / size, to_numpy(theirs) / size, 1e-12, f"±1e4 {name}, {reduction}")
+    single = softxent.linear_binary_cross_entropy(
+        x[0], w, target[0], linear_bias=b, reduction="none", memory="lean", impl=impl
+    )
+    assert single.shape == (300,)
+    assert_close(
+        single,
+        to_numpy(F.binary_cross_entropy_with_logits(F.linear(x[0], w, b), target[0], reduction="none")),
+        1e-12,
+        "unbatched",
+    )
+    empty = softxent.linear_binary_cross_entropy(x[:0], w, target[:0], memory="lean", impl=impl)
+    assert torch.isnan(empty)
+    frozen = w.detach()
+    lean = softxent.linear_binary_cross_entropy(
+        x, frozen, target, linear_bias=b, memory="lean", chunk_size=64, impl=impl
+    )
+    eager = F.binary_cross_entropy_with_logits(F.linear(x, frozen, b), target)
+    for mine, theirs in zip(
+        torch.autograd.grad(lean, [x, b]), torch.autograd.grad(eager, [x, b]), strict=True
+    ):
+        size = float(theirs.abs().max())
+        assert_close(mine / size, to_numpy(theirs) / size, 1e-12, "frozen weight")
+    with torch.no_grad():
+        plain = softxent.linear_binary_cross_entropy(x, w, target, memory="lean", chunk_size=64, impl=impl)
+    assert not plain.requires_grad
+    assert_close(
+        plain, to_numpy(F.binary_cross_entropy_with_logits(F.linear(x, w), target)), 1e-12, "no_grad"
+    )

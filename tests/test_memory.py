@@ -23,14 +23,20 @@ if case == "logits":
     x = torch.randn(2048, 16384).requires_grad_()
     y = torch.randint(0, 16384, (2048,))
     run = lambda: softxent.cross_entropy(x, y).backward()
-else:
+elif case == "linear":
     x = torch.randn(2048, 256).requires_grad_()
     w = torch.randn(16384, 256).requires_grad_()
     y = torch.randint(0, 16384, (2048,))
     run = lambda: softxent.linear_cross_entropy(x, w, y, chunk_size=256).backward()
+else:  # the multi-label head, "speed" (chunks of 256 rows) or "lean" (slices of 2048 classes)
+    x = torch.randn(2048, 256).requires_grad_()
+    w = torch.randn(16384, 256).requires_grad_()
+    y = torch.rand(2048, 16384)  # the dense target: an input, 128 MiB
+    chunk = 256 if case == "bce_speed" else 2048
+    run = lambda: softxent.linear_binary_cross_entropy(x, w, y, chunk_size=chunk, memory=case[4:]).backward()
 run()
 x.grad = None
-if case == "linear":
+if case != "logits":
     w.grad = None
 Path("/proc/self/clear_refs").write_text("5")
 base = mib("VmRSS")
@@ -62,3 +68,15 @@ def test_linear_cross_entropy_never_materializes_the_logits():
     peak = _peak("linear")
     assert peak <= grads_mib + chunk_mib + 30, f"peak {peak:.0f} MiB above the inputs"
     assert peak < logits_mib / 2
+
+
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_linear_binary_cross_entropy_never_materializes_the_logits(memory):
+    """Neither mode holds an (N, C) buffer: not the logits, nor the elementwise loss for "mean"."""
+    logits_mib = 2048 * 16384 * 4 / 2**20  # 128 MiB if the (N, C) logits (or losses) existed
+    grads_mib = (16384 * 256 + 2048 * 256) * 4 / 2**20  # dW + dX: 18 MiB
+    chunk_mib = 256 * 16384 * 4 / 2**20  # one chunk (256 rows) or slice (2048 classes) of logits: 16 MiB
+    peak = _peak(f"bce_{memory}")
+    # measured 56-64 MiB: the gradients, one chunk and the elementwise temporaries of 4 MiB row blocks
+    assert peak <= grads_mib + chunk_mib + 45, f"peak {peak:.0f} MiB above the inputs"
+    assert peak < 0.75 * logits_mib

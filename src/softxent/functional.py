@@ -513,6 +513,7 @@ def linear_binary_cross_entropy(
     pos_weight: Tensor | None = None,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    memory: str = "speed",
     impl: str = "auto",
 ) -> Tensor:
     r"""Multi-label sigmoid BCE of a linear head without materializing the (N, C) logits.
@@ -520,10 +521,17 @@ def linear_binary_cross_entropy(
     Computes ``binary_cross_entropy_with_logits(input @ linear_weight.T + linear_bias, target, weight,
     pos_weight=pos_weight, reduction=reduction)`` in chunks of rows, with dX, dW and db formed chunk by
     chunk in the forward pass (6·N·D·C FLOPs, backward is a scale), as :func:`linear_cross_entropy` does.
+    With ``memory="lean"`` the chunks are vocabulary slices of all N rows instead (one pass, still
+    6·N·D·C FLOPs: each class's loss needs only its own logit): dW is written slice by slice, never summed
+    across chunks, and the extra memory is one (N, S) slice plus an (N, D) float32 dX accumulator,
+    independent of C (see :class:`softxent.ops.lean.LeanSigmoidHead`).
 
     Args:
         input: ``(N, D)`` or ``(D,)``; linear_weight: ``(C, D)``; target: ``(N, C)`` (or ``(C,)``) in [0, 1].
         linear_bias: ``(C,)`` or None. weight: broadcastable to ``(N, C)``; pos_weight: to ``(C,)``.
+        chunk_size: rows per chunk; with ``memory="lean"``, classes per slice (default: 64 MiB of logits).
+        memory: "speed" (the default: chunks of rows × C logits, dW summed over them in float32 for
+            low-precision inputs) or "lean" (vocabulary slices).
 
     Example:
         >>> import torch, softxent
@@ -538,13 +546,14 @@ def linear_binary_cross_entropy(
             "linear_binary_cross_entropy",
             dict(input=input, linear_weight=linear_weight, linear_bias=linear_bias, target=target,
                  weight=weight, pos_weight=pos_weight),
-            reduction=reduction, chunk_size=chunk_size, impl=impl,
+            reduction=reduction, chunk_size=chunk_size, memory=memory, impl=impl,
         )  # fmt: skip
     num_classes, _ = _check_linear(input, linear_weight, linear_bias, class_dims=0)
     check.check_float_tensor("target", target)
     check.check_same_device("target", target, input.device)
     reduction = check.check_reduction(reduction)
     chunk_size = check.check_chunk_size(chunk_size)
+    memory = check.check_memory(memory)
     _, block_fn = _block_fns(impl, input.device)
     on_triton = _backend(impl, input.device) == "triton"
     logits_shape = (*input.shape[:-1], num_classes)
@@ -553,7 +562,11 @@ def linear_binary_cross_entropy(
     weight, pos_weight = _check_bce_weights(weight, pos_weight, logits_shape, input.device)
     if weight is not None and input.dim() == 1:
         weight = weight.unsqueeze(0) if weight.dim() == 1 else weight
-    head = cpu.SigmoidHead(
-        cpu.SigmoidLoss(weight, pos_weight), reduction, chunk_size, block_fn, grad_in_input_dtype=on_triton
-    )
+    spec = cpu.SigmoidLoss(weight, pos_weight)
+    if memory == "lean":
+        head = lean.LeanSigmoidHead(
+            spec, reduction, num_classes, chunk_size, block_fn, grad_in_input_dtype=on_triton
+        )
+    else:
+        head = cpu.SigmoidHead(spec, reduction, chunk_size, block_fn, grad_in_input_dtype=on_triton)
     return _apply_head(input, linear_weight, linear_bias, target, head, True)

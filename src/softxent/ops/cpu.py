@@ -241,6 +241,51 @@ def sigmoid_bce_block(
     return loss
 
 
+def sigmoid_bce_rows(
+    logits: Tensor,
+    target: Tensor,
+    spec: SigmoidLoss,
+    *,
+    grad_scale: Tensor | None,
+    grad_out: Tensor | None,
+    target_grad_out: Tensor | None,
+    block_fn: Callable[..., Tensor] | None = None,
+    row_sums: bool = False,
+) -> Tensor:
+    """:func:`sigmoid_bce_block` over a linear head's (B, C) block of logits, in blocks of about
+    BLOCK_ELEMENTS logits so that the torch ops' temporaries stay small and in cache; ``block_fn`` (a Triton
+    kernel, whose temporaries live in registers) takes the whole block in one launch.
+
+    ``spec.weight``: None or (B, C) (an expanded view is fine); ``spec.pos_weight``: None or (C,);
+    ``grad_scale``: None, 0-d or (B, C). Returns the (B, C) losses in the compute dtype, or with
+    ``row_sums`` each row's sum (B,) (no (B, C) loss kept).
+    """
+    rows, columns = logits.shape
+
+    def run(first: int, last: int) -> Tensor:
+        scale = grad_scale[first:last] if isinstance(grad_scale, Tensor) and grad_scale.dim() else grad_scale
+        loss = (block_fn or sigmoid_bce_block)(
+            logits[first:last],
+            target[first:last],
+            SigmoidLoss(None if spec.weight is None else spec.weight[first:last], spec.pos_weight),
+            grad_scale=scale,
+            grad_out=None if grad_out is None else grad_out[first:last],
+            target_grad_out=None if target_grad_out is None else target_grad_out[first:last],
+        )
+        return loss.sum(-1) if row_sums else loss
+
+    one_launch = block_fn is not None and block_fn is not sigmoid_bce_block
+    blocks = [(0, rows)] if one_launch else _blocks(rows, columns, BLOCK_ELEMENTS)
+    if len(blocks) == 1:
+        return run(*blocks[0])
+    out = torch.empty(
+        (rows,) if row_sums else (rows, columns), dtype=compute_dtype(logits.dtype), device=logits.device
+    )
+    for first, last in blocks:
+        out[first:last] = run(first, last)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # cross_entropy on given logits
 # ----------------------------------------------------------------------------------------------------------
@@ -688,18 +733,22 @@ class SigmoidHead:
     grad_in_input_dtype: bool = False
 
     def run(self, x, linear_weight, linear_bias, target, *, grad_scale, needs):
+        """The head protocol of :class:`LinearHeadFunction`; the loss is (N, C) for "none", else each
+        row's sum (N,) (no (N, C) buffer when only the total is wanted)."""
         need_dx, need_dw, need_db, need_target_grad = needs
         weight = None if self.spec.weight is None else self.spec.weight.expand(target.shape)
+        per_element = self.reduction == "none"
 
         def block(logits, start, stop, scale, grad_out, target_grad_out):
-            spec = SigmoidLoss(None if weight is None else weight[start:stop], self.spec.pos_weight)
-            return (self.block_fn or sigmoid_bce_block)(
+            return sigmoid_bce_rows(
                 logits,
                 target[start:stop],
-                spec,
+                SigmoidLoss(None if weight is None else weight[start:stop], self.spec.pos_weight),
                 grad_scale=scale,
                 grad_out=grad_out,
                 target_grad_out=target_grad_out,
+                block_fn=self.block_fn,
+                row_sums=not per_element,
             )
 
         return linear_head_pass(
@@ -707,7 +756,7 @@ class SigmoidHead:
             linear_weight,
             linear_bias,
             block,
-            loss_shape=tuple(target.shape),
+            loss_shape=tuple(target.shape) if per_element else tuple(target.shape[:1]),
             grad_scale=grad_scale,
             need_dx=need_dx,
             need_dw=need_dw,

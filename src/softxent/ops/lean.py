@@ -33,6 +33,7 @@ from torch import Tensor
 
 from softxent.ops.cpu import (
     BLOCK_ELEMENTS,
+    SigmoidLoss,
     SoftmaxLoss,
     _blocks,
     _mean_denominator,
@@ -40,6 +41,7 @@ from softxent.ops.cpu import (
     _reduction_scale,
     accumulate_matmul,
     compute_dtype,
+    sigmoid_bce_rows,
 )
 
 # Logits per vocabulary slice, in bytes of the slice buffer: 64 MiB, so the slice is small next to the
@@ -301,6 +303,42 @@ def finish(stats: RowStats, targets: Targets, spec: SoftmaxLoss) -> tuple[Tensor
     return loss, lse, coeff
 
 
+def vocabulary_slices(x: Tensor, num_classes: int, slice_columns: int | None, grad_in_input_dtype: bool):
+    """(start, stop, logits buffer view (N, stop − start)) for each slice of the classes, with one reused
+    (N, S) buffer: S = ``slice_columns``, or by default SLICE_BYTES of logits (and of their float32 copy
+    where the gradient is kept in the compute dtype), in multiples of MIN_SLICE_COLUMNS."""
+    rows = x.shape[0]
+    ct = compute_dtype(x.dtype)
+    element_bytes = x.element_size()
+    if not grad_in_input_dtype and x.dtype != ct:
+        element_bytes += torch.finfo(ct).bits // 8
+    if slice_columns is None:
+        columns = SLICE_BYTES // max(rows * element_bytes, 1)
+        slice_columns = max(MIN_SLICE_COLUMNS, columns // MIN_SLICE_COLUMNS * MIN_SLICE_COLUMNS)
+    columns = max(1, min(slice_columns, num_classes))
+    buffer = torch.empty(rows, columns, dtype=x.dtype, device=x.device)
+    for start in range(0, num_classes, columns):
+        stop = min(start + columns, num_classes)
+        yield start, stop, buffer[:, : stop - start]
+
+
+def slice_logits(
+    x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int, out: Tensor
+) -> Tensor:
+    """z_v = x·W[start:stop]ᵀ + b[start:stop] into ``out`` (N, stop − start)."""
+    if bias is not None:
+        return torch.addmm(bias[start:stop], x, weight[start:stop].t(), out=out)
+    return torch.mm(x, weight[start:stop].t(), out=out)
+
+
+def _accumulate_grad_x(grad_x: Tensor, grad: Tensor, w_slice: Tensor) -> None:
+    """dX += G_v·W_v, summed over the slices in the compute dtype (float32 for low-precision inputs)."""
+    if grad.dtype == grad_x.dtype:
+        grad_x.addmm_(grad, w_slice if w_slice.dtype == grad_x.dtype else w_slice.to(grad_x.dtype))
+    else:
+        accumulate_matmul(grad_x, grad, w_slice)  # input-dtype product, float32 sum over slices
+
+
 @dataclass(frozen=True)
 class LeanSoftmaxHead:
     """The vocabulary-sliced softmax head over a (C, D) weight (see the module docstring).
@@ -319,38 +357,17 @@ class LeanSoftmaxHead:
     grad_fn: SliceGradFn = slice_grad
     grad_in_input_dtype: bool = False
 
-    def _columns(self, rows: int, element_bytes: int) -> int:
-        if self.slice_columns is not None:
-            return max(1, min(self.slice_columns, self.num_classes))
-        columns = SLICE_BYTES // max(rows * element_bytes, 1)
-        columns = max(MIN_SLICE_COLUMNS, columns // MIN_SLICE_COLUMNS * MIN_SLICE_COLUMNS)
-        return max(1, min(columns, self.num_classes))
-
-    def _slices(self, x: Tensor, ct: torch.dtype):
-        """(start, stop, logits buffer view) for each slice, with one reused (N, S) buffer."""
-        rows = x.shape[0]
-        keep_ct = not self.grad_in_input_dtype and x.dtype != ct
-        columns = self._columns(rows, x.element_size() + (torch.finfo(ct).bits // 8 if keep_ct else 0))
-        buffer = torch.empty(rows, columns, dtype=x.dtype, device=x.device)
-        for start in range(0, self.num_classes, columns):
-            stop = min(start + columns, self.num_classes)
-            yield start, stop, buffer[:, : stop - start]
-
-    @staticmethod
-    def _logits(x: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int, out: Tensor) -> Tensor:
-        if bias is not None:
-            return torch.addmm(bias[start:stop], x, weight[start:stop].t(), out=out)
-        return torch.mm(x, weight[start:stop].t(), out=out)
-
     def forward_stats(self, x, weight, bias, targets: Targets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-row (loss, coeff, m, log Σexp) (see :func:`finish`, :func:`softmax_shift`): one pass over
         the slices, 2·N·D·C FLOPs."""
         ct = compute_dtype(x.dtype)
         stats = RowStats.empty(x.shape[0], ct, x.device)
         if x.shape[0]:
-            for start, stop, logits in self._slices(x, ct):
+            for start, stop, logits in vocabulary_slices(
+                x, self.num_classes, self.slice_columns, self.grad_in_input_dtype
+            ):
                 self.stats_fn(
-                    self._logits(x, weight, bias, start, stop, logits),
+                    slice_logits(x, weight, bias, start, stop, logits),
                     start, targets, self.spec, self.num_classes, stats,
                 )  # fmt: skip
         loss, _, coeff = finish(stats, targets, self.spec)
@@ -379,8 +396,10 @@ class LeanSoftmaxHead:
             if grad_bias is not None:
                 grad_bias.zero_()
             return grad_x, grad_weight, grad_bias, grad_target
-        for start, stop, logits in self._slices(x, ct):
-            self._logits(x, weight, bias, start, stop, logits)
+        for start, stop, logits in vocabulary_slices(
+            x, self.num_classes, self.slice_columns, self.grad_in_input_dtype
+        ):
+            slice_logits(x, weight, bias, start, stop, logits)
             grad = logits if low or x.dtype == ct else torch.empty(logits.shape, dtype=ct, device=x.device)
             self.grad_fn(
                 logits, start, targets, self.spec, self.num_classes, m, log_sum_exp, coeff, scale,
@@ -392,11 +411,7 @@ class LeanSoftmaxHead:
             if grad_bias is not None:
                 grad_bias[start:stop] = grad.sum(0, dtype=ct)
             if grad_x is not None:
-                w_slice = weight[start:stop]
-                if grad.dtype == ct:
-                    grad_x.addmm_(grad, w_slice if w_slice.dtype == ct else w_slice.to(ct))
-                else:
-                    accumulate_matmul(grad_x, grad, w_slice)  # input-dtype product, float32 sum over slices
+                _accumulate_grad_x(grad_x, grad, weight[start:stop])
         return grad_x, grad_weight, grad_bias, grad_target
 
 
@@ -439,3 +454,87 @@ def lean_linear_cross_entropy(
     loss = head.forward_stats(x, weight, bias, targets)[0]
     denominator, _ = _mean_denominator(target, head.spec, head.num_classes, ct)
     return _reduce(loss, head.reduction, denominator)
+
+
+@dataclass(frozen=True)
+class LeanSigmoidHead:
+    """``linear_binary_cross_entropy(memory="lean")``: the sigmoid head over vocabulary slices of all rows.
+
+    Each class's loss depends on its own logit only, so one pass suffices (no statistics, no recompute).
+    Per slice of S classes: z_v = x·W_vᵀ + b_v for all N rows, then in place G_v = s·∂ℓ/∂z_v =
+    s·w·(L·σ(z_v) − p·y) (:func:`softxent.ops.cpu.sigmoid_bce_block`'s contract, or its Triton kernel),
+    dW_v = G_vᵀ·x in one matmul over all N rows (nothing summed across chunks, so its rounding is eager
+    autograd's), db_v = Σ_rows G_v, dX += G_v·W_v in the compute dtype. 6·N·D·C FLOPs, as the default mode.
+
+    Memory beyond inputs and gradients: one (N, S) slice of logits (plus a float32 copy where the gradient is
+    kept in float32) and the (N, D) float32 dX accumulator for low-precision inputs, independent of C;
+    "mean" and "sum" add up the loss slice by slice, "none" returns the (N, C) loss. The head protocol of
+    :class:`softxent.ops.cpu.LinearHeadFunction` (``run``, ``denominator``, ``reduction``).
+    """
+
+    spec: SigmoidLoss
+    reduction: str
+    num_classes: int
+    slice_columns: int | None
+    block_fn: Callable[..., Tensor] | None = None  # a Triton kernel; None: the torch ops (sigmoid_bce_rows)
+    grad_in_input_dtype: bool = False
+
+    def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, Tensor | bool]:
+        """The "mean" reduction averages over every element."""
+        return torch.tensor(float(target.numel()), dtype=ct, device=target.device), target.numel() > 0
+
+    def run(self, x, linear_weight, linear_bias, target, *, grad_scale, needs):
+        """(loss, dX, dW, db, d_target) for x (N, D), W (C, D), target (N, C); ``grad_scale`` None (loss
+        only), 0-d or (N, C). The loss is (N, C) for "none", else each row's sum (N,)."""
+        need_dx, need_dw, need_db, need_target_grad = needs
+        ct = compute_dtype(x.dtype)
+        low = self.grad_in_input_dtype
+        rows, device = x.shape[0], x.device
+        want_grad = grad_scale is not None
+        per_element = self.reduction == "none"
+        loss = torch.empty(target.shape, dtype=ct, device=device) if per_element else None
+        row_sums = None if per_element else torch.zeros(rows, dtype=ct, device=device)
+        grad_x = torch.zeros(x.shape, dtype=ct, device=device) if want_grad and need_dx else None
+        grad_weight = None
+        if want_grad and need_dw:
+            grad_weight = torch.empty(linear_weight.shape, dtype=x.dtype if low else ct, device=device)
+        grad_bias = torch.empty(self.num_classes, dtype=ct, device=device) if want_grad and need_db else None
+        grad_target = torch.empty_like(target) if want_grad and need_target_grad else None
+        need_grad = want_grad and (need_dx or need_dw or need_db)
+        weight = None if self.spec.weight is None else self.spec.weight.expand(target.shape)
+        pos_weight = None if self.spec.pos_weight is None else self.spec.pos_weight.expand(self.num_classes)
+        x_ct = x if x.dtype == ct or low else x.to(ct)
+        for start, stop, logits in vocabulary_slices(x, self.num_classes, self.slice_columns, low):
+            slice_logits(x, linear_weight, linear_bias, start, stop, logits)
+            grad = None
+            if need_grad:
+                grad = logits if low or x.dtype == ct else torch.empty(logits.shape, dtype=ct, device=device)
+            scale = grad_scale
+            if isinstance(grad_scale, Tensor) and grad_scale.dim():
+                scale = grad_scale[:, start:stop]
+            part = sigmoid_bce_rows(
+                logits,
+                target[:, start:stop],
+                SigmoidLoss(
+                    None if weight is None else weight[:, start:stop],
+                    None if pos_weight is None else pos_weight[start:stop],
+                ),
+                grad_scale=scale,
+                grad_out=grad,
+                target_grad_out=None if grad_target is None else grad_target[:, start:stop],
+                block_fn=self.block_fn,
+                row_sums=not per_element,
+            )
+            if loss is not None:
+                loss[:, start:stop] = part
+            else:
+                row_sums += part
+            if grad is None:
+                continue
+            if grad_weight is not None:
+                torch.mm(grad.t(), x_ct, out=grad_weight[start:stop])
+            if grad_bias is not None:
+                grad_bias[start:stop] = grad.sum(0, dtype=ct)
+            if grad_x is not None:
+                _accumulate_grad_x(grad_x, grad, linear_weight[start:stop])
+        return loss if per_element else row_sums, grad_x, grad_weight, grad_bias, grad_target
