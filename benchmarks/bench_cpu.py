@@ -9,9 +9,13 @@ Cases (each in a fresh process, so its peak RSS is its own):
   cross-entropy on logits, N×C = 8192×32000:
     eager      F.cross_entropy
     softxent   softxent.cross_entropy
+  multi-label linear head (sigmoid BCE), N×D×C = 4096×1024×16000, dense (N, C) targets:
+    eager      F.linear then F.binary_cross_entropy_with_logits
+    softxent   softxent.linear_binary_cross_entropy
+    softxent-lean  softxent.linear_binary_cross_entropy(..., memory="lean")
 
 Printed beside them, the physical floors measured on this machine in the same run:
-  linear head: 6·N·D·C FLOPs at the rate of one (N, D)×(D, C) matmul (3 × its time);
+  linear heads: 6·N·D·C FLOPs at the rate of one (N, D)×(D, C) matmul (3 × its time);
   cross-entropy: reading the logits once and writing the gradient once at the measured copy bandwidth.
 
 Time is the median of --repeats runs after one warm-up; memory is the process's peak RSS (VmHWM, reset once
@@ -42,6 +46,8 @@ LINEAR_SHAPE = (4096, 1024, 32000)
 LOGITS_SHAPE = (8192, 32000)
 LINEAR_CASES = ("eager", "chunked", "softxent", "softxent-lean", "floor")
 LOGITS_CASES = ("eager", "softxent", "floor")
+SIGMOID_SHAPE = (4096, 1024, 16000)
+SIGMOID_CASES = ("eager", "softxent", "softxent-lean", "floor")
 
 
 def _status_mib(field: str) -> float:
@@ -139,10 +145,47 @@ def _logits_step(provider: str) -> tuple[Callable[[], None], float | None]:
     return step, None
 
 
+def _sigmoid_step(provider: str) -> tuple[Callable[[], None], float | None]:
+    import softxent
+
+    n, d, c = SIGMOID_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=generator).requires_grad_()
+    w = (torch.randn(c, d, generator=generator) / d**0.5).requires_grad_()
+    target = (torch.rand(n, c, generator=generator) < 0.01).float()  # a few labels per row
+
+    def clear() -> None:
+        x.grad = None
+        w.grad = None
+
+    if provider == "eager":
+
+        def step() -> None:
+            clear()
+            F.binary_cross_entropy_with_logits(F.linear(x, w), target).backward()
+    elif provider in ("softxent", "softxent-lean"):
+        memory = "lean" if provider == "softxent-lean" else "speed"
+
+        def step() -> None:
+            clear()
+            softxent.linear_binary_cross_entropy(x, w, target, memory=memory).backward()
+    elif provider == "floor":
+        out = torch.empty(n, c)
+        xd, wd = x.detach(), w.detach()
+
+        def step() -> None:
+            torch.mm(xd, wd.t(), out=out)
+
+        return step, 3.0
+    else:
+        raise ValueError(f"provider: expected one of {SIGMOID_CASES}, got {provider!r}")
+    return step, None
+
+
 def run_case(case: str, repeats: int) -> dict[str, float | str]:
     """Runs one case in this process and returns its median time and peak memory above the inputs."""
     family, provider = case.split(":")
-    make = _linear_step if family == "linear" else _logits_step
+    make = {"linear": _linear_step, "logits": _logits_step, "sigmoid": _sigmoid_step}[family]
     step, floor_factor = make(provider)
     _reset_peak_rss()
     baseline = _status_mib("VmRSS")
@@ -221,6 +264,14 @@ def main() -> None:
         "(floor: read logits + write gradient at the measured copy bandwidth)",
         "logits",
         LOGITS_CASES,
+        args.repeats,
+    )
+    n, d, c = SIGMOID_SHAPE
+    lines += _table(
+        f"multi-label linear head (sigmoid BCE), forward+backward, float32, N={n} D={d} C={c} "
+        "(floor: 6·N·D·C FLOPs at the measured matmul rate)",
+        "sigmoid",
+        SIGMOID_CASES,
         args.repeats,
     )
     print("\n".join(lines))

@@ -320,7 +320,8 @@ def apply(
     ``num_items_in_batch``, ``shift_labels``, ``logits_to_keep``, Gemma 2/3's final-logit softcap) with
     :func:`softxent.linear_cross_entropy` on the hidden states that enter ``lm_head`` and returns
     ``logits=None``; without ``labels`` it returns the logits as before. Applying again replaces the
-    options; :func:`revert` undoes it.
+    options; :func:`revert` undoes it. The patch is an instance attribute: ``torch.nn.DataParallel``
+    replicas copy it and would run this instance, so use :func:`patch_causal_lm` with DataParallel.
 
     Args:
         model: a ``*ForCausalLM`` of a family in :data:`SUPPORTED_MODEL_TYPES`, with an ``nn.Linear`` lm_head.
