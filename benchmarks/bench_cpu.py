@@ -24,6 +24,7 @@ temporaries, but not the inputs.
 
     python benchmarks/bench_cpu.py                 # everything, prints a Markdown table
     python benchmarks/bench_cpu.py --case linear:softxent --repeats 3
+    python benchmarks/bench_cpu.py --families sigmoid --repeats 3   # one table
 """
 
 from __future__ import annotations
@@ -241,39 +242,52 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=5, help="timed runs per case, after a warm-up (default 5)"
     )
+    parser.add_argument(
+        "--families",
+        default="linear,logits,sigmoid",
+        help="comma-separated tables to run: linear, logits, sigmoid (default: all)",
+    )
     args = parser.parse_args()
+    families = args.families.split(",")
+    unknown = sorted(set(families) - {"linear", "logits", "sigmoid"})
+    if unknown:
+        parser.error(f"--families: expected names among linear, logits, sigmoid, got {unknown}")
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats)))
         return
-    n, d, c = LINEAR_SHAPE
     print(
         f"softxent CPU benchmark: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n"
     )
-    lines = _table(
-        f"linear head + cross-entropy, forward+backward, float32, N={n} D={d} C={c} "
-        "(floor: 6·N·D·C FLOPs at the measured matmul rate)",
-        "linear",
-        LINEAR_CASES,
-        args.repeats,
-    )
-    n, c = LOGITS_SHAPE
-    lines += _table(
-        f"cross-entropy on logits, forward+backward, float32, N={n} C={c} "
-        "(floor: read logits + write gradient at the measured copy bandwidth)",
-        "logits",
-        LOGITS_CASES,
-        args.repeats,
-    )
-    n, d, c = SIGMOID_SHAPE
-    lines += _table(
-        f"multi-label linear head (sigmoid BCE), forward+backward, float32, N={n} D={d} C={c} "
-        "(floor: 6·N·D·C FLOPs at the measured matmul rate)",
-        "sigmoid",
-        SIGMOID_CASES,
-        args.repeats,
-    )
+    lines = []
+    if "linear" in families:
+        n, d, c = LINEAR_SHAPE
+        lines += _table(
+            f"linear head + cross-entropy, forward+backward, float32, N={n} D={d} C={c} "
+            "(floor: 6·N·D·C FLOPs at the measured matmul rate)",
+            "linear",
+            LINEAR_CASES,
+            args.repeats,
+        )
+    if "logits" in families:
+        n, c = LOGITS_SHAPE
+        lines += _table(
+            f"cross-entropy on logits, forward+backward, float32, N={n} C={c} "
+            "(floor: read logits + write gradient at the measured copy bandwidth)",
+            "logits",
+            LOGITS_CASES,
+            args.repeats,
+        )
+    if "sigmoid" in families:
+        n, d, c = SIGMOID_SHAPE
+        lines += _table(
+            f"multi-label linear head (sigmoid BCE), forward+backward, float32, N={n} D={d} C={c} "
+            "(floor: 6·N·D·C FLOPs at the measured matmul rate)",
+            "sigmoid",
+            SIGMOID_CASES,
+            args.repeats,
+        )
     print("\n".join(lines))
 
 
