@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import softxent
-from helpers import assert_close, assert_no_worse, to_numpy
+from helpers import assert_close, assert_no_worse, gradient_slack, to_numpy
 from softxent import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,12 +166,13 @@ def test_lean_low_precision_no_worse_than_eager(dtype, impl, rng):
     loss, *ref_grads = _reference(x, w, b, target)
     assert ours.dtype == torch.float32
     assert_no_worse(ours, eager, np.asarray(loss), 1e-6, "loss")
+    slack = gradient_slack(dtype)  # eager's extra rounding of G sometimes lands closer (helpers.py)
     for name, mine, theirs, expected in zip(
         ["dX", "dW", "db"], _grads(ours, [x, w, b]), _grads(eager, [x, w, b]), ref_grads, strict=True
     ):
         assert mine.dtype == dtype
         size = float(np.abs(expected).max())
-        assert_no_worse(mine.double() / size, theirs.double() / size, expected / size, 2e-3, name)
+        assert_no_worse(mine.double() / size, theirs.double() / size, expected / size, slack, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
