@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import settings
+
+from helpers import fresh_seed
 
 # Without a GPU the Triton kernels run on the CPU in Triton's interpreter (set before triton is imported).
 if not torch.cuda.is_available():
@@ -39,8 +40,7 @@ def impl(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def rng() -> torch.Generator:
     """A torch generator with a fresh seed each run (printed on failure); SOFTXENT_TEST_SEED replays one."""
-    replay = os.environ.get("SOFTXENT_TEST_SEED")
-    seed = int(replay) if replay else int(np.random.SeedSequence().entropy % (2**63))
+    seed = fresh_seed()
     generator = torch.Generator().manual_seed(seed)
     print(f"torch generator seed: {seed}")  # shown by pytest when the test fails
     return generator

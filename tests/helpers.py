@@ -49,6 +49,13 @@ def assert_no_worse(
     )
 
 
+def fresh_seed(bits: int = 63) -> int:
+    """A fresh random seed below 2**bits each run, or SOFTXENT_TEST_SEED's value (to replay a failure: every
+    test prints the seed it drew, which pytest shows for a failing test)."""
+    replay = os.environ.get("SOFTXENT_TEST_SEED")
+    return int(replay) if replay else int(np.random.SeedSequence().entropy % (2**bits))
+
+
 def gradient_slack(dtype: torch.dtype) -> float:
     """Slack of :func:`assert_no_worse` for a linear head's max-normalized gradients at ``dtype``.
 

@@ -25,6 +25,7 @@ from sklearn.datasets import make_classification
 
 import data_parallel_worker
 from data_parallel_worker import CASES, State
+from helpers import fresh_seed
 from softxent.cli import main
 from softxent.distributed._data_parallel import (
     ReplicaGroup,
@@ -53,8 +54,8 @@ TORCHRUN_ENV = {
 
 @pytest.fixture(scope="module")
 def seed() -> int:
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"data seed: {seed}")  # shown by pytest when a test fails
+    seed = fresh_seed(31)
+    print(f"data seed: {seed}")  # shown by pytest when a test fails; SOFTXENT_TEST_SEED replays it
     return seed
 
 

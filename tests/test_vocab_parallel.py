@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vocab_parallel_worker
+from helpers import fresh_seed
 from softxent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 IMPLS = ["torch", *(["triton"] if importlib.util.find_spec("triton") else [])]
@@ -22,7 +22,8 @@ def test_matches_single_device(world: int, tmp_path) -> None:
     """Loss, logits gradient, dX, each weight and bias shard's gradient, for every loss feature and
     reduction, uneven and empty shards, extreme logits, several chunks, both backends (Triton in the
     interpreter), and the collective errors."""
-    seed = int(np.random.SeedSequence().entropy % (2**31))
+    seed = fresh_seed(31)
+    print(f"seed: {seed}")  # shown by pytest when the test fails; SOFTXENT_TEST_SEED replays it
     # the Triton interpreter is slow: the three-process run covers the torch backend, the two-process both
     impls = IMPLS if world == 2 else ["torch"]
     mp.spawn(
@@ -100,7 +101,8 @@ def test_one_rank_is_the_single_device_op() -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL runs one GPU per rank)")
 def test_matches_single_device_on_gpus_with_nccl(tmp_path) -> None:
     """The same checks with NCCL, rank r on GPU r, the Triton kernels compiled for the GPU."""
-    seed = int(np.random.SeedSequence().entropy % (2**31))
+    seed = fresh_seed(31)
+    print(f"seed: {seed}")  # shown by pytest when the test fails; SOFTXENT_TEST_SEED replays it
     mp.spawn(
         vocab_parallel_worker.run,
         args=(2, str(tmp_path / "rendezvous"), seed, IMPLS, "nccl"),
