@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -74,14 +75,21 @@ def _time(step: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _linear_step(provider: str) -> tuple[Callable[[], None], float | None]:
+def _head_step(provider: str, sigmoid: bool = False) -> tuple[Callable[[], None], float | None]:
+    """A linear head's step: softmax cross-entropy with class targets (LINEAR_SHAPE), or with ``sigmoid``
+    the multi-label BCE with dense (N, C) targets, a few labels a row (SIGMOID_SHAPE)."""
     import softxent
 
-    n, d, c = LINEAR_SHAPE
+    n, d, c = SIGMOID_SHAPE if sigmoid else LINEAR_SHAPE
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=generator).requires_grad_()
     w = (torch.randn(c, d, generator=generator) / d**0.5).requires_grad_()
-    target = torch.randint(0, c, (n,), generator=generator)
+    if sigmoid:
+        target = (torch.rand(n, c, generator=generator) < 0.01).float()
+        eager_loss, fused_loss = F.binary_cross_entropy_with_logits, softxent.linear_binary_cross_entropy
+    else:
+        target = torch.randint(0, c, (n,), generator=generator)
+        eager_loss, fused_loss = F.cross_entropy, softxent.linear_cross_entropy
 
     def clear() -> None:
         x.grad = None
@@ -91,8 +99,8 @@ def _linear_step(provider: str) -> tuple[Callable[[], None], float | None]:
 
         def step() -> None:
             clear()
-            F.cross_entropy(F.linear(x, w), target).backward()
-    elif provider == "chunked":
+            eager_loss(F.linear(x, w), target).backward()
+    elif provider == "chunked" and not sigmoid:
         options = torch.nn.LinearCrossEntropyOptions()
 
         def step() -> None:
@@ -103,7 +111,7 @@ def _linear_step(provider: str) -> tuple[Callable[[], None], float | None]:
 
         def step() -> None:
             clear()
-            softxent.linear_cross_entropy(x, w, target, memory=memory).backward()
+            fused_loss(x, w, target, memory=memory).backward()
     elif provider == "floor":
         out = torch.empty(n, c)
         xd, wd = x.detach(), w.detach()
@@ -113,7 +121,8 @@ def _linear_step(provider: str) -> tuple[Callable[[], None], float | None]:
 
         return step, 3.0  # 6·N·D·C FLOPs = three matmuls of this size
     else:
-        raise ValueError(f"provider: expected one of {LINEAR_CASES}, got {provider!r}")
+        cases = SIGMOID_CASES if sigmoid else LINEAR_CASES
+        raise ValueError(f"provider: expected one of {cases}, got {provider!r}")
     return step, None
 
 
@@ -146,47 +155,12 @@ def _logits_step(provider: str) -> tuple[Callable[[], None], float | None]:
     return step, None
 
 
-def _sigmoid_step(provider: str) -> tuple[Callable[[], None], float | None]:
-    import softxent
-
-    n, d, c = SIGMOID_SHAPE
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(n, d, generator=generator).requires_grad_()
-    w = (torch.randn(c, d, generator=generator) / d**0.5).requires_grad_()
-    target = (torch.rand(n, c, generator=generator) < 0.01).float()  # a few labels per row
-
-    def clear() -> None:
-        x.grad = None
-        w.grad = None
-
-    if provider == "eager":
-
-        def step() -> None:
-            clear()
-            F.binary_cross_entropy_with_logits(F.linear(x, w), target).backward()
-    elif provider in ("softxent", "softxent-lean"):
-        memory = "lean" if provider == "softxent-lean" else "speed"
-
-        def step() -> None:
-            clear()
-            softxent.linear_binary_cross_entropy(x, w, target, memory=memory).backward()
-    elif provider == "floor":
-        out = torch.empty(n, c)
-        xd, wd = x.detach(), w.detach()
-
-        def step() -> None:
-            torch.mm(xd, wd.t(), out=out)
-
-        return step, 3.0
-    else:
-        raise ValueError(f"provider: expected one of {SIGMOID_CASES}, got {provider!r}")
-    return step, None
-
-
 def run_case(case: str, repeats: int) -> dict[str, float | str]:
     """Runs one case in this process and returns its median time and peak memory above the inputs."""
     family, provider = case.split(":")
-    make = {"linear": _linear_step, "logits": _logits_step, "sigmoid": _sigmoid_step}[family]
+    make = {"linear": _head_step, "logits": _logits_step, "sigmoid": partial(_head_step, sigmoid=True)}[
+        family
+    ]
     step, floor_factor = make(provider)
     _reset_peak_rss()
     baseline = _status_mib("VmRSS")

@@ -331,8 +331,25 @@ def slice_logits(
     return torch.mm(x, weight[start:stop].t(), out=out)
 
 
-def _accumulate_grad_x(grad_x: Tensor, grad: Tensor, w_slice: Tensor) -> None:
-    """dX += G_v·W_v, summed over the slices in the compute dtype (float32 for low-precision inputs)."""
+def _slice_backward(
+    grad: Tensor,
+    x: Tensor,
+    w_slice: Tensor,
+    start: int,
+    grad_x: Tensor | None,
+    grad_weight: Tensor | None,
+    grad_bias: Tensor | None,
+) -> None:
+    """A slice's share of the linear head's gradients from its G_v (N, S): dW_v = G_vᵀ·x (one matmul over
+    all rows, written whole), db_v = Σ_rows G_v, and dX += G_v·W_v summed over the slices in the compute
+    dtype (float32 for low-precision inputs). ``x`` in G's dtype; dW/db are written at rows start:."""
+    stop = start + grad.shape[1]
+    if grad_weight is not None:
+        torch.mm(grad.t(), x, out=grad_weight[start:stop])
+    if grad_bias is not None:
+        grad_bias[start:stop] = grad.sum(0, dtype=grad_bias.dtype)
+    if grad_x is None:
+        return
     if grad.dtype == grad_x.dtype:
         grad_x.addmm_(grad, w_slice if w_slice.dtype == grad_x.dtype else w_slice.to(grad_x.dtype))
     else:
@@ -406,12 +423,7 @@ class LeanSoftmaxHead:
                 grad if (need_dx or need_dw or need_db) else None,
                 grad_target[:, start:stop] if grad_target is not None else None,
             )  # fmt: skip
-            if grad_weight is not None:
-                torch.mm(grad.t(), x_ct, out=grad_weight[start:stop])
-            if grad_bias is not None:
-                grad_bias[start:stop] = grad.sum(0, dtype=ct)
-            if grad_x is not None:
-                _accumulate_grad_x(grad_x, grad, weight[start:stop])
+            _slice_backward(grad, x_ct, weight[start:stop], start, grad_x, grad_weight, grad_bias)
         return grad_x, grad_weight, grad_bias, grad_target
 
 
@@ -529,12 +541,6 @@ class LeanSigmoidHead:
                 loss[:, start:stop] = part
             else:
                 row_sums += part
-            if grad is None:
-                continue
-            if grad_weight is not None:
-                torch.mm(grad.t(), x_ct, out=grad_weight[start:stop])
-            if grad_bias is not None:
-                grad_bias[start:stop] = grad.sum(0, dtype=ct)
-            if grad_x is not None:
-                _accumulate_grad_x(grad_x, grad, linear_weight[start:stop])
+            if grad is not None:
+                _slice_backward(grad, x_ct, linear_weight[start:stop], start, grad_x, grad_weight, grad_bias)
         return loss if per_element else row_sums, grad_x, grad_weight, grad_bias, grad_target
