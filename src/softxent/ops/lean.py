@@ -21,6 +21,10 @@ FLOPs: 8·N·D·C for forward and backward together (one recompute), 2·N·D·C 
 
 The per-slice work is a pair of functions (:func:`slice_stats`, :func:`slice_grad` here in torch ops; the
 Triton kernels in :mod:`softxent.ops.triton.lean` keep the same contracts).
+
+The sigmoid head's lean mode (:class:`LeanSigmoidHead`, ``linear_binary_cross_entropy(..., memory="lean")``)
+walks the same slices in one pass: each class's loss needs only its own logit, so there are no statistics
+to gather first.
 """
 
 from __future__ import annotations
