@@ -1,4 +1,4 @@
-"""GPU benchmark (issue 5): softxent's Triton kernels against their peers in one run, bf16 inputs.
+"""GPU benchmark: softxent's Triton kernels against their peers in one run, bf16 inputs.
 
 Linear head: x (N, D) and W (V, D) in bfloat16, both requiring grad; y (N,) int64 with ~5% set to -100:
   eager          F.cross_entropy((x @ W.T).float(), y)
@@ -12,20 +12,33 @@ Cross-entropy on given logits (N, V) in bfloat16, requiring grad:
   compile        torch.compile(eager, dynamic=False)
   liger          liger_kernel.transformers.LigerCrossEntropyLoss()(logits, y)   (writes dlogits in place)
   softxent       softxent.cross_entropy(logits, y)
+  softxent-inplace  softxent.cross_entropy(logits, y, inplace_backward=True)
+Sigmoid binary cross-entropy on given logits (N, C) in bfloat16, requiring grad; targets (N, C) bf16 0/1:
+  eager          F.binary_cross_entropy_with_logits(logits.float(), target.float())
+  compile        torch.compile(eager, dynamic=False)
+  softxent       softxent.binary_cross_entropy_with_logits(logits, target)
 
 Columns, per shape and method:
   fwd+bwd ms   median time of loss + backward (CUDA events; gradients set to None before each run)
   fwd ms       median time of the loss alone under torch.no_grad, on inputs that do not require grad
   × floor      time over the physical floor measured in this run: linear head, 3 × one (N, D)×(D, V) bf16
                matmul (forward alone: 1 ×); cross-entropy, reading the bf16 logits once and writing the bf16
-               gradient once at the measured device-to-device copy bandwidth (forward alone: the read)
+               gradient once at the measured device-to-device copy bandwidth (forward alone: the read); binary
+               cross-entropy, reading logits and targets and writing the gradient (forward: the reads)
   peak GiB     torch.cuda.max_memory_allocated during one forward+backward, above the inputs and their
                gradients (a gradient that aliases its input, as Liger's cross-entropy does, counts once)
   rel err      ‖a − ref‖ / ‖ref‖ of the loss and each gradient; reference: the same loss in float32 (TF32
                off) on x.float(), W.float() for the linear head, torch's F.cross_entropy in float64 on the
                logits, both in row chunks (float64 throughout at smoke sizes)
 A method that runs out of memory shows "OOM" and the run goes on; a peer that cannot run here is skipped
-with the reason printed under the table.
+with the reason printed under the table. Under each table: softxent's kernel launches per call, and the
+issues' targets (GPU part 1: cross-entropy forward+backward and forward alone at most 1.15× their floors,
+in place no slower, binary cross-entropy at most 1.15×), each marked pass or miss.
+
+`--quick` fits the whole comparison in a few minutes (one warm-up, a 40 ms budget a measurement, torch.compile
+timed forward+backward only, so compiled once a shape). `--sweep` times softxent's cross-entropy on the
+cross-entropy shapes with other launch shapes of its row kernel (columns a block, warps, the widest row
+held in registers: softxent.ops.policy's constants), for choosing them on a new GPU.
 
 On the GPU machine (no internet): the peers' wheels are fetched here, into .whl/ (listed in
 .git/info/exclude), with
@@ -42,7 +55,8 @@ On the GPU machine (no internet): the peers' wheels are fetched here, into .whl/
 
 About 5–8 minutes on an H100, most of it torch.compile (two compilations a shape) and Triton's first
 compilations; the largest shape of each family runs last. Where a command may take 10 minutes at most and
-that is too tight, `--only linear` and `--only ce` split the run in two (each with its own --json).
+that is too tight, `--quick`, or `--only linear`, `--only ce` and `--only bce` (each with its own --json).
+`benchmarks/gpu_check.sh` runs the GPU tests, `--quick` and `--sweep` in one time-boxed call.
 
 End to end on a CPU at tiny shapes (peers that need CUDA are skipped, with the reason):
 
@@ -72,6 +86,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import softxent
+from softxent.ops import policy
+from softxent.ops.triton import launches
 
 IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.05
@@ -79,12 +95,28 @@ LOGIT_STD = 3.0  # x ~ N(0, 1), W ~ N(0, (LOGIT_STD/√D)²): logits with the sp
 DTYPE = torch.bfloat16
 
 LINEAR_SHAPES = ((8192, 4096, 128256), (8192, 2304, 256000), (32768, 4096, 128256))
-CE_SHAPES = ((8192, 128256), (65536, 32000), (16384, 256000))  # 1.1G, 2.1G, 4.2G logits: largest last
+# 0.13G, 1.1G, 2.1G, 4.2G logits: largest last; 512 rows are too few for one program a row on a large GPU
+CE_SHAPES = ((512, 256000), (8192, 128256), (65536, 32000), (16384, 256000))
+BCE_SHAPES = ((8192, 32000), (32768, 16384))  # multi-label heads: 0.26G and 0.54G logits
 SMOKE_LINEAR_SHAPES = ((64, 32, 1000), (37, 65, 1031))
 SMOKE_CE_SHAPES = ((64, 1000), (37, 1031))
+SMOKE_BCE_SHAPES = ((64, 1000), (37, 1031))
 LINEAR_METHODS = ("eager", "compile", "liger", "cce", "softxent", "softxent-lean")
-CE_METHODS = ("eager", "compile", "liger", "softxent")
-FAMILIES = {"linear": "linear head + cross-entropy", "ce": "cross-entropy on logits"}
+CE_METHODS = ("eager", "compile", "liger", "softxent", "softxent-inplace")
+BCE_METHODS = ("eager", "compile", "softxent")
+FAMILIES = {
+    "linear": "linear head + cross-entropy",
+    "ce": "cross-entropy on logits",
+    "bce": "binary cross-entropy on logits",
+}
+# inputs of each family that require grad (the first ones)
+DIFFERENTIABLE = {"linear": 2, "ce": 1, "bce": 1}
+POSITIVE_FRACTION = 0.05  # of the binary cross-entropy's targets
+TARGET_RATIO = 1.15  # GPU part 1: softxent's losses on logits at most 1.15× their floors
+# --sweep: launch shapes of the softmax row kernel to try (columns a streaming block, its warps) and the
+# widest row held in registers (its block and warps)
+SWEEP_STREAM = ((4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32))
+SWEEP_IN_REGISTERS = ((16384, 32), (32768, 32))
 
 MIN_REPEATS, MAX_REPEATS = 3, 25
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the references and the error sums (256 MiB in float32)
@@ -130,6 +162,15 @@ def ce_inputs(shape: tuple[int, int], device: torch.device) -> tuple[Tensor, Ten
     return logits, _targets(n, v, device, 1)
 
 
+def bce_inputs(shape: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """logits: (N, C) in bf16 with std LOGIT_STD, and targets (N, C) in bf16, 1 with probability
+    POSITIVE_FRACTION, else 0; the same values on every call."""
+    n, c = shape
+    logits = torch.randn(n, c, device=device, dtype=DTYPE, generator=_generator(device, 0)).mul_(LOGIT_STD)
+    positive = torch.rand(n, c, device=device, generator=_generator(device, 1)) < POSITIVE_FRACTION
+    return logits, positive.to(DTYPE)
+
+
 # --------------------------------------------------------------------------------------------- methods
 
 
@@ -139,6 +180,14 @@ def _eager_linear(x: Tensor, weight: Tensor, target: Tensor) -> Tensor:
 
 def _eager_ce(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), target)
+
+
+def _eager_bce(logits: Tensor, target: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def _softxent_inplace(logits: Tensor, target: Tensor) -> Tensor:
+    return softxent.cross_entropy(logits, target, inplace_backward=True)
 
 
 def _compiled(fn: LossFn) -> LossFn:
@@ -204,7 +253,20 @@ def ce_loss_fn(method: str, device: torch.device) -> LossFn:
         return _peer("liger_kernel.transformers", "LigerCrossEntropyLoss", device)()
     if method == "softxent":
         return softxent.cross_entropy
+    if method == "softxent-inplace":
+        return _softxent_inplace
     raise ValueError(f"method: expected one of {CE_METHODS}, got {method!r}")
+
+
+def bce_loss_fn(method: str, device: torch.device) -> LossFn:
+    """The loss of a binary cross-entropy method, called as fn(logits, target)."""
+    if method == "eager":
+        return _eager_bce
+    if method == "compile":
+        return _compiled(_eager_bce)
+    if method == "softxent":
+        return softxent.binary_cross_entropy_with_logits
+    raise ValueError(f"method: expected one of {BCE_METHODS}, got {method!r}")
 
 
 # ---------------------------------------------------------------------------------- timing and memory
@@ -372,6 +434,30 @@ def ce_check(shape: tuple[int, int], device: torch.device) -> ErrorCheck:
     return check
 
 
+def bce_check(shape: tuple[int, int], device: torch.device) -> ErrorCheck:
+    """Relative errors of a binary cross-entropy method's loss and dlogits against torch's in float64 on
+    the same logits and targets, chunk by chunk."""
+
+    def check(loss: Tensor, grads: list[Tensor]) -> dict[str, float]:
+        (grad_logits,) = grads
+        logits, target = bce_inputs(shape, device)
+        count = logits.numel()
+        loss_sum, distance = 0.0, _Distance()
+        for rows in _row_chunks(*shape):
+            chunk = logits[rows].double().requires_grad_()
+            with torch.enable_grad():
+                part = F.binary_cross_entropy_with_logits(chunk, target[rows].double(), reduction="sum")
+                (grad,) = torch.autograd.grad(part, chunk)
+            loss_sum += float(part)
+            distance.add(grad_logits[rows], grad.div_(count))
+        return {
+            "loss": _relative_error(loss.cpu(), torch.tensor(loss_sum / count, dtype=torch.float64)),
+            "dlogits": distance.relative(),
+        }
+
+    return check
+
+
 # -------------------------------------------------------------------------------------------- running
 
 
@@ -390,10 +476,12 @@ def _train(
     device: torch.device,
     budget_ms: float,
     warmups: int,
+    differentiable: int,
 ) -> dict[str, object]:
-    """Warm-up, then one forward+backward for peak memory and errors, then the timed runs."""
+    """Warm-up, then one forward+backward for peak memory, errors and the Triton launches it made, then the
+    timed runs. The first ``differentiable`` inputs require grad."""
     inputs = make_inputs()
-    leaves = [tensor.requires_grad_() for tensor in inputs if tensor.is_floating_point()]
+    leaves = [tensor.requires_grad_() for tensor in inputs[:differentiable]]
 
     def step() -> Tensor:
         for leaf in leaves:
@@ -414,7 +502,8 @@ def _train(
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device) if on_cuda else 0
-    loss = step().detach()
+    with launches.recorded() as records:
+        loss = step().detach()
     grads = [leaf.grad for leaf in leaves]
     aliased = [_aliases(grad, inputs) for grad in grads]
     peak_gib = None
@@ -429,7 +518,16 @@ def _train(
         "peak_gib": peak_gib,
         "errors": errors,
         "note": "the gradient is written into the input in place" if any(aliased) else "",
+        "launches": [_describe_launch(record) for record in records],
     }
+
+
+def _describe_launch(record: launches.Launch) -> str:
+    shape = ", ".join(f"{name}={value}" for name, value in record.meta.items() if name in LAUNCH_KEYS)
+    return f"{record.kernel} grid {'×'.join(map(str, record.grid))} ({shape})"
+
+
+LAUNCH_KEYS = ("ROWS", "BLOCK", "SINGLE_PASS", "BLOCK_ROWS", "BLOCK_COLUMNS", "num_warps")
 
 
 def run_method(
@@ -440,9 +538,13 @@ def run_method(
     device: torch.device,
     budget_ms: float,
     warmups: int,
+    *,
+    differentiable: int,
+    quick: bool = False,
 ) -> dict[str, object]:
     """One method at one shape: forward-only time, then forward+backward time, peak memory and errors.
-    An OOM or error in one phase is recorded in `failures` and the other phase still runs."""
+    An OOM or error in one phase is recorded in `failures` and the other phase still runs. With ``quick``,
+    torch.compile is timed forward+backward only (one compilation)."""
     row: dict[str, object] = {
         "method": method,
         "status": "ok",
@@ -453,15 +555,19 @@ def run_method(
         "errors": {},
         "failures": {},
         "note": "",
+        "launches": [],
     }
+    phases = ("forward+backward",) if quick and method == "compile" else ("forward", "forward+backward")
     try:
         loss_fn = make_loss_fn(method, device)
-        for phase in ("forward", "forward+backward"):
+        for phase in phases:
             try:
                 if phase == "forward":
                     row["forward_ms"] = _forward_ms(loss_fn, make_inputs, device, budget_ms, warmups)
                 else:
-                    row.update(_train(loss_fn, make_inputs, check, device, budget_ms, warmups))
+                    row.update(
+                        _train(loss_fn, make_inputs, check, device, budget_ms, warmups, differentiable)
+                    )
             except Skipped:
                 raise
             except Exception as error:
@@ -501,6 +607,7 @@ def bench_linear(
     budget_ms: float,
     warmups: int,
     started: float,
+    quick: bool = False,
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     """Rows (one per shape and method) and floors (one per shape) of the linear head."""
     rows, floors = [], []
@@ -525,7 +632,10 @@ def bench_linear(
         make_inputs = partial(linear_inputs, shape, device)
         check = linear_check(reference)
         for method in methods:
-            row = run_method(method, linear_loss_fn, make_inputs, check, device, budget_ms, warmups)
+            row = run_method(
+                method, linear_loss_fn, make_inputs, check, device, budget_ms, warmups,
+                differentiable=DIFFERENTIABLE["linear"], quick=quick,
+            )  # fmt: skip
             rows.append({"family": "linear", "shape": list(shape), **row})
             _progress("linear", shape, row, started)
         del reference
@@ -533,7 +643,8 @@ def bench_linear(
     return rows, floors
 
 
-def bench_ce(
+def bench_logits(
+    family: str,
     shapes: Sequence[tuple[int, int]],
     methods: Sequence[str],
     device: torch.device,
@@ -541,29 +652,122 @@ def bench_ce(
     budget_ms: float,
     warmups: int,
     started: float,
+    quick: bool = False,
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """Rows (one per shape and method) and floors (one per shape) of cross-entropy on logits."""
+    """Rows (one per shape and method) and floors (one per shape) of a loss on given bf16 logits: "ce"
+    (cross-entropy; floor: read the logits, write the gradient) or "bce" (binary cross-entropy; floor: read
+    logits and targets, write the gradient)."""
+    make_loss_fn, make_inputs_of, make_check = {
+        "ce": (ce_loss_fn, ce_inputs, ce_check),
+        "bce": (bce_loss_fn, bce_inputs, bce_check),
+    }[family]
     rows, floors = [], []
     itemsize = torch.empty((), dtype=DTYPE).element_size()
     for shape in shapes:
         n, v = shape
         logits_bytes = n * v * itemsize
+        read_bytes = logits_bytes * (2 if family == "bce" else 1)  # bce reads the (N, C) targets too
         floors.append(
             {
-                "family": "ce",
+                "family": family,
                 "shape": list(shape),
-                "ms": 2 * logits_bytes / copy_gbps / 1e6,  # read the logits, write the gradient
-                "forward_ms": logits_bytes / copy_gbps / 1e6,  # read the logits
-                "detail": f"{2 * logits_bytes / 2**30:.3g} GiB at {copy_gbps:.3g} GB/s",
+                "ms": (read_bytes + logits_bytes) / copy_gbps / 1e6,  # read, then write the gradient
+                "forward_ms": read_bytes / copy_gbps / 1e6,  # the reads alone
+                "detail": f"{(read_bytes + logits_bytes) / 2**30:.3g} GiB at {copy_gbps:.3g} GB/s",
             }
         )
-        make_inputs = partial(ce_inputs, shape, device)
-        check = ce_check(shape, device)
+        make_inputs = partial(make_inputs_of, shape, device)
+        check = make_check(shape, device)
         for method in methods:
-            row = run_method(method, ce_loss_fn, make_inputs, check, device, budget_ms, warmups)
-            rows.append({"family": "ce", "shape": list(shape), **row})
-            _progress("ce", shape, row, started)
+            row = run_method(
+                method, make_loss_fn, make_inputs, check, device, budget_ms, warmups,
+                differentiable=DIFFERENTIABLE[family], quick=quick,
+            )  # fmt: skip
+            rows.append({"family": family, "shape": list(shape), **row})
+            _progress(family, shape, row, started)
     return rows, floors
+
+
+@contextlib.contextmanager
+def _row_launch_constants(**values: int) -> Iterator[None]:
+    """softxent.ops.policy's launch constants set to ``values`` within the block."""
+    saved = {name: getattr(policy, name) for name in values}
+    for name, value in values.items():
+        setattr(policy, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(policy, name, value)
+
+
+def sweep(
+    shapes: Sequence[tuple[int, int]], device: torch.device, copy_gbps: float, budget_ms: float, warmups: int
+) -> list[dict[str, object]]:
+    """softxent's cross-entropy forward+backward at each shape under each launch shape of SWEEP_STREAM
+    (rows wider than ROW_IN_REGISTERS) and SWEEP_IN_REGISTERS (rows up to it), beside the policy's own."""
+    candidates: list[tuple[str, dict[str, int]]] = [("policy", {})]
+    candidates += [
+        (f"stream {block}/{warps}w", dict(STREAM_BLOCK=block, STREAM_WARPS=warps, ROW_IN_REGISTERS=0))
+        for block, warps in SWEEP_STREAM
+    ]
+    candidates += [(f"registers {block}", dict(ROW_IN_REGISTERS=block)) for block, _ in SWEEP_IN_REGISTERS]
+    results = []
+    itemsize = torch.empty((), dtype=DTYPE).element_size()
+    for shape in shapes:
+        floor_ms = 2 * shape[0] * shape[1] * itemsize / copy_gbps / 1e6
+        step = _cross_entropy_step(*ce_inputs(shape, device))
+        for name, constants in candidates:
+            if name.startswith("registers") and constants["ROW_IN_REGISTERS"] < shape[1]:
+                continue
+            with _row_launch_constants(**constants):
+                try:
+                    ms = median_ms(step, device, budget_ms, warmups)
+                    launch = policy.row_launch(*shape, policy.hardware(device))
+                except Exception as error:  # a launch shape the GPU cannot compile
+                    results.append({"shape": list(shape), "launch": name, "error": _describe(error)})
+                    continue
+            results.append(
+                {
+                    "shape": list(shape),
+                    "launch": name,
+                    "ms": ms,
+                    "floor_ms": floor_ms,
+                    "shape_used": str(launch),
+                }
+            )
+            print(f"sweep {_shape_name(shape)} {name}: {ms:.3f} ms, {ms / floor_ms:.2f}× floor", flush=True)
+        del step
+        _free(device)
+    return results
+
+
+def _cross_entropy_step(logits: Tensor, target: Tensor) -> Callable[[], None]:
+    """softxent.cross_entropy's forward+backward on ``logits``, the gradient set to None first."""
+    logits.requires_grad_()
+
+    def step() -> None:
+        logits.grad = None
+        softxent.cross_entropy(logits, target).backward()
+
+    return step
+
+
+def sweep_table(results: list[dict[str, object]]) -> list[str]:
+    lines = [
+        "### launch-shape sweep: softxent.cross_entropy forward+backward, bf16",
+        "",
+        "| N×V | launch | ms | × floor |",
+        "|---|---|---:|---:|",
+    ]
+    for result in results:
+        shape = _shape_name(result["shape"])
+        if "error" in result:
+            lines.append(f"| {shape} | {result['launch']} | error: {result['error']} | |")
+        else:
+            ratio = result["ms"] / result["floor_ms"]
+            lines.append(f"| {shape} | {result['launch']} | {_ms(result['ms'])} | {ratio:.2f} |")
+    return [*lines, ""]
 
 
 def measure_machine(device: torch.device, smoke: bool, budget_ms: float, warmups: int) -> dict[str, float]:
@@ -638,7 +842,7 @@ def machine_info(device: torch.device, measured: dict[str, float]) -> dict[str, 
 
 def header(info: dict[str, object]) -> list[str]:
     return [
-        "## GPU, issue 5 (Triton kernels)",
+        "## GPU: softxent's Triton kernels against their peers",
         "",
         f"- Device: {info['device']}; measured bf16 matmul ({info['matmul_size']}³) "
         f"{info['matmul_tflops']:.3g} TFLOP/s, device copy {info['copy_gbps']:.3g} GB/s "
@@ -701,11 +905,45 @@ def table(family: str, rows: list[dict[str, object]], floors: list[dict[str, obj
                     notes[f"{method} at {shape}"] = f"{phase} failed: {failure}"
             if row["note"]:
                 notes[method] = row["note"]
+            if row.get("launches") and method.startswith("softxent"):
+                notes[f"{method} launches at {shape}"] = "; ".join(row["launches"])
         lines += ["| " + " | ".join(cells) + " |" for cells in table_rows]
     lines.append("")
     if notes:
         lines += [*(f"- {method}: {note}" for method, note in notes.items()), ""]
     return lines
+
+
+def target_lines(rows: list[dict[str, object]], floors: list[dict[str, object]]) -> list[str]:
+    """The targets of GPU part 1 as pass/miss lines: softxent's cross-entropy and binary cross-entropy on
+    logits at most TARGET_RATIO× their floors (forward+backward and forward alone), and the in-place
+    gradient no slower than a new buffer (within 2%, the spread of repeated timings)."""
+    found = {(row["family"], tuple(row["shape"]), row["method"]): row for row in rows}
+    lines = []
+    for floor in floors:
+        family, shape = floor["family"], tuple(floor["shape"])
+        if family not in ("ce", "bce"):
+            continue
+        ours = found.get((family, shape, "softxent"))
+        if ours is None or ours["ms"] is None:
+            continue
+        name = f"{family} {_shape_name(shape)}"
+        for phase, key in (("forward+backward", "ms"), ("forward", "forward_ms")):
+            if ours[key] is None:
+                continue
+            ratio = ours[key] / floor[key]
+            verdict = "pass" if ratio <= TARGET_RATIO else "miss"
+            lines.append(
+                f"- target {name} softxent {phase}: {ratio:.2f}× floor (≤ {TARGET_RATIO}): {verdict}"
+            )
+        inplace = found.get((family, shape, "softxent-inplace"))
+        if inplace is not None and inplace["ms"] is not None:
+            ratio = inplace["ms"] / ours["ms"]
+            verdict = "pass" if ratio <= 1.02 else "miss"
+            lines.append(
+                f"- target {name} inplace_backward: {ratio:.2f}× the new-buffer time (≤ 1.02): {verdict}"
+            )
+    return [*lines, ""] if lines else []
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -736,18 +974,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on a CPU (for CI)")
-    parser.add_argument("--only", choices=("linear", "ce"), help="run one family only")
+    parser.add_argument("--only", choices=tuple(FAMILIES), help="run one family only")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one warm-up, a 40 ms budget a measurement, torch.compile compiled once a shape",
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time softxent's cross-entropy under other launch shapes"
+    )
     parser.add_argument("--methods", type=_parse_methods, help="comma-separated methods to run (default all)")
     parser.add_argument(
         "--linear-shapes", type=partial(_parse_shapes, size=3), help="e.g. 8192x4096x128256,4096x2048x32000"
     )
     parser.add_argument("--ce-shapes", type=partial(_parse_shapes, size=2), help="e.g. 8192x128256")
+    parser.add_argument("--bce-shapes", type=partial(_parse_shapes, size=2), help="e.g. 8192x32000")
     parser.add_argument("--device", help="torch device (default: cuda where available, else cpu)")
     parser.add_argument(
         "--budget-ms",
         type=float,
         help=f"time to spend on the timed runs of each measurement ({MIN_REPEATS} to {MAX_REPEATS} runs; "
-        "default 300, smoke 20)",
+        "default 300, quick 40, smoke 20)",
     )
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
@@ -755,11 +1002,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.smoke:
         parser.error(f"the full benchmark needs a CUDA device, got {device}; --smoke runs it on a CPU")
-    budget_ms = args.budget_ms if args.budget_ms is not None else 20.0 if args.smoke else 300.0
-    warmups = 1 if args.smoke else 2
+    default_budget = 20.0 if args.smoke else 40.0 if args.quick else 300.0
+    budget_ms = args.budget_ms if args.budget_ms is not None else default_budget
+    warmups = 1 if args.smoke or args.quick else 2
     linear_shapes = args.linear_shapes or (SMOKE_LINEAR_SHAPES if args.smoke else LINEAR_SHAPES)
-    ce_shapes = args.ce_shapes or (SMOKE_CE_SHAPES if args.smoke else CE_SHAPES)
-    selected = args.methods or LINEAR_METHODS + CE_METHODS
+    shapes = {
+        "ce": args.ce_shapes or (SMOKE_CE_SHAPES if args.smoke else CE_SHAPES),
+        "bce": args.bce_shapes or (SMOKE_BCE_SHAPES if args.smoke else BCE_SHAPES),
+    }
+    selected = args.methods or LINEAR_METHODS + CE_METHODS + BCE_METHODS
 
     started = time.perf_counter()
     info = machine_info(device, measure_machine(device, args.smoke, budget_ms, warmups))
@@ -768,26 +1019,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     floors: list[dict[str, object]] = []
     if args.only in (None, "linear"):
         methods = [name for name in LINEAR_METHODS if name in selected]
-        family_rows, family_floors = bench_linear(linear_shapes, methods, device, budget_ms, warmups, started)
-        rows += family_rows
-        floors += family_floors
-    if args.only in (None, "ce"):
-        methods = [name for name in CE_METHODS if name in selected]
-        family_rows, family_floors = bench_ce(
-            ce_shapes, methods, device, info["copy_gbps"], budget_ms, warmups, started
+        family_rows, family_floors = bench_linear(
+            linear_shapes, methods, device, budget_ms, warmups, started, args.quick
         )
         rows += family_rows
         floors += family_floors
+    for family, family_methods in (("ce", CE_METHODS), ("bce", BCE_METHODS)):
+        if args.only not in (None, family):
+            continue
+        methods = [name for name in family_methods if name in selected]
+        family_rows, family_floors = bench_logits(
+            family,
+            shapes[family],
+            methods,
+            device,
+            info["copy_gbps"],
+            budget_ms,
+            warmups,
+            started,
+            args.quick,
+        )
+        rows += family_rows
+        floors += family_floors
+    swept = sweep(shapes["ce"], device, info["copy_gbps"], budget_ms, warmups) if args.sweep else []
 
     lines = ["", *header(info)]
     for family in FAMILIES:
         family_floors = [floor for floor in floors if floor["family"] == family]
         if family_floors:
             lines += table(family, [row for row in rows if row["family"] == family], family_floors)
+    lines += target_lines(rows, floors)
+    if swept:
+        lines += sweep_table(swept)
     lines.append(f"Total time: {time.perf_counter() - started:.0f} s.")
     print("\n".join(lines), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "floors": floors, "rows": rows}, indent=2) + "\n")
+        report = {"machine": info, "floors": floors, "rows": rows, "sweep": swept}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

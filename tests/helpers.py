@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -74,3 +75,44 @@ def interpreter_sized(shape: tuple[int, ...], impl: str) -> tuple[int, ...]:
     if impl != "triton" or os.environ.get("TRITON_INTERPRET") != "1":
         return shape
     return (*shape[:2], *(min(size, 67) for size in shape[2:]))
+
+
+def eager_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    **kwargs: object,
+) -> torch.Tensor:
+    """torch's ``F.linear_cross_entropy`` (torch 2.13), or where torch lacks it (the GPU machines run 2.11)
+    the composition it stands for: ``F.cross_entropy`` of ``F.linear``'s logits, shaped (..., C, d1, ...)."""
+    if hasattr(F, "linear_cross_entropy"):
+        return F.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index, **kwargs
+        )
+    flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
+    logits = F.linear(input, linear_weight.reshape(-1, linear_weight.shape[-1]), flat_bias)
+    logits = logits.reshape(*input.shape[:-1], *linear_weight.shape[:-1])
+    ignore_index = -100 if ignore_index is None else ignore_index
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, **kwargs)
+
+
+def logit_rounding_slack(
+    logits: np.ndarray, grad_logits: np.ndarray, dtype: torch.dtype, loss: float
+) -> float:
+    """Slack of :func:`assert_no_worse` for a loss computed from logits rounded to ``dtype`` independently of
+    the logits eager torch rounds (a GPU's matmul library picks different kernels, with different rounding,
+    for a vocabulary slice's GEMM and for the whole head's).
+
+    Each logit z_i carries a rounding error δ_i, uniform within half an ulp of ``dtype`` at |z_i|, so the
+    loss's error Σ_i (∂L/∂z_i)·δ_i has standard deviation σ = sqrt(Σ_i (∂L/∂z_i)²·ulp_i² / 12)
+    (``grad_logits``: the float64 ∂L/∂z). Either computation's error stays within 5σ but for about one draw
+    in a million; the slack is that, scaled as :func:`max_error` scales (by 1 + |loss|).
+    """
+    mantissa_bits = torch.finfo(dtype).nmant
+    magnitude = np.maximum(np.abs(logits), torch.finfo(dtype).tiny)
+    ulp = np.exp2(np.floor(np.log2(magnitude)) - mantissa_bits)
+    sigma = float(np.sqrt(np.sum((grad_logits * ulp) ** 2) / 12.0))
+    return 5.0 * sigma / (1.0 + abs(loss))

@@ -17,13 +17,13 @@ def test_smoke_run_reports_softxent_close_to_the_reference(tmp_path: Path) -> No
     output = tmp_path / "bench_gpu.json"
     # Everything but torch.compile, which takes ~30 s a shape on a CPU; one thread, as timings do not matter
     # here and OpenMP threads spinning beside other work slow a 2-core machine down many times over.
-    methods = "eager,liger,cce,softxent,softxent-lean"
+    methods = "eager,liger,cce,softxent,softxent-lean,softxent-inplace"
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
     }
-    command = [sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--methods", methods]
+    command = [sys.executable, str(SCRIPT), "--smoke", "--sweep", "--device", "cpu", "--methods", methods]
     result = subprocess.run(
         [*command, "--json", str(output)],
         capture_output=True,
@@ -34,17 +34,20 @@ def test_smoke_run_reports_softxent_close_to_the_reference(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(output.read_text())
     rows = {(row["family"], tuple(row["shape"]), row["method"]): row for row in report["rows"]}
-    shapes = {family: {shape for f, shape, _ in rows if f == family} for family in ("linear", "ce")}
-    assert len(shapes["linear"]) == 2, shapes
-    assert len(shapes["ce"]) == 2, shapes
-    expected_errors = {"linear": ("loss", "dX", "dW"), "ce": ("loss", "dlogits")}
+    shapes = {family: {shape for f, shape, _ in rows if f == family} for family in ("linear", "ce", "bce")}
+    assert all(len(family_shapes) == 2 for family_shapes in shapes.values()), shapes
+    expected_errors = {"linear": ("loss", "dX", "dW"), "ce": ("loss", "dlogits"), "bce": ("loss", "dlogits")}
+    softxent_methods = {
+        "linear": ["softxent", "softxent-lean"],
+        "ce": ["softxent", "softxent-inplace"],
+        "bce": ["softxent"],
+    }
     for family, family_shapes in shapes.items():
         for shape in family_shapes:
             eager = rows[family, shape, "eager"]
             assert eager["status"] == "ok", eager
             assert eager["ms"] > 0, eager
-            methods_here = ["softxent"] + (["softxent-lean"] if family == "linear" else [])
-            for method in methods_here:
+            for method in softxent_methods[family]:
                 row = rows[family, shape, method]
                 if method == "softxent-lean" and row["status"] == "skipped":
                     assert row["reason"] == "memory= not available", row
@@ -53,6 +56,11 @@ def test_smoke_run_reports_softxent_close_to_the_reference(tmp_path: Path) -> No
                 assert set(row["errors"]) == set(expected_errors[family]), row
                 worst = {name: value for name, value in row["errors"].items() if not value < BF16_TOLERANCE}
                 assert not worst, f"{family} {shape} {method}: relative errors over {BF16_TOLERANCE}: {worst}"
-            for peer in ("liger", "cce") if family == "linear" else ("liger",):
+            peers = {"linear": ("liger", "cce"), "ce": ("liger",), "bce": ()}[family]
+            for peer in peers:
                 assert rows[family, shape, peer]["status"] == "skipped", rows[family, shape, peer]
     assert "| eager |" in result.stdout
+    assert "- target ce 37×1031 softxent forward+backward:" in result.stdout
+    assert "- target ce 37×1031 inplace_backward:" in result.stdout
+    assert len(report["sweep"]) == 2 * 9, report["sweep"]  # the policy, 6 streaming shapes, 2 in registers
+    assert "### launch-shape sweep" in result.stdout

@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import softxent
-from helpers import assert_close, assert_no_worse, gradient_slack, to_numpy
+from helpers import (
+    assert_close,
+    assert_no_worse,
+    eager_linear_cross_entropy,
+    gradient_slack,
+    logit_rounding_slack,
+    to_numpy,
+)
 from softxent import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,7 +172,13 @@ def test_lean_low_precision_no_worse_than_eager(dtype, impl, rng):
     eager = F.cross_entropy(F.linear(x, w, b).float(), target)
     loss, *ref_grads = _reference(x, w, b, target)
     assert ours.dtype == torch.float32
-    assert_no_worse(ours, eager, np.asarray(loss), 1e-6, "loss")
+    slack = 1e-6
+    if DEVICE == "cuda":
+        # cuBLAS rounds a slice's logits apart from eager's whole-head GEMM: allow 5σ of one rounding
+        logits = to_numpy(x) @ to_numpy(w).T + to_numpy(b)
+        grad_logits = reference.cross_entropy_grad(logits, target.cpu().numpy())
+        slack += logit_rounding_slack(logits, grad_logits, dtype, float(loss))
+    assert_no_worse(ours, eager, np.asarray(loss), slack, "loss")
     slack = gradient_slack(dtype)  # eager's extra rounding of G sometimes lands closer (helpers.py)
     for name, mine, theirs, expected in zip(
         ["dX", "dW", "db"], _grads(ours, [x, w, b]), _grads(eager, [x, w, b]), ref_grads, strict=True
@@ -184,7 +197,7 @@ def test_lean_probability_targets_and_their_gradient(dtype, impl, rng):
         linear_bias=b, label_smoothing=0.1, weight=(torch.rand(531, generator=rng) + 0.5).to(DEVICE, dtype)
     )
     ours = softxent.linear_cross_entropy(x, w, target, memory="lean", chunk_size=200, impl=impl, **kwargs)
-    theirs = F.linear_cross_entropy(x, w, target, **kwargs)
+    theirs = eager_linear_cross_entropy(x, w, target, **kwargs)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert_close(ours, to_numpy(theirs), tol, "loss")
     for name, mine, ref in zip(
@@ -258,7 +271,7 @@ def test_lean_all_ignored_unbatched_empty_and_no_grad(impl, rng):
     for reduction in ("mean", "sum", "none"):
         kwargs = dict(linear_bias=b, reduction=reduction)
         ours = softxent.linear_cross_entropy(x, w, all_ignored, memory="lean", impl=impl, **kwargs)
-        theirs = F.linear_cross_entropy(x, w, all_ignored, **kwargs)
+        theirs = eager_linear_cross_entropy(x, w, all_ignored, **kwargs)
         assert_close(ours, to_numpy(theirs), 0.0, f"all ignored, {reduction}")
         for mine, ref in zip(_grads(ours, [x, w, b]), _grads(theirs, [x, w, b]), strict=True):
             assert torch.equal(mine, ref)
@@ -267,7 +280,7 @@ def test_lean_all_ignored_unbatched_empty_and_no_grad(impl, rng):
         x[0], w, target, linear_bias=b, reduction="none", memory="lean", impl=impl
     )
     assert single.shape == ()
-    expected = F.linear_cross_entropy(x[0], w, target, linear_bias=b, reduction="none")
+    expected = eager_linear_cross_entropy(x[0], w, target, linear_bias=b, reduction="none")
     assert_close(single, to_numpy(expected), 1e-6, "unbatched")
     empty = softxent.linear_cross_entropy(
         x[:0], w, torch.zeros(0, dtype=torch.long, device=DEVICE), memory="lean", impl=impl
@@ -277,7 +290,18 @@ def test_lean_all_ignored_unbatched_empty_and_no_grad(impl, rng):
     with torch.no_grad():
         plain = softxent.linear_cross_entropy(x, w, full_target, linear_bias=b, memory="lean", impl=impl)
     assert not plain.requires_grad
-    assert_close(plain, to_numpy(F.linear_cross_entropy(x, w, full_target, linear_bias=b)), 1e-6, "no_grad")
+    expected = eager_linear_cross_entropy(x, w, full_target, linear_bias=b)
+    assert_close(plain, to_numpy(expected), 1e-6, "no_grad")
+
+
+def test_lean_strided_target(impl, rng):
+    (x, w, b), target = _problem(29, 17, 300, rng, dtype=torch.float32)
+    strided = torch.stack([target, target], dim=1)[:, 0]  # stride 2
+    lean = softxent.linear_cross_entropy(
+        x, w, strided, linear_bias=b, memory="lean", chunk_size=128, impl=impl
+    )
+    expected = eager_linear_cross_entropy(x, w, target, linear_bias=b)
+    assert_close(lean, to_numpy(expected), 1e-6, "loss")
 
 
 def test_lean_is_deterministic(impl, rng):

@@ -9,7 +9,8 @@ import itertools
 import pytest
 import torch
 
-from softxent.ops import cpu
+from softxent.ops import policy, torch_blocks
+from softxent.ops.spec import SoftmaxLoss
 
 triton_ops = pytest.importorskip(
     "softxent.ops.triton.cross_entropy", reason="the triton package is not installed"
@@ -33,7 +34,7 @@ def _case(rng, rows, num_classes, *, probabilities, weighted, dtype=torch.float3
 def _both(logits, target, spec, scale, *, target_grad=False):
     """(loss, lse, grad[, target grad]) from the torch block and from the Triton block."""
     results = []
-    for block in (cpu.softmax_xent_block, triton_ops.softmax_xent_block):
+    for block in (torch_blocks.softmax_xent_block, triton_ops.softmax_xent_block):
         grad = torch.empty_like(logits)
         tgrad = torch.empty_like(target) if target_grad else None
         loss, lse = block(logits, target, spec, grad_scale=scale, grad_out=grad, target_grad_out=tgrad)
@@ -59,7 +60,7 @@ FEATURES = list(
 @pytest.mark.parametrize(("probabilities", "weighted", "smoothing", "z_loss", "softcap"), FEATURES)
 def test_kernel_equals_the_torch_block(probabilities, weighted, smoothing, z_loss, softcap, rng):
     logits, target, weight = _case(rng, 37, 1031, probabilities=probabilities, weighted=weighted)
-    spec = cpu.SoftmaxLoss(weight, -100, smoothing, z_loss, softcap)
+    spec = SoftmaxLoss(weight, -100, smoothing, z_loss, softcap)
     scale = torch.rand(37, generator=rng).to(DEVICE) + 0.5  # per-row scale, as reduction="none" gives
     (loss, lse, grad, tgrad), (loss_t, lse_t, grad_t, tgrad_t) = _both(
         logits, target, spec, scale, target_grad=probabilities
@@ -74,7 +75,7 @@ def test_kernel_equals_the_torch_block(probabilities, weighted, smoothing, z_los
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_logits_compute_in_float32(dtype, rng):
     logits, target, _ = _case(rng, 29, 517, probabilities=False, weighted=False, dtype=dtype)
-    spec = cpu.SoftmaxLoss(None, -100, 0.1, 0.0, None)
+    spec = SoftmaxLoss(None, -100, 0.1, 0.0, None)
     (loss, lse, grad, _), (loss_t, lse_t, grad_t, _) = _both(logits, target, spec, 1.0 / 29)
     assert loss_t.dtype == lse_t.dtype == torch.float32
     assert grad_t.dtype == dtype
@@ -85,21 +86,21 @@ def test_low_precision_logits_compute_in_float32(dtype, rng):
     # truncates to bf16 unless the kernel rounds): the float32 gradient rounded by torch agrees with the
     # kernel's but for the rare value whose float32 digits differ across a rounding boundary
     wide = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    cpu.softmax_xent_block(logits, target, spec, grad_scale=1.0 / 29, grad_out=wide)
+    torch_blocks.softmax_xent_block(logits, target, spec, grad_scale=1.0 / 29, grad_out=wide)
     differs = (grad_t != wide.to(dtype)).float().mean().item()
     assert differs < 0.01, f"{differs:.1%} of the gradient's {dtype} values are not the float32 ones rounded"
 
 
 def test_extremes_masks_and_wide_rows(rng):
     """±1e4 logits, −inf masks, an all-ignored row, and rows wider than one block (several blocks)."""
-    num_classes = triton_ops.MAX_BLOCK * 2 + 37
+    num_classes = policy.STREAM_BLOCK * 2 + 37
     logits, target, _ = _case(rng, 9, num_classes, probabilities=False, weighted=False, scale=1e4)
     logits[:, ::11] = float("-inf")
     # no target on a masked column (multiples of 11) but row 4's: move those one column left (0 to 1)
     target = torch.where((target % 11 == 0) & (target >= 0), (target - 1).clamp_min(1), target)
     target[3] = -100
     target[4] = 22  # a −inf target logit: loss +inf
-    spec = cpu.SoftmaxLoss(None, -100, 0.0, 0.0, None)
+    spec = SoftmaxLoss(None, -100, 0.0, 0.0, None)
     (loss, lse, grad, _), (loss_t, lse_t, grad_t, _) = _both(logits, target, spec, 1.0)
     assert torch.isinf(loss_t[4])
     assert loss_t[3] == 0
@@ -116,10 +117,10 @@ def test_extremes_masks_and_wide_rows(rng):
 def test_gradient_in_place_and_strided_inputs(rng):
     """grad_out may be the logits themselves; non-contiguous logits and outputs work."""
     logits, target, _ = _case(rng, 37, 211, probabilities=False, weighted=False)
-    spec = cpu.SoftmaxLoss(None, -100, 0.05, 0.0, None)
-    expected_loss, _ = cpu.softmax_xent_block(logits, target, spec)
+    spec = SoftmaxLoss(None, -100, 0.05, 0.0, None)
+    expected_loss, _ = torch_blocks.softmax_xent_block(logits, target, spec)
     expected_grad = torch.empty_like(logits)
-    cpu.softmax_xent_block(logits, target, spec, grad_scale=0.5, grad_out=expected_grad)
+    torch_blocks.softmax_xent_block(logits, target, spec, grad_scale=0.5, grad_out=expected_grad)
     in_place = logits.clone()
     loss, _ = triton_ops.softmax_xent_block(in_place, target, spec, grad_scale=0.5, grad_out=in_place)
     _close(loss, expected_loss, "loss")
@@ -128,7 +129,9 @@ def test_gradient_in_place_and_strided_inputs(rng):
     strided = wide[:, ::2].T  # (37, 211) with strides (2, 74)
     strided.copy_(logits)
     out = torch.zeros(211, 37, device=DEVICE).T
-    triton_ops.softmax_xent_block(strided, target, spec, grad_scale=0.5, grad_out=out)
+    strided_target = torch.stack([target, target], dim=1)[:, 0]  # stride 2
+    loss, _ = triton_ops.softmax_xent_block(strided, strided_target, spec, grad_scale=0.5, grad_out=out)
+    _close(loss, expected_loss, "loss of strided inputs")
     _close(out, expected_grad, "strided grad", atol=1e-7)
 
 
@@ -136,14 +139,14 @@ def test_out_of_range_target_gives_nan_without_reading_out_of_bounds(rng):
     """GPU targets are not range-checked on the host: the kernel marks such rows nan (and zero gradient)."""
     logits, target, _ = _case(rng, 7, 13, probabilities=False, weighted=False)
     target[2], target[5] = 13, -7
-    spec = cpu.SoftmaxLoss(None, -100, 0.0, 0.0, None)
+    spec = SoftmaxLoss(None, -100, 0.0, 0.0, None)
     grad = torch.empty_like(logits)
     loss, _ = triton_ops.softmax_xent_block(logits, target, spec, grad_scale=1.0, grad_out=grad)
     assert torch.isnan(loss[2])
     assert torch.isnan(loss[5])
     assert torch.all(grad[2] == 0)
     valid = [0, 1, 3, 4, 6]
-    expected, _ = cpu.softmax_xent_block(logits[valid], target[valid], spec)
+    expected, _ = torch_blocks.softmax_xent_block(logits[valid], target[valid], spec)
     _close(loss[valid], expected, "valid rows")
 
 
@@ -151,7 +154,7 @@ def test_out_of_range_target_gives_nan_without_reading_out_of_bounds(rng):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: run-to-run determinism is a property of the GPU")
 def test_deterministic_on_the_gpu(rng):
     logits, target, weight = _case(rng, 4099, 32003, probabilities=False, weighted=True)
-    spec = cpu.SoftmaxLoss(weight, -100, 0.1, 1e-4, None)
+    spec = SoftmaxLoss(weight, -100, 0.1, 1e-4, None)
     runs = [_both(logits, target, spec, 1.0 / 4099)[1] for _ in range(3)]
     for run in runs[1:]:
         for first, again in zip(runs[0][:3], run[:3], strict=True):

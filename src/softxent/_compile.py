@@ -11,7 +11,8 @@ the public functions in :mod:`softxent.functional` therefore call two custom ops
 * ``softxent::loss_backward(op, t0, ..., t5, needs, config, grad_loss)`` gives the gradients for a
   per-position incoming gradient (reduction="none"), recomputing as the eager op's backward does.
 
-``op`` names the function, t0, ..., t5 are its tensor arguments in a fixed order (``TENSOR_ARGS``, None
+``op`` names the function (the public ops register themselves with :func:`register`, so this module does
+not import them), t0, ..., t5 are its tensor arguments in a fixed order (``TENSOR_ARGS``, None
 past its last; separate arguments because autograd does not look into lists of optional tensors) and
 ``config`` holds the other keyword arguments as "name=repr(value)" pairs (Dynamo folds the formatting of
 constants; it cannot trace json). Gradients that are not asked for come back as empty
@@ -21,7 +22,7 @@ placeholders (custom ops return tensors only).
 from __future__ import annotations
 
 import ast
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -52,6 +53,18 @@ TENSOR_ARGS = {
 }
 
 
+# The eager ops by name, filled by :func:`register` when softxent.functional is imported.
+EAGER_OPS: dict[str, Callable[..., Tensor | tuple[Tensor, Tensor]]] = {}
+
+
+def register(*ops: Callable[..., Tensor | tuple[Tensor, Tensor]]) -> None:
+    """Make ``ops`` callable by name from the custom ops (each must be in ``TENSOR_ARGS``)."""
+    for op in ops:
+        if op.__name__ not in TENSOR_ARGS:
+            raise ValueError(f"op: expected one of {sorted(TENSOR_ARGS)}, got {op.__name__!r}")
+        EAGER_OPS[op.__name__] = op
+
+
 def _placeholder(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
@@ -73,8 +86,6 @@ def _run(
     (D,) features) runs here with a leading dimension of 1 on input and target, and the results are shaped
     back.
     """
-    from softxent import functional
-
     decoded = _decode(config)
     names = TENSOR_ARGS[op]
     unbatched = op != "binary_cross_entropy_with_logits" and tensors[0].dim() == 1
@@ -86,7 +97,7 @@ def _run(
         None if t is None else t.detach().requires_grad_(need) for t, need in zip(batched, needs, strict=True)
     ]
     with torch.enable_grad():
-        result = getattr(functional, op)(**dict(zip(names, leaves, strict=True)), **decoded)
+        result = EAGER_OPS[op](**dict(zip(names, leaves, strict=True)), **decoded)
     loss, lse = result if isinstance(result, tuple) else (result, None)
     grads = [_placeholder(loss) for _ in needs]
     if want_grads and any(needs):

@@ -8,13 +8,12 @@ where it is installed and the torch ops otherwise.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
+from softxent import _compile
 from softxent import _validate as check
-from softxent.ops import cpu, lean
+from softxent.ops import autograd, backends, chunks, rows, slices, spec
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -24,53 +23,8 @@ __all__ = [
 ]
 
 
-def _backend(impl: str, device: torch.device) -> str:
-    """The backend an ``impl`` argument selects: "triton" when asked for, or under "auto" for CUDA tensors
-    where triton is installed; else "torch"."""
-    check.check_impl(impl)
-    if impl == "triton":
-        if _triton_blocks() is None:
-            raise ValueError("impl: 'triton' needs the triton package (pip install 'softxent[triton]')")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "impl: 'triton' runs on CUDA tensors (or on any in Triton's interpreter, "
-                f"TRITON_INTERPRET=1), got tensors on {device}"
-            )
-        return "triton"
-    if impl == "auto" and device.type == "cuda" and _triton_blocks() is not None:
-        return "triton"
-    return "torch"
-
-
-def _triton_blocks():
-    """The Triton (softmax, sigmoid) block kernels, or None where triton cannot be imported."""
-    try:
-        from softxent.ops.triton import bce, cross_entropy
-    except ImportError:
-        return None
-    return cross_entropy.softmax_xent_block, bce.sigmoid_bce_block
-
-
-def _lean_slice_fns(impl: str, device: torch.device):
-    """The lean head's (slice_stats, slice_grad) functions for this ``impl`` and device."""
-    if _backend(impl, device) == "triton":
-        from softxent.ops.triton import lean as triton_lean
-
-        return triton_lean.slice_stats, triton_lean.slice_grad
-    return lean.slice_stats, lean.slice_grad
-
-
-def _block_fns(impl: str, device: torch.device):
-    """The (softmax, sigmoid) per-block loss/gradient functions for this ``impl`` and device."""
-    if _backend(impl, device) == "triton":
-        return _triton_blocks()
-    return cpu.softmax_xent_block, cpu.sigmoid_bce_block
-
-
 def _compiled(op: str, tensors: dict[str, Tensor | None], **config) -> Tensor | tuple[Tensor, Tensor]:
     """``op`` as one custom-op call (the path under torch.compile; see :mod:`softxent._compile`)."""
-    from softxent import _compile
-
     return _compile.call(op, tensors, **config)
 
 
@@ -94,26 +48,6 @@ def _check_target(target: Tensor, input_shape: tuple[int, ...], num_classes: int
         return True
     check.check_class_target(target, _class_target_shape(input_shape), num_classes, ignore_index, input_shape)
     return False
-
-
-def _softmax_spec(
-    weight: Tensor | None,
-    num_classes: int,
-    device: torch.device,
-    ct: torch.dtype,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-) -> cpu.SoftmaxLoss:
-    class_weight = check.check_class_weight(weight, num_classes, device)
-    return cpu.SoftmaxLoss(
-        weight=None if class_weight is None else class_weight.to(ct),
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=check.check_z_loss(z_loss),
-        softcap=check.check_softcap(softcap),
-    )
 
 
 def cross_entropy(
@@ -195,7 +129,7 @@ def cross_entropy(
     label_smoothing = check.check_label_smoothing(label_smoothing)
     ignore_index = check.check_ignore_index(ignore_index)
     inplace_backward = check.check_bool("inplace_backward", inplace_backward)
-    block_fn, _ = _block_fns(impl, input.device)
+    backend = backends.select(impl, input.device)
     if input.dim() == 0:
         raise ValueError("input: expected logits of shape (C,), (N, C) or (N, C, d1, ..., dk), got shape ()")
     check.check_same_device("target", target, input.device)
@@ -203,8 +137,8 @@ def cross_entropy(
     num_classes = input_shape[1] if input.dim() >= 2 else input_shape[0]
     probabilities = _check_target(target, input_shape, num_classes, ignore_index)
     target = target if probabilities else target.long()
-    ct = cpu.compute_dtype(input.dtype)
-    spec = _softmax_spec(
+    ct = spec.compute_dtype(input.dtype)
+    loss_spec = spec.softmax_loss(
         weight, num_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
 
@@ -214,21 +148,21 @@ def cross_entropy(
     needs = _needs_grad(input, target if probabilities else None)
 
     def compute(need_input_grad: bool, need_target_grad: bool):
-        return cpu.cross_entropy_forward(
+        return rows.cross_entropy_forward(
             input,
             target,
-            spec,
+            loss_spec,
             reduction,
+            backend=backend,
             need_input_grad=need_input_grad,
             need_target_grad=need_target_grad,
-            block_fn=block_fn,
             grad_into_input=inplace_backward,
         )
 
     if inplace_backward and needs[0]:
         torch.autograd.graph.increment_version(input)
     if any(needs):
-        loss, lse = cpu.FusedLossFunction.apply(input, target, compute, needs, 1)
+        loss, lse = autograd.FusedLossFunction.apply(input, target, compute, needs, 1)
     else:
         loss, lse, _, _ = compute(False, False)
     if unbatched:
@@ -289,7 +223,7 @@ def _apply_head(
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
-    head: cpu.Head,
+    head: chunks.LinearHead,
     target_may_need_grad: bool,
 ) -> Tensor:
     """Runs a linear head through autograd when any gradient is wanted, else computes the loss alone."""
@@ -298,9 +232,9 @@ def _apply_head(
         input, target = input.unsqueeze(0), target.unsqueeze(0)
     needs = _needs_grad(input, linear_weight, linear_bias, target if target_may_need_grad else None)
     if any(needs):
-        loss = cpu.LinearHeadFunction.apply(input, linear_weight, linear_bias, target, head, needs)
+        loss = autograd.LinearHeadFunction.apply(input, linear_weight, linear_bias, target, head, needs)
     else:
-        loss = cpu.linear_head_loss(head, input, linear_weight, linear_bias, target)
+        loss = autograd.linear_head_loss(head, input, linear_weight, linear_bias, target)
     return loss.squeeze(0) if unbatched and head.reduction == "none" else loss
 
 
@@ -334,7 +268,7 @@ def linear_cross_entropy(
     slices; the forward pass keeps only per-row running statistics (online log-sum-exp) and backward forms
     each slice's logits again, writing dW one slice at a time (8·N·D·C FLOPs in all, 2·N·D·C for the loss
     alone). Extra memory: one (N, S) slice of logits, an (N, D) float32 dX accumulator and O(N) numbers.
-    See :mod:`softxent.ops.lean`.
+    See :mod:`softxent.ops.slices`.
 
     Args:
         input: ``(N, D)`` or ``(D,)``.
@@ -382,8 +316,7 @@ def linear_cross_entropy(
             f"memory: 'lean' takes a (C, in_features) linear_weight (no K-dimensional loss), "
             f"got shape {tuple(linear_weight.shape)}"
         )
-    block_fn, _ = _block_fns(impl, input.device)
-    on_triton = _backend(impl, input.device) == "triton"
+    backend = backends.select(impl, input.device)
     logits_shape = (*input.shape[:-1], num_classes, *out_features)
     probabilities = tuple(target.shape) == logits_shape and target.dtype.is_floating_point
     if probabilities and ignore_index is not None:
@@ -393,23 +326,23 @@ def linear_cross_entropy(
     ignore_index = check.check_ignore_index(-100 if ignore_index is None else ignore_index)
     _check_target(target, logits_shape, num_classes, ignore_index)
     target = target if probabilities else target.long()
-    ct = cpu.compute_dtype(input.dtype)
-    spec = _softmax_spec(
+    ct = spec.compute_dtype(input.dtype)
+    loss_spec = spec.softmax_loss(
         weight, num_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
     if memory == "lean":
-        stats_fn, grad_fn = _lean_slice_fns(impl, input.device)
-        lean_head = lean.LeanSoftmaxHead(
-            spec, reduction, num_classes, chunk_size, stats_fn, grad_fn, grad_in_input_dtype=on_triton
-        )
+        lean_head = slices.LeanSoftmaxHead(
+            loss_spec, reduction, num_classes, chunk_size, backend.slice_stats, backend.slice_grad,
+            backend.policy,
+        )  # fmt: skip
         unbatched = input.dim() == 1
         if unbatched:
             input, target = input.unsqueeze(0), target.unsqueeze(0)
         needs = _needs_grad(input, linear_weight, linear_bias, target if probabilities else None)
-        loss = lean.lean_linear_cross_entropy(lean_head, input, linear_weight, linear_bias, target, needs)
+        loss = autograd.lean_linear_cross_entropy(lean_head, input, linear_weight, linear_bias, target, needs)
         return loss.squeeze(0) if unbatched and reduction == "none" else loss
-    head = cpu.SoftmaxHead(
-        spec, reduction, num_classes, out_features, chunk_size, block_fn, grad_in_input_dtype=on_triton
+    head = chunks.SoftmaxHead(
+        loss_spec, reduction, num_classes, out_features, chunk_size, backend.softmax_block, backend.policy
     )
     return _apply_head(input, linear_weight, linear_bias, target, head, probabilities)
 
@@ -479,27 +412,27 @@ def binary_cross_entropy_with_logits(
     check.check_float_tensor("target", target)
     check.check_same_device("target", target, input.device)
     reduction = check.check_reduction_legacy(size_average, reduce, reduction)
-    _, block_fn = _block_fns(impl, input.device)
+    backend = backends.select(impl, input.device)
     shape = tuple(input.shape)
     if tuple(target.shape) != shape:
         raise ValueError(f"target: expected the input's shape {shape}, got {tuple(target.shape)}")
     weight, pos_weight = _check_bce_weights(weight, pos_weight, shape, input.device)
-    spec = cpu.SigmoidLoss(weight, pos_weight)
+    loss_spec = spec.SigmoidLoss(weight, pos_weight)
     needs = _needs_grad(input, target)
 
     def compute(need_input_grad: bool, need_target_grad: bool):
-        return cpu.sigmoid_bce_forward(
+        return rows.sigmoid_bce_forward(
             input,
             target,
-            spec,
+            loss_spec,
             reduction,
+            backend=backend,
             need_input_grad=need_input_grad,
             need_target_grad=need_target_grad,
-            block_fn=block_fn,
         )
 
     if any(needs):
-        return cpu.FusedLossFunction.apply(input, target, compute, needs, None)
+        return autograd.FusedLossFunction.apply(input, target, compute, needs, None)
     return compute(False, False)[0]
 
 
@@ -524,7 +457,7 @@ def linear_binary_cross_entropy(
     With ``memory="lean"`` the chunks are vocabulary slices of all N rows instead (one pass, still
     6·N·D·C FLOPs: each class's loss needs only its own logit): dW is written slice by slice, never summed
     across chunks, and the extra memory is one (N, S) slice plus an (N, D) float32 dX accumulator,
-    independent of C (see :class:`softxent.ops.lean.LeanSigmoidHead`).
+    independent of C (see :class:`softxent.ops.slices.LeanSigmoidHead`).
 
     Args:
         input: ``(N, D)`` or ``(D,)``; linear_weight: ``(C, D)``; target: ``(N, C)`` (or ``(C,)``) in [0, 1].
@@ -554,19 +487,23 @@ def linear_binary_cross_entropy(
     reduction = check.check_reduction(reduction)
     chunk_size = check.check_chunk_size(chunk_size)
     memory = check.check_memory(memory)
-    _, block_fn = _block_fns(impl, input.device)
-    on_triton = _backend(impl, input.device) == "triton"
+    backend = backends.select(impl, input.device)
     logits_shape = (*input.shape[:-1], num_classes)
     if tuple(target.shape) != logits_shape:
         raise ValueError(f"target: expected the logits' shape {logits_shape}, got {tuple(target.shape)}")
     weight, pos_weight = _check_bce_weights(weight, pos_weight, logits_shape, input.device)
     if weight is not None and input.dim() == 1:
         weight = weight.unsqueeze(0) if weight.dim() == 1 else weight
-    spec = cpu.SigmoidLoss(weight, pos_weight)
+    loss_spec = spec.SigmoidLoss(weight, pos_weight)
     if memory == "lean":
-        head = lean.LeanSigmoidHead(
-            spec, reduction, num_classes, chunk_size, block_fn, grad_in_input_dtype=on_triton
+        head = slices.LeanSigmoidHead(
+            loss_spec, reduction, num_classes, chunk_size, backend.sigmoid_block, backend.policy
         )
     else:
-        head = cpu.SigmoidHead(spec, reduction, chunk_size, block_fn, grad_in_input_dtype=on_triton)
+        head = chunks.SigmoidHead(loss_spec, reduction, chunk_size, backend.sigmoid_block, backend.policy)
     return _apply_head(input, linear_weight, linear_bias, target, head, True)
+
+
+_compile.register(
+    binary_cross_entropy_with_logits, cross_entropy, linear_binary_cross_entropy, linear_cross_entropy
+)

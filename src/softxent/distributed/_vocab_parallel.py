@@ -6,7 +6,7 @@ Every rank holds the same rows and either the same class-index targets (global i
 its own classes' columns of probability targets (soft labels, e.g. a teacher's distribution).
 
 The loss of a row needs its log-sum-exp over all C classes and, for class y, its true logit. Each rank
-folds its own columns into the online-softmax statistics of :mod:`softxent.ops.lean` (the same per-slice
+folds its own columns into the online-softmax statistics of :mod:`softxent.ops.slices` (the same per-slice
 functions, torch ops or Triton kernels, that the lean head runs over vocabulary slices): the max m_r,
 Σ exp(z − m_r), Σq, Σq·(z − m_r) and z_y where it holds y. Two all-reduces combine them (O(N) numbers,
 never O(N·C)):
@@ -38,9 +38,19 @@ import torch.distributed as dist
 from torch import Tensor
 
 from softxent import _validate as check
-from softxent.functional import _backend, _lean_slice_fns, _softmax_spec
-from softxent.ops import cpu
-from softxent.ops.lean import RowStats, Targets, finish, softmax_shift
+from softxent.ops import autograd, backends, chunks
+from softxent.ops.spec import (
+    RowStats,
+    SoftmaxLoss,
+    Targets,
+    compute_dtype,
+    finish,
+    mean_denominator,
+    reduce,
+    reduction_scale,
+    softmax_loss,
+    softmax_shift,
+)
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -197,7 +207,7 @@ def _all_reduce_stats(stats: RowStats, group: dist.ProcessGroup) -> None:
 def vocab_parallel_block(
     logits: Tensor,
     target: Tensor,
-    spec: cpu.SoftmaxLoss,
+    spec: SoftmaxLoss,
     *,
     layout: ShardLayout,
     group: dist.ProcessGroup,
@@ -207,7 +217,7 @@ def vocab_parallel_block(
     grad_out: Tensor | None = None,
     target_grad_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`softxent.ops.cpu.softmax_xent_block`'s contract for one block of rows of this rank's shard.
+    """:func:`softxent.ops.torch_blocks.softmax_xent_block`'s contract for rows of this rank's shard.
 
     logits: (R, C_r); target: (R,) global class indices or (R, C_r) probabilities of this rank's classes;
     ``spec.weight``: the whole vocabulary's (C,). Returns (loss, lse), (R,), the same on every rank; writes
@@ -215,7 +225,7 @@ def vocab_parallel_block(
     ``target_grad_out`` (R, C_r, probabilities) when given. Two all-reduces of O(R) numbers; every rank
     must call it with the same rows.
     """
-    ct = cpu.compute_dtype(logits.dtype)
+    ct = compute_dtype(logits.dtype)
     rows = logits.shape[0]
     targets = Targets.prepare(target, spec, layout.total_classes, ct, first_column=layout.offset)
     stats = RowStats.empty(rows, ct, logits.device)
@@ -268,13 +278,13 @@ def _check_target(target: Tensor, shard_shape: tuple[int, ...]) -> Tensor:
 
 
 def _mean_denominator(
-    target: Tensor, rows: int, spec: cpu.SoftmaxLoss, layout: ShardLayout, ct: torch.dtype
+    target: Tensor, rows: int, spec: SoftmaxLoss, layout: ShardLayout, ct: torch.dtype
 ) -> tuple[Tensor, Tensor | bool]:
     """ "mean"'s denominator: the number of rows for probabilities (whatever this shard's width), else
-    :func:`softxent.ops.cpu._mean_denominator` of the class indices."""
+    :func:`softxent.ops.spec.mean_denominator` of the class indices."""
     if target.is_floating_point():
         return torch.tensor(float(rows), dtype=ct, device=target.device), rows > 0
-    return cpu._mean_denominator(target, spec, layout.total_classes, ct)
+    return mean_denominator(target, spec, layout.total_classes, ct)
 
 
 def vocab_parallel_cross_entropy(
@@ -334,7 +344,7 @@ def vocab_parallel_cross_entropy(
     reduction, label_smoothing, ignore_index = _check_options(reduction, label_smoothing, ignore_index)
     target = _check_target(target, tuple(logits_shard.shape))
     check.check_same_device("target", target, logits_shard.device)
-    stats_fn, grad_fn = _lean_slice_fns(impl, logits_shard.device)
+    backend = backends.select(impl, logits_shard.device)
     batch_shape = tuple(logits_shard.shape[:-1])
     logits = logits_shard.reshape(math.prod(batch_shape), logits_shard.shape[-1])  # C_r may be 0
     probabilities = target.is_floating_point()
@@ -343,11 +353,17 @@ def vocab_parallel_cross_entropy(
         group, shard_name="logits_shard", rows=logits.shape[0], features=0, classes=logits.shape[1],
         target=flat_target, ignore_index=ignore_index, weight=weight,
     )  # fmt: skip
-    ct = cpu.compute_dtype(logits_shard.dtype)
-    spec = _softmax_spec(
+    ct = compute_dtype(logits_shard.dtype)
+    spec = softmax_loss(
         weight, layout.total_classes, logits.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
-    block = partial(vocab_parallel_block, layout=layout, group=group, stats_fn=stats_fn, grad_fn=grad_fn)
+    block = partial(
+        vocab_parallel_block,
+        layout=layout,
+        group=group,
+        stats_fn=backend.slice_stats,
+        grad_fn=backend.slice_grad,
+    )
 
     def compute(need_input_grad: bool, need_target_grad: bool):
         denominator, anything_counts = _mean_denominator(flat_target, logits.shape[0], spec, layout, ct)
@@ -355,27 +371,27 @@ def vocab_parallel_cross_entropy(
         target_grad = torch.empty_like(target) if need_target_grad else None
         scale = None
         if need_input_grad or need_target_grad:
-            scale = cpu._reduction_scale(reduction, denominator, anything_counts, ct).to(logits.device)
+            scale = reduction_scale(reduction, denominator, anything_counts, ct).to(logits.device)
         loss, _ = block(
             logits, flat_target, spec, grad_scale=scale,
             grad_out=None if grad is None else grad.view(logits.shape),
             target_grad_out=None if target_grad is None else target_grad.view(logits.shape),
         )  # fmt: skip
-        return cpu._reduce(loss.view(batch_shape), reduction, denominator), None, grad, target_grad
+        return reduce(loss.view(batch_shape), reduction, denominator), None, grad, target_grad
 
     enabled = torch.is_grad_enabled()
     needs = (enabled and logits_shard.requires_grad, enabled and probabilities and target.requires_grad)
     if any(needs):
-        return cpu.FusedLossFunction.apply(logits_shard, target, compute, needs, -1)
+        return autograd.FusedLossFunction.apply(logits_shard, target, compute, needs, -1)
     return compute(False, False)[0]
 
 
 @dataclass(frozen=True)
 class VocabParallelHead:
-    """A :class:`softxent.ops.cpu.SoftmaxHead` over this rank's weight rows whose dX is summed over the
-    ranks (the head protocol of :class:`softxent.ops.cpu.LinearHeadFunction`)."""
+    """A :class:`softxent.ops.chunks.SoftmaxHead` over this rank's weight rows whose dX is summed over the
+    ranks (the head protocol, :class:`softxent.ops.chunks.LinearHead`)."""
 
-    inner: cpu.SoftmaxHead
+    inner: chunks.SoftmaxHead
     group: dist.ProcessGroup
     layout: ShardLayout
 
@@ -469,8 +485,7 @@ def vocab_parallel_linear_cross_entropy(
     chunk_size = check.check_chunk_size(chunk_size)
     target = _check_target(target, (*input.shape[:-1], weight_shard.shape[0]))
     check.check_same_device("target", target, input.device)
-    stats_fn, grad_fn = _lean_slice_fns(impl, input.device)
-    on_triton = _backend(impl, input.device) == "triton"
+    backend = backends.select(impl, input.device)
     x = input.reshape(-1, input.shape[-1])
     probabilities = target.is_floating_point()
     flat_target = target.reshape(x.shape[0], -1) if probabilities else target.reshape(-1)
@@ -478,17 +493,21 @@ def vocab_parallel_linear_cross_entropy(
         group, shard_name="weight_shard", rows=x.shape[0], features=x.shape[1], classes=weight_shard.shape[0],
         target=flat_target, ignore_index=ignore_index, weight=weight,
     )  # fmt: skip
-    ct = cpu.compute_dtype(input.dtype)
-    spec = _softmax_spec(
+    ct = compute_dtype(input.dtype)
+    spec = softmax_loss(
         weight, layout.total_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
     if chunk_size is None:
-        chunk_size = cpu.default_chunk_rows(layout.max_classes, input.element_size() if on_triton else None)
-    block = partial(vocab_parallel_block, layout=layout, group=group, stats_fn=stats_fn, grad_fn=grad_fn)
+        chunk_size = backend.policy.chunk_rows(layout.max_classes, input.element_size())
+    block = partial(
+        vocab_parallel_block,
+        layout=layout,
+        group=group,
+        stats_fn=backend.slice_stats,
+        grad_fn=backend.slice_grad,
+    )
     head = VocabParallelHead(
-        cpu.SoftmaxHead(
-            spec, reduction, layout.classes, (), chunk_size, block, grad_in_input_dtype=on_triton
-        ),
+        chunks.SoftmaxHead(spec, reduction, layout.classes, (), chunk_size, block, backend.policy),
         group,
         layout,
     )
@@ -498,7 +517,7 @@ def vocab_parallel_linear_cross_entropy(
         for t in (x, weight_shard, bias_shard, flat_target if probabilities else None)
     )
     if any(needs):
-        loss = cpu.LinearHeadFunction.apply(x, weight_shard, bias_shard, flat_target, head, needs)
+        loss = autograd.LinearHeadFunction.apply(x, weight_shard, bias_shard, flat_target, head, needs)
     else:
-        loss = cpu.linear_head_loss(head, x, weight_shard, bias_shard, flat_target)
+        loss = autograd.linear_head_loss(head, x, weight_shard, bias_shard, flat_target)
     return loss.view(input.shape[:-1]) if reduction == "none" else loss

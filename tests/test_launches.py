@@ -1,0 +1,181 @@
+"""What a call costs, pinned: kernel launches per call on a GPU's policy (counted in Triton's interpreter,
+with the policy of an H200 simulated), the launch shapes each row width gets, and the CPU's cache-sized
+blocks. Each Triton path (rows in registers, two streaming passes, rows split over programs) is also checked
+against the torch backend on every loss feature."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import softxent
+from softxent.ops import policy
+from softxent.ops.spec import SoftmaxLoss
+
+launches = pytest.importorskip("softxent.ops.triton.launches", reason="the triton package is not installed")
+triton_ce = pytest.importorskip(
+    "softxent.ops.triton.cross_entropy", reason="the triton package is not installed"
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# a GPU of 4 multiprocessors: wide rows need only 8 of them to fill it, so the interpreter can run both
+# sides of the split decision at small shapes
+SMALL_GPU = policy.Hardware("cuda", "small test GPU", 4, 8 * 2**20)
+
+
+def _logits(rng, rows, columns, dtype=torch.float32):
+    logits = (torch.randn(rows, columns, generator=rng) * 3).to(DEVICE, dtype).requires_grad_()
+    target = torch.randint(0, columns, (rows,), generator=rng).to(DEVICE)
+    return logits, target
+
+
+@pytest.mark.parametrize("rows", [1, 37, 300, 1000])
+def test_cross_entropy_is_one_launch_whatever_the_rows(rows, rng):
+    """On the GPU's policy a call is one kernel launch at every N (the CPU policy once cut 2^20-logit
+    blocks: 1024 launches at 8192×128256)."""
+    logits, target = _logits(rng, rows, 517)
+    with policy.simulated(policy.H200), launches.recorded() as records:
+        loss = softxent.cross_entropy(logits, target, label_smoothing=0.1, impl="triton")
+        loss.backward()
+    assert [record.kernel for record in records] == ["_softmax_xent_rows_kernel"]
+    expected = torch.nn.functional.cross_entropy(logits.detach().float(), target, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_binary_cross_entropy_is_one_launch_and_keeps_no_elementwise_loss(rng):
+    logits = torch.randn(300, 211, generator=rng).to(DEVICE).requires_grad_()
+    target = torch.rand(300, 211, generator=rng).to(DEVICE)
+    for reduction in ("mean", "sum", "none"):
+        with policy.simulated(policy.H200), launches.recorded() as records:
+            loss = softxent.binary_cross_entropy_with_logits(
+                logits, target, reduction=reduction, impl="triton"
+            )
+        assert [record.kernel for record in records] == ["_sigmoid_bce_kernel"], reduction
+        assert records[0].meta["ROW_SUMS"] == (reduction != "none")
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
+        torch.testing.assert_close(loss, expected)
+
+
+def test_linear_head_is_one_launch_a_chunk(rng):
+    x = torch.randn(100, 16, generator=rng).to(DEVICE).requires_grad_()
+    w = torch.randn(300, 16, generator=rng).to(DEVICE).requires_grad_()
+    target = torch.randint(0, 300, (100,), generator=rng).to(DEVICE)
+    with policy.simulated(policy.H200), launches.recorded() as records:
+        softxent.linear_cross_entropy(x, w, target, chunk_size=32, impl="triton").backward()
+    assert [record.kernel for record in records] == ["_softmax_xent_rows_kernel"] * 4  # ⌈100 / 32⌉ chunks
+    with policy.simulated(policy.H200), launches.recorded() as records:
+        softxent.linear_cross_entropy(x, w, target, memory="lean", chunk_size=128, impl="triton").backward()
+    # three slices of 128, 128 and 44 classes: statistics, then the gradient pass
+    assert [record.kernel for record in records] == ["_slice_stats_kernel"] * 3 + ["_slice_grad_kernel"] * 3
+
+
+def test_the_cpu_policy_keeps_cache_sized_blocks():
+    cpu = policy.policy(policy.Hardware("cpu", "CPU", 2, 32 * 2**20), "torch")
+    assert cpu.block_elements == policy.CPU_BLOCK_ELEMENTS
+    assert len(cpu.row_blocks(8192, 128256)) == 8192 // (policy.CPU_BLOCK_ELEMENTS // 128256)
+    gpu_torch = policy.policy(policy.H200, "torch")
+    assert len(gpu_torch.row_blocks(8192, 128256)) == 64  # 130 rows (16M logits) a block
+    triton = policy.policy(policy.H200, "triton")
+    assert triton.row_blocks(8192, 128256) == [(0, 8192)]
+    assert triton.row_blocks(0, 128256) == []
+    assert triton.grad_in_input_dtype
+    assert not cpu.grad_in_input_dtype
+    assert triton.chunk_rows(128256, 2) == 2048  # 512 MiB of bf16 logits
+    assert cpu.chunk_rows(128256, 4) == policy.MIN_CHUNK_ROWS
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "expected"),
+    [
+        # narrow rows: tiles of whole rows, 16 logits a thread
+        (65536, 10, policy.RowLaunch(16, 256, 8, 1, True)),
+        (65536, 1000, policy.RowLaunch(1024, 4, 8, 1, True)),
+        (65536, 16384, policy.RowLaunch(16384, 1, 32, 1, True)),
+        # wide rows: two streaming passes, one program a row when they fill the GPU
+        (65536, 32000, policy.RowLaunch(8192, 1, 16, 1, False)),
+        (8192, 128256, policy.RowLaunch(8192, 1, 16, 1, False)),
+        (512, 256000, policy.RowLaunch(8192, 1, 16, 1, False)),
+        # too few wide rows for 2 × 132 programs: several programs a row
+        (64, 256000, policy.RowLaunch(8192, 1, 16, 5, False)),
+        (1, 128256, policy.RowLaunch(8192, 1, 16, 3, False)),
+        (8, 4_000_000, policy.RowLaunch(8192, 1, 16, 33, False)),
+    ],
+)
+def test_row_launch_shapes_on_an_h200(rows, columns, expected):
+    assert policy.row_launch(rows, columns, policy.H200) == expected
+
+
+def _torch_vs_triton(logits, target, spec, scale, target_grad):
+    results = []
+    for block in (triton_ce.softmax_xent_block, softxent.ops.torch_blocks.softmax_xent_block):
+        grad = torch.empty_like(logits)
+        tgrad = torch.empty_like(target) if target_grad else None
+        loss, lse = block(logits, target, spec, grad_scale=scale, grad_out=grad, target_grad_out=tgrad)
+        results.append((loss, lse, grad, tgrad))
+    return results
+
+
+FEATURES = list(
+    itertools.product(
+        [False, True],  # probabilities
+        [False, True],  # class weights
+        [0.0, 0.15],  # label smoothing
+        [0.0, 1e-3],  # z_loss
+        [None, 7.0],  # softcap
+    )
+)
+# (rows, columns) that take each path on SMALL_GPU: two streaming passes (enough rows to fill it), and rows
+# split over 2 programs (too few rows; 6 blocks of 8192 columns each, the last one partial)
+PATHS = {"streaming": (9, 2 * policy.STREAM_BLOCK + 37), "split": (2, 11 * policy.STREAM_BLOCK + 5)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize(("probabilities", "weighted", "smoothing", "z_loss", "softcap"), FEATURES)
+def test_wide_row_paths_equal_the_torch_block(path, probabilities, weighted, smoothing, z_loss, softcap, rng):
+    rows, columns = PATHS[path]
+    shape = policy.row_launch(rows, columns, SMALL_GPU)
+    assert not shape.single_pass
+    assert (shape.splits > 1) == (path == "split")
+    logits = (torch.randn(rows, columns, generator=rng) * 3).to(DEVICE)
+    logits[:, 5::97] = float("-inf")  # masked classes
+    if probabilities:
+        target = torch.softmax(torch.randn(rows, columns, generator=rng), dim=1).to(DEVICE)
+    else:
+        target = torch.randint(0, columns, (rows,), generator=rng)
+        target = torch.where(target % 97 == 5, target + 1, target)
+        target[0] = -100
+        target[-1] = columns - 3  # the last block, read first by the gradient pass
+        target = target.to(DEVICE)
+    weight = (torch.rand(columns, generator=rng) + 0.1).to(DEVICE) if weighted else None
+    spec = SoftmaxLoss(weight, -100, smoothing, z_loss, softcap)
+    scale = (torch.rand(rows, generator=rng) + 0.5).to(DEVICE)
+    with policy.simulated(SMALL_GPU), launches.recorded() as records:
+        ours, theirs = _torch_vs_triton(logits, target, spec, scale, probabilities)
+    assert len(records) == (2 if path == "split" else 1)
+    for name, mine, expected in zip(("loss", "lse", "grad", "target grad"), ours, theirs, strict=True):
+        if mine is not None:
+            torch.testing.assert_close(mine, expected, atol=1e-6, rtol=2e-5, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_wide_row_paths_in_place_and_forward_only(path, rng):
+    """The gradient may overwrite the logits (the true logit is read before any store), and without a
+    gradient the passes only read."""
+    rows, columns = PATHS[path]
+    logits = (torch.randn(rows, columns, generator=rng) * 3).to(DEVICE)
+    target = torch.randint(0, columns, (rows,), generator=rng).to(DEVICE)
+    spec = SoftmaxLoss(None, -100, 0.1, 0.0, None)
+    expected_grad = torch.empty_like(logits)
+    expected_loss, _ = softxent.ops.torch_blocks.softmax_xent_block(
+        logits, target, spec, grad_scale=0.5, grad_out=expected_grad
+    )
+    with policy.simulated(SMALL_GPU):
+        forward_loss, _ = triton_ce.softmax_xent_block(logits, target, spec)
+        in_place = logits.clone()
+        loss, _ = triton_ce.softmax_xent_block(in_place, target, spec, grad_scale=0.5, grad_out=in_place)
+    torch.testing.assert_close(forward_loss, expected_loss)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(in_place, expected_grad, atol=1e-7, rtol=2e-5)
