@@ -179,3 +179,49 @@ def test_wide_row_paths_in_place_and_forward_only(path, rng):
     torch.testing.assert_close(forward_loss, expected_loss)
     torch.testing.assert_close(loss, expected_loss)
     torch.testing.assert_close(in_place, expected_grad, atol=1e-7, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: host synchronizations are a GPU's concern")
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_no_host_synchronization_on_the_gpu(memory, rng):
+    """torch raises on any synchronizing call under sync debug mode "error": the Triton path makes none,
+    forward or backward (reductions, denominators, all-ignored batches and the kernels' scales stay on the
+    device)."""
+    logits, target = _logits(rng, 300, 40000, torch.bfloat16)
+    x = torch.randn(300, 64, generator=rng).to(DEVICE, torch.bfloat16).requires_grad_()
+    w = torch.randn(5000, 64, generator=rng).to(DEVICE, torch.bfloat16).requires_grad_()
+    labels = target % 5000
+    probabilities = torch.rand(300, 211, generator=rng).to(DEVICE)
+    bce_logits = torch.randn(300, 211, generator=rng).to(DEVICE).requires_grad_()
+
+    def step() -> None:
+        softxent.cross_entropy(logits, target, label_smoothing=0.1).backward()
+        softxent.binary_cross_entropy_with_logits(bce_logits, probabilities).backward()
+        softxent.linear_cross_entropy(x, w, labels, memory=memory).backward()
+
+    step()  # the first call probes cuBLAS once per device and dtype (policy.addmm_accumulates_in_float32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: run-to-run determinism is a property of the GPU")
+@pytest.mark.parametrize(("rows", "columns"), [(20011, 1000), (4099, 32003), (8, 300007)])
+def test_every_path_is_deterministic_on_the_gpu(rows, columns, rng):
+    """Rows in registers, two streaming passes, rows split over programs (8 rows of 300007 classes on any
+    GPU of more than 4 multiprocessors): bit-identical loss and gradient run to run."""
+    logits, target = _logits(rng, rows, columns, torch.bfloat16)
+    runs = []
+    for _ in range(3):
+        logits.grad = None
+        loss = softxent.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4)
+        loss.backward()
+        runs.append((loss.detach().clone(), logits.grad.clone()))
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0])
+        assert torch.equal(grad, runs[0][1])
