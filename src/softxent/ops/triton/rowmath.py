@@ -113,7 +113,7 @@ def online_update(m, sum_exp, q_sum, q_dot, z, q, HAS_MASS: tl.constexpr):
     (m, Σexp(z − m), Σq, Σq·(z − m)), rescaling the sums when the max m grows. Without mass (class targets,
     no smoothing: q = 0 off the true class) the target sums are left alone."""
     m_new = tl.maximum(m, tl.max(z, 1))
-    # −inf − (−inf) never enters an op: no lane ever holds a nan
+    # a row with no finite logit yet has m_new = m = −inf: the nan of their difference is never selected
     rise = tl.where(m_new == m, 0.0, m_new - m)
     sum_exp = sum_exp * tl.exp(-rise)
     shifted = z - tl.where(m_new == float("-inf"), 0.0, m_new)[:, None]  # −inf for a −inf logit
