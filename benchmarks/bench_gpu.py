@@ -7,6 +7,11 @@ Linear head: x (N, D) and W (V, D) in bfloat16, both requiring grad; y (N,) int6
   cce            cut_cross_entropy.linear_cross_entropy(x, W, y)   (its default filter_eps="high")
   softxent       softxent.linear_cross_entropy(x, W, y)
   softxent-lean  softxent.linear_cross_entropy(x, W, y, memory="lean")
+Multi-label linear head (sigmoid BCE): x (N, D), W (V, D) as above, targets (N, V) bf16 0/1:
+  eager          F.binary_cross_entropy_with_logits((x @ W.T).float(), target.float())
+  compile        torch.compile(eager, dynamic=False)
+  softxent       softxent.linear_binary_cross_entropy(x, W, target)
+  softxent-lean  softxent.linear_binary_cross_entropy(x, W, target, memory="lean")
 Cross-entropy on given logits (N, V) in bfloat16, requiring grad:
   eager          F.cross_entropy(logits.float(), y)
   compile        torch.compile(eager, dynamic=False)
@@ -32,8 +37,11 @@ Columns, per shape and method:
                logits, both in row chunks (float64 throughout at smoke sizes)
 A method that runs out of memory shows "OOM" and the run goes on; a peer that cannot run here is skipped
 with the reason printed under the table. Under each table: softxent's kernel launches per call, and the
-issues' targets (GPU part 1: cross-entropy forward+backward and forward alone at most 1.15× their floors,
-in place no slower, binary cross-entropy at most 1.15×), each marked pass or miss.
+issues' targets, each marked pass or miss: GPU part 1, the losses on logits at most 1.15× their floors
+(forward+backward and forward alone), in place no slower; GPU part 2, both linear heads in speed mode at
+most 1.05× the matmul floor with at most a float32 (V, D) buffer + 0.25 GiB beyond inputs and gradients,
+in lean mode at most 1.40× with at most a float32 (N, D) buffer + 0.1 GiB, gradients within 5% of eager's
+error.
 
 `--quick` fits the whole comparison in a few minutes (one warm-up, a 40 ms budget a measurement, torch.compile
 timed forward+backward only, so compiled once a shape). `--sweep` times softxent's cross-entropy on the
@@ -95,24 +103,33 @@ LOGIT_STD = 3.0  # x ~ N(0, 1), W ~ N(0, (LOGIT_STD/√D)²): logits with the sp
 DTYPE = torch.bfloat16
 
 LINEAR_SHAPES = ((8192, 4096, 128256), (8192, 2304, 256000), (32768, 4096, 128256))
+LINEAR_BCE_SHAPES = ((8192, 4096, 32768), (8192, 4096, 128256))  # dense (N, V) targets: 0.5G, 2G
 # 0.13G, 1.1G, 2.1G, 4.2G logits: largest last; 512 rows are too few for one program a row on a large GPU
 CE_SHAPES = ((512, 256000), (8192, 128256), (65536, 32000), (16384, 256000))
 BCE_SHAPES = ((8192, 32000), (32768, 16384))  # multi-label heads: 0.26G and 0.54G logits
 SMOKE_LINEAR_SHAPES = ((64, 32, 1000), (37, 65, 1031))
+SMOKE_LINEAR_BCE_SHAPES = ((64, 32, 1000), (37, 65, 1031))
 SMOKE_CE_SHAPES = ((64, 1000), (37, 1031))
 SMOKE_BCE_SHAPES = ((64, 1000), (37, 1031))
 LINEAR_METHODS = ("eager", "compile", "liger", "cce", "softxent", "softxent-lean")
+LINEAR_BCE_METHODS = ("eager", "compile", "softxent", "softxent-lean")
 CE_METHODS = ("eager", "compile", "liger", "softxent", "softxent-inplace")
 BCE_METHODS = ("eager", "compile", "softxent")
 FAMILIES = {
     "linear": "linear head + cross-entropy",
+    "linear-bce": "multi-label linear head + sigmoid binary cross-entropy",
     "ce": "cross-entropy on logits",
     "bce": "binary cross-entropy on logits",
 }
 # inputs of each family that require grad (the first ones)
-DIFFERENTIABLE = {"linear": 2, "ce": 1, "bce": 1}
+DIFFERENTIABLE = {"linear": 2, "linear-bce": 2, "ce": 1, "bce": 1}
+HEADS = ("linear", "linear-bce")
 POSITIVE_FRACTION = 0.05  # of the binary cross-entropy's targets
 TARGET_RATIO = 1.15  # GPU part 1: softxent's losses on logits at most 1.15× their floors
+# GPU part 2: the linear heads' (time over the matmul floor, memory beyond a float32 buffer in GiB, the
+# buffer: dW's (V, D) for speed, dX's (N, D) for lean), and their gradients' error over eager's
+HEAD_TARGETS = {"softxent": (1.05, 0.25, "VD"), "softxent-lean": (1.40, 0.1, "ND")}
+ERROR_RATIO = 1.05
 # --sweep: launch shapes of the softmax row kernel to try (columns a streaming block, its warps) and the
 # widest row held in registers (its block and warps)
 SWEEP_STREAM = ((4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32))
@@ -155,6 +172,15 @@ def linear_inputs(shape: tuple[int, int, int], device: torch.device) -> tuple[Te
     return x, weight, _targets(n, v, device, 1)
 
 
+def linear_bce_inputs(shape: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """x: (N, D), W: (V, D) as :func:`linear_inputs` makes them, and targets (N, V) in bf16, 1 with
+    probability POSITIVE_FRACTION, else 0; the same values on every call."""
+    n, _, v = shape
+    x, weight, _ = linear_inputs(shape, device)
+    positive = torch.rand(n, v, device=device, generator=_generator(device, 2)) < POSITIVE_FRACTION
+    return x, weight, positive.to(DTYPE)
+
+
 def ce_inputs(shape: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
     """logits: (N, V) in bf16 with std LOGIT_STD, and y: (N,); the same values on every call."""
     n, v = shape
@@ -176,6 +202,10 @@ def bce_inputs(shape: tuple[int, int], device: torch.device) -> tuple[Tensor, Te
 
 def _eager_linear(x: Tensor, weight: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy((x @ weight.T).float(), target)
+
+
+def _eager_linear_bce(x: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits((x @ weight.T).float(), target.float())
 
 
 def _eager_ce(logits: Tensor, target: Tensor) -> Tensor:
@@ -241,6 +271,19 @@ def linear_loss_fn(method: str, device: torch.device) -> LossFn:
     if method == "softxent-lean":
         return _softxent_lean
     raise ValueError(f"method: expected one of {LINEAR_METHODS}, got {method!r}")
+
+
+def linear_bce_loss_fn(method: str, device: torch.device) -> LossFn:
+    """The loss of a multi-label linear-head method, called as fn(x, W, target)."""
+    if method == "eager":
+        return _eager_linear_bce
+    if method == "compile":
+        return _compiled(_eager_linear_bce)
+    if method == "softxent":
+        return softxent.linear_binary_cross_entropy
+    if method == "softxent-lean":
+        return partial(softxent.linear_binary_cross_entropy, memory="lean")
+    raise ValueError(f"method: expected one of {LINEAR_BCE_METHODS}, got {method!r}")
 
 
 def ce_loss_fn(method: str, device: torch.device) -> LossFn:
@@ -372,30 +415,45 @@ def _no_tf32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def linear_reference(shape: tuple[int, int, int], device: torch.device) -> dict[str, Tensor]:
-    """Loss, dX and dW of the mean cross-entropy of x.float() @ W.float().T, chunked over rows, in float32
-    with TF32 off (float64 at small N·V), returned on the CPU so the methods have the device to themselves.
+def linear_reference(family: str, shape: tuple[int, int, int], device: torch.device) -> dict[str, Tensor]:
+    """Loss, dX and dW of the mean loss of x.float() @ W.float().T (softmax cross-entropy for "linear",
+    sigmoid binary cross-entropy for "linear-bce"), chunked over rows, in float32 with TF32 off (float64 at
+    small N·V), returned on the CPU so the methods have the device to themselves.
 
-    Per chunk of rows: z = x W^T, G = ∂L/∂z from torch's cross-entropy, dX = G W, dW += G^T x.
+    Per chunk of rows: z = x W^T, G = ∂L/∂z from torch's loss, dX = G W, dW += G^T x.
     """
-    x, weight, target = linear_inputs(shape, device)
+    x, weight, target = (linear_inputs if family == "linear" else linear_bce_inputs)(shape, device)
     dtype = torch.float64 if shape[0] * shape[2] <= SMALL_ELEMENTS else torch.float32
     x, weight = x.to(dtype), weight.to(dtype)
-    count = int((target != IGNORE_INDEX).sum())
+    count = int((target != IGNORE_INDEX).sum()) if family == "linear" else target.numel()
     loss_sum = 0.0
     grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
     with torch.no_grad(), _no_tf32():
         for rows in _row_chunks(shape[0], shape[2]):
-            part, grad = _reference_chunk(x[rows] @ weight.T, target[rows], count)
+            logits = x[rows] @ weight.T
+            if family == "linear":
+                part, grad = _reference_chunk(logits, target[rows], count)
+            else:
+                part, grad = _reference_bce_chunk(logits, target[rows].to(dtype), count)
             loss_sum += part
             torch.mm(grad, weight, out=grad_x[rows])
             grad_weight.addmm_(grad.T, x[rows])
-            del grad
+            del grad, logits
     return {
         "loss": torch.tensor(loss_sum / count, dtype=torch.float64),
         "dX": grad_x.cpu(),
         "dW": grad_weight.cpu(),
     }
+
+
+def _reference_bce_chunk(logits: Tensor, target: Tensor, count: int) -> tuple[float, Tensor]:
+    """torch's binary cross-entropy summed over a chunk of rows, and the chunk's ∂L/∂z of the mean over
+    ``count`` elements: (σ(z) − y) / count."""
+    logits = logits.detach().requires_grad_()
+    with torch.enable_grad():
+        loss_sum = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+        (grad,) = torch.autograd.grad(loss_sum, logits)
+    return float(loss_sum), grad.div_(count)
 
 
 def linear_check(reference: dict[str, Tensor]) -> ErrorCheck:
@@ -601,6 +659,7 @@ def _progress(family: str, shape: Sequence[int], row: dict[str, object], started
 
 
 def bench_linear(
+    family: str,
     shapes: Sequence[tuple[int, int, int]],
     methods: Sequence[str],
     device: torch.device,
@@ -609,7 +668,12 @@ def bench_linear(
     started: float,
     quick: bool = False,
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """Rows (one per shape and method) and floors (one per shape) of the linear head."""
+    """Rows (one per shape and method) and floors (one per shape) of a linear head: "linear" (softmax
+    cross-entropy) or "linear-bce" (multi-label sigmoid binary cross-entropy)."""
+    make_loss_fn, make_inputs_of = {
+        "linear": (linear_loss_fn, linear_inputs),
+        "linear-bce": (linear_bce_loss_fn, linear_bce_inputs),
+    }[family]
     rows, floors = [], []
     for shape in shapes:
         n, d, v = shape
@@ -620,24 +684,24 @@ def bench_linear(
         _free(device)
         floors.append(
             {
-                "family": "linear",
+                "family": family,
                 "shape": list(shape),
                 "ms": 3 * matmul_ms,
                 "forward_ms": matmul_ms,
                 "detail": f"3 matmuls at {2 * n * d * v / matmul_ms / 1e9:.3g} TFLOP/s",
             }
         )
-        reference = linear_reference(shape, device)
+        reference = linear_reference(family, shape, device)
         _free(device)
-        make_inputs = partial(linear_inputs, shape, device)
+        make_inputs = partial(make_inputs_of, shape, device)
         check = linear_check(reference)
         for method in methods:
             row = run_method(
-                method, linear_loss_fn, make_inputs, check, device, budget_ms, warmups,
-                differentiable=DIFFERENTIABLE["linear"], quick=quick,
+                method, make_loss_fn, make_inputs, check, device, budget_ms, warmups,
+                differentiable=DIFFERENTIABLE[family], quick=quick,
             )  # fmt: skip
-            rows.append({"family": "linear", "shape": list(shape), **row})
-            _progress("linear", shape, row, started)
+            rows.append({"family": family, "shape": list(shape), **row})
+            _progress(family, shape, row, started)
         del reference
         _free(device)
     return rows, floors
@@ -861,9 +925,9 @@ def _failed_cell(failure: str | None, value: str) -> str:
 
 def table(family: str, rows: list[dict[str, object]], floors: list[dict[str, object]]) -> list[str]:
     """A Markdown table of one family: a floor row and one row per method for each shape, then notes."""
-    error_names = ("loss", "dX", "dW") if family == "linear" else ("loss", "dlogits")
+    error_names = ("loss", "dX", "dW") if family in HEADS else ("loss", "dlogits")
     columns = [
-        "N×D×V" if family == "linear" else "N×V",
+        "N×D×V" if family in HEADS else "N×V",
         "method",
         "fwd+bwd ms",
         "× floor",
@@ -915,19 +979,22 @@ def table(family: str, rows: list[dict[str, object]], floors: list[dict[str, obj
 
 
 def target_lines(rows: list[dict[str, object]], floors: list[dict[str, object]]) -> list[str]:
-    """The targets of GPU part 1 as pass/miss lines: softxent's cross-entropy and binary cross-entropy on
-    logits at most TARGET_RATIO× their floors (forward+backward and forward alone), and the in-place
-    gradient no slower than a new buffer (within 2%, the spread of repeated timings)."""
+    """The GPU issues' targets as pass/miss lines. Part 1: softxent's cross-entropy and binary
+    cross-entropy on logits at most TARGET_RATIO× their floors (forward+backward and forward alone), the
+    in-place gradient no slower than a new buffer (within 2%, the spread of repeated timings). Part 2:
+    HEAD_TARGETS for each linear head and memory mode (time, peak memory beyond inputs and gradients, and
+    the gradients' error within ERROR_RATIO of eager's)."""
     found = {(row["family"], tuple(row["shape"]), row["method"]): row for row in rows}
     lines = []
     for floor in floors:
         family, shape = floor["family"], tuple(floor["shape"])
-        if family not in ("ce", "bce"):
+        name = f"{family} {_shape_name(shape)}"
+        if family in HEADS:
+            lines += _head_target_lines(found, family, shape, floor)
             continue
         ours = found.get((family, shape, "softxent"))
         if ours is None or ours["ms"] is None:
             continue
-        name = f"{family} {_shape_name(shape)}"
         for phase, key in (("forward+backward", "ms"), ("forward", "forward_ms")):
             if ours[key] is None:
                 continue
@@ -946,7 +1013,31 @@ def target_lines(rows: list[dict[str, object]], floors: list[dict[str, object]])
     return [*lines, ""] if lines else []
 
 
-# ------------------------------------------------------------------------------------------------ main
+def _head_target_lines(found, family: str, shape: tuple[int, ...], floor: dict[str, object]) -> list[str]:
+    n, d, v = shape
+    eager = found.get((family, shape, "eager"))
+    lines = []
+    for method, (max_ratio, max_extra_gib, buffer) in HEAD_TARGETS.items():
+        ours = found.get((family, shape, method))
+        if ours is None or ours["ms"] is None:
+            continue
+        ratio = ours["ms"] / floor["ms"]
+        buffer_gib = (v * d if buffer == "VD" else n * d) * 4 / 2**30
+        verdicts = [f"{ratio:.2f}× floor (≤ {max_ratio}): {'pass' if ratio <= max_ratio else 'miss'}"]
+        if ours["peak_gib"] is not None:
+            allowed = buffer_gib + max_extra_gib
+            fits = ours["peak_gib"] <= allowed
+            verdicts.append(
+                f"peak {ours['peak_gib']:.2f} GiB (≤ {allowed:.2f}): {'pass' if fits else 'miss'}"
+            )
+        if eager is not None and eager["errors"]:
+            worst = max(
+                ours["errors"][g] / eager["errors"][g] for g in ("dX", "dW") if eager["errors"][g] > 0
+            )
+            verdict = "pass" if worst <= ERROR_RATIO else "miss"
+            verdicts.append(f"gradient error {worst:.2f}× eager's (≤ {ERROR_RATIO}): {verdict}")
+        lines.append(f"- target {family} {_shape_name(shape)} {method}: " + "; ".join(verdicts))
+    return lines
 
 
 def _parse_shapes(text: str, size: int) -> tuple[tuple[int, ...], ...]:
@@ -962,7 +1053,7 @@ def _parse_shapes(text: str, size: int) -> tuple[tuple[int, ...], ...]:
 
 def _parse_methods(text: str) -> tuple[str, ...]:
     methods = tuple(name.strip() for name in text.split(",") if name.strip())
-    known = dict.fromkeys(LINEAR_METHODS + CE_METHODS)
+    known = dict.fromkeys(LINEAR_METHODS + LINEAR_BCE_METHODS + CE_METHODS + BCE_METHODS)
     unknown = [name for name in methods if name not in known]
     if unknown or not methods:
         raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {list(known)}, got {text!r}")
@@ -1005,22 +1096,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     default_budget = 20.0 if args.smoke else 40.0 if args.quick else 300.0
     budget_ms = args.budget_ms if args.budget_ms is not None else default_budget
     warmups = 1 if args.smoke or args.quick else 2
-    linear_shapes = args.linear_shapes or (SMOKE_LINEAR_SHAPES if args.smoke else LINEAR_SHAPES)
     shapes = {
+        "linear": args.linear_shapes or (SMOKE_LINEAR_SHAPES if args.smoke else LINEAR_SHAPES),
+        "linear-bce": args.linear_shapes or (SMOKE_LINEAR_BCE_SHAPES if args.smoke else LINEAR_BCE_SHAPES),
         "ce": args.ce_shapes or (SMOKE_CE_SHAPES if args.smoke else CE_SHAPES),
         "bce": args.bce_shapes or (SMOKE_BCE_SHAPES if args.smoke else BCE_SHAPES),
     }
-    selected = args.methods or LINEAR_METHODS + CE_METHODS + BCE_METHODS
+    selected = args.methods or LINEAR_METHODS + LINEAR_BCE_METHODS + CE_METHODS + BCE_METHODS
 
     started = time.perf_counter()
     info = machine_info(device, measure_machine(device, args.smoke, budget_ms, warmups))
     print("\n".join(header(info)), flush=True)
     rows: list[dict[str, object]] = []
     floors: list[dict[str, object]] = []
-    if args.only in (None, "linear"):
-        methods = [name for name in LINEAR_METHODS if name in selected]
+    for family, family_methods in (("linear", LINEAR_METHODS), ("linear-bce", LINEAR_BCE_METHODS)):
+        if args.only not in (None, family):
+            continue
+        methods = [name for name in family_methods if name in selected]
         family_rows, family_floors = bench_linear(
-            linear_shapes, methods, device, budget_ms, warmups, started, args.quick
+            family, shapes[family], methods, device, budget_ms, warmups, started, args.quick
         )
         rows += family_rows
         floors += family_floors

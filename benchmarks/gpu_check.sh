@@ -2,7 +2,7 @@
 # One time-boxed call on a GPU machine that checks and measures softxent's GPU path, so that partial results
 # come back even when a stage runs out of time. From the project root there:
 #
-#     bash benchmarks/gpu_check.sh [TESTS_S QUICK_S SWEEP_S]      (defaults 120 210 90: 7 minutes)
+#     bash benchmarks/gpu_check.sh [TESTS_S QUICK_S SWEEP_S]      (defaults 100 240 90: 7 minutes)
 #
 # Stages: the kernels' tests on CUDA (the GPU machines run their own torch and triton, 2.11 and 3.6 when
 # last seen: the project's pins do not apply there); benchmarks/bench_gpu.py --quick (every family, the
@@ -10,7 +10,7 @@
 # shapes. The peers' wheels, if any, in .whl/ (see bench_gpu.py's docstring). Logs and JSON go to $OUT
 # (default /tmp/out); the tables are printed last.
 set -u
-T_TESTS=${1:-120}; T_QUICK=${2:-210}; T_SWEEP=${3:-90}
+T_TESTS=${1:-100}; T_QUICK=${2:-240}; T_SWEEP=${3:-90}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -34,11 +34,18 @@ def test_smoke_run_reports_softxent_close_to_the_reference(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(output.read_text())
     rows = {(row["family"], tuple(row["shape"]), row["method"]): row for row in report["rows"]}
-    shapes = {family: {shape for f, shape, _ in rows if f == family} for family in ("linear", "ce", "bce")}
+    families = ("linear", "linear-bce", "ce", "bce")
+    shapes = {family: {shape for f, shape, _ in rows if f == family} for family in families}
     assert all(len(family_shapes) == 2 for family_shapes in shapes.values()), shapes
-    expected_errors = {"linear": ("loss", "dX", "dW"), "ce": ("loss", "dlogits"), "bce": ("loss", "dlogits")}
+    expected_errors = {
+        "linear": ("loss", "dX", "dW"),
+        "linear-bce": ("loss", "dX", "dW"),
+        "ce": ("loss", "dlogits"),
+        "bce": ("loss", "dlogits"),
+    }
     softxent_methods = {
         "linear": ["softxent", "softxent-lean"],
+        "linear-bce": ["softxent", "softxent-lean"],
         "ce": ["softxent", "softxent-inplace"],
         "bce": ["softxent"],
     }
@@ -56,11 +63,12 @@ def test_smoke_run_reports_softxent_close_to_the_reference(tmp_path: Path) -> No
                 assert set(row["errors"]) == set(expected_errors[family]), row
                 worst = {name: value for name, value in row["errors"].items() if not value < BF16_TOLERANCE}
                 assert not worst, f"{family} {shape} {method}: relative errors over {BF16_TOLERANCE}: {worst}"
-            peers = {"linear": ("liger", "cce"), "ce": ("liger",), "bce": ()}[family]
+            peers = {"linear": ("liger", "cce"), "linear-bce": (), "ce": ("liger",), "bce": ()}[family]
             for peer in peers:
                 assert rows[family, shape, peer]["status"] == "skipped", rows[family, shape, peer]
     assert "| eager |" in result.stdout
     assert "- target ce 37×1031 softxent forward+backward:" in result.stdout
+    assert "- target linear-bce 37×65×1031 softxent-lean: " in result.stdout
     assert "- target ce 37×1031 inplace_backward:" in result.stdout
     assert len(report["sweep"]) == 2 * 9, report["sweep"]  # the policy, 6 streaming shapes, 2 in registers
     assert "### launch-shape sweep" in result.stdout

@@ -330,7 +330,47 @@ def test_lean_gradcheck_float64(rng):
 
 def test_lean_argument_errors(rng):
     (x, w, _), target = _problem(4, 3, 5, rng, bias=False)
-    with pytest.raises(ValueError, match=r"memory: expected 'speed' or 'lean', got 'small'"):
+    with pytest.raises(ValueError, match=r"memory: expected 'speed', 'lean' or 'auto', got 'small'"):
         softxent.linear_cross_entropy(x, w, target, memory="small")
     with pytest.raises(ValueError, match=r"memory: 'lean' takes a \(C, in_features\) linear_weight"):
         softxent.linear_cross_entropy(x, w.detach().reshape(5, 1, 3), target.reshape(4, 1), memory="lean")
+
+
+def test_memory_auto_runs_speed_where_it_fits_else_lean(monkeypatch, rng):
+    """memory="auto": the speed mode where its chunk and float32 dW buffer fit in 80% of the memory left,
+    the lean mode otherwise; the speed mode on a CPU (no memory to run short of) and for a K-dimensional
+    loss (no lean mode there)."""
+    from softxent.ops import policy, slices
+
+    gpu = policy.policy(policy.H200, "triton")
+    # 8192×4096×128256 bf16: chunks of 2048 rows (512 MiB of logits) and a float32 (C, D) dW buffer
+    speed = gpu.speed_mode_bytes(8192, 4096, 128256, torch.bfloat16)
+    assert speed == 2048 * 128256 * 2 + 128256 * 4096 * 4
+    assert gpu.speed_mode_bytes(2048, 4096, 128256, torch.bfloat16) == 2048 * 128256 * 2  # one chunk
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(policy, "available_bytes", lambda device: int(speed / 0.8) + 1)
+    assert gpu.linear_memory(8192, 4096, 128256, torch.bfloat16, cuda) == "speed"
+    monkeypatch.setattr(policy, "available_bytes", lambda device: int(speed / 0.8) - 2**20)
+    assert gpu.linear_memory(8192, 4096, 128256, torch.bfloat16, cuda) == "lean"
+
+    (x, w, b), target = _problem(37, 65, 1031, rng, dtype=torch.float32)
+    lean_calls = []
+    forward_stats = slices.LeanSoftmaxHead.forward_stats
+    monkeypatch.setattr(
+        slices.LeanSoftmaxHead,
+        "forward_stats",
+        lambda self, *args: lean_calls.append(1) or forward_stats(self, *args),
+    )
+    expected = eager_linear_cross_entropy(x, w, target, linear_bias=b)
+    # here the speed mode needs one 37×1031 float32 chunk (149 KiB): 64 KiB left is too little
+    for left, mode in ((None, "speed"), (1 << 40, "speed"), (1 << 16, "lean")):
+        monkeypatch.setattr(policy, "available_bytes", lambda device, left=left: left)
+        lean_calls.clear()
+        loss = softxent.linear_cross_entropy(x, w, target, linear_bias=b, memory="auto", impl="torch")
+        assert bool(lean_calls) == (mode == "lean"), left
+        assert_close(loss, to_numpy(expected), 1e-6, f"loss, {mode}")
+    # a K-dimensional loss has no lean mode: "auto" is "speed" whatever is left
+    k_dim = softxent.linear_cross_entropy(
+        x, w.reshape(1031, 1, 65), target.reshape(37, 1), memory="auto", impl="torch"
+    )
+    assert_close(k_dim, to_numpy(eager_linear_cross_entropy(x, w, target)), 1e-6, "K-dimensional")

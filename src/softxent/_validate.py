@@ -10,7 +10,7 @@ from torch.nn import _reduction as legacy_reduction
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
-MEMORY_MODES = ("speed", "lean")
+MEMORY_MODES = ("speed", "lean", "auto")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -60,7 +60,7 @@ def check_impl(impl: object) -> str:
 
 def check_memory(memory: object) -> str:
     if memory not in MEMORY_MODES:
-        raise ValueError(f"memory: expected 'speed' or 'lean', got {memory!r}")
+        raise ValueError(f"memory: expected 'speed', 'lean' or 'auto', got {memory!r}")
     return memory  # type: ignore[return-value]
 
 

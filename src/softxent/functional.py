@@ -218,6 +218,12 @@ def _check_linear(
     return num_classes, out_features
 
 
+def _auto_memory(backend: backends.Backend, input: Tensor, num_classes: int) -> str:
+    """``memory="auto"``'s choice for this call (:meth:`softxent.ops.policy.Policy.linear_memory`)."""
+    rows = input.shape[0] if input.dim() == 2 else 1
+    return backend.policy.linear_memory(rows, input.shape[-1], num_classes, input.dtype, input.device)
+
+
 def _apply_head(
     input: Tensor,
     linear_weight: Tensor,
@@ -282,6 +288,9 @@ def linear_cross_entropy(
             of logits); with ``memory="lean"``, classes per vocabulary slice (default: 64 MiB of logits).
         memory: "speed" (the default: 6·N·D·C FLOPs, one chunk of rows × C logits) or "lean" (extra
             memory independent of C, one recompute). "lean" takes a (C, D) weight (no K-dimensional loss).
+            "auto": "speed" where its chunk and float32 dW buffer fit in 80% of the memory the GPU has
+            left (free, plus what torch's allocator holds unused), else "lean"; "speed" on a CPU and for a
+            K-dimensional loss (:meth:`softxent.ops.policy.Policy.linear_memory`).
         impl: "auto", "torch" or "triton" (as in :func:`cross_entropy`).
 
     Returns:
@@ -317,6 +326,8 @@ def linear_cross_entropy(
             f"got shape {tuple(linear_weight.shape)}"
         )
     backend = backends.select(impl, input.device)
+    if memory == "auto":
+        memory = "speed" if out_features else _auto_memory(backend, input, num_classes)
     logits_shape = (*input.shape[:-1], num_classes, *out_features)
     probabilities = tuple(target.shape) == logits_shape and target.dtype.is_floating_point
     if probabilities and ignore_index is not None:
@@ -464,7 +475,7 @@ def linear_binary_cross_entropy(
         linear_bias: ``(C,)`` or None. weight: broadcastable to ``(N, C)``; pos_weight: to ``(C,)``.
         chunk_size: rows per chunk; with ``memory="lean"``, classes per slice (default: 64 MiB of logits).
         memory: "speed" (the default: chunks of rows × C logits, dW summed over them in float32 for
-            low-precision inputs) or "lean" (vocabulary slices).
+            low-precision inputs), "lean" (vocabulary slices) or "auto" (as in :func:`linear_cross_entropy`).
 
     Example:
         >>> import torch, softxent
@@ -488,6 +499,8 @@ def linear_binary_cross_entropy(
     chunk_size = check.check_chunk_size(chunk_size)
     memory = check.check_memory(memory)
     backend = backends.select(impl, input.device)
+    if memory == "auto":
+        memory = _auto_memory(backend, input, num_classes)
     logits_shape = (*input.shape[:-1], num_classes)
     if tuple(target.shape) != logits_shape:
         raise ValueError(f"target: expected the logits' shape {logits_shape}, got {tuple(target.shape)}")

@@ -73,7 +73,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
 """The ``config.model_type`` values whose causal LMs can be patched."""
 
 _IMPLS = ("auto", "torch", "triton")
-_MEMORY_MODES = ("speed", "lean")
+_MEMORY_MODES = ("speed", "lean", "auto")
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,44 @@ class Policy:
         return max(MIN_SLICE_COLUMNS, columns // MIN_SLICE_COLUMNS * MIN_SLICE_COLUMNS)
 
 
+    def speed_mode_bytes(self, rows: int, features: int, columns: int, dtype: torch.dtype) -> int:
+        """Memory ``memory="speed"`` takes beyond inputs and gradients for an (rows, features) input and
+        ``columns`` logits a row: one chunk of logits (and of G in float32 where the gradient is kept in the
+        compute dtype), and dW's float32 buffer where the gradients are low precision and it is summed over
+        chunks (on the Triton path with a single chunk dW is written in the input dtype)."""
+        element_size = torch.finfo(dtype).bits // 8
+        chunk = min(rows, self.chunk_rows(columns, element_size))
+        low_precision = dtype not in (torch.float32, torch.float64)
+        logits = chunk * columns * element_size
+        if low_precision and not self.grad_in_input_dtype:
+            logits += chunk * columns * 4
+        summed = low_precision and (chunk < rows or not self.grad_in_input_dtype)
+        return logits + (columns * features * 4 if summed else 0)
+
+    def linear_memory(self, rows: int, features: int, columns: int, dtype: torch.dtype, device) -> str:
+        """What ``memory="auto"`` runs: "speed" when its extra memory (:meth:`speed_mode_bytes`) fits in
+        AUTO_FRACTION of the memory the device has left (:func:`available_bytes`), else "lean", whose extra
+        memory does not grow with the classes. Always "speed" on a CPU."""
+        available = available_bytes(device)
+        if available is None:
+            return "speed"
+        fits = self.speed_mode_bytes(rows, features, columns, dtype) <= AUTO_FRACTION * available
+        return "speed" if fits else "lean"
+
+
+# memory="auto" runs the speed mode where its extra memory takes at most this share of what is left
+AUTO_FRACTION = 0.8
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes of device memory a call can still take: the driver's free memory plus what torch's caching
+    allocator holds unused; None on a CPU, where the linear heads' chunk (64 MiB) is not the constraint."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 @functools.cache
 def policy(stand: Hardware, backend: str) -> Policy:
     """The policy of ``backend`` on ``stand``.
