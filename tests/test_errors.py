@@ -194,3 +194,59 @@ def test_module_errors():
         softxent.nn.LinearCrossEntropyLoss(4, 3, weight=torch.ones(2))
     with pytest.raises(ValueError, match=r"pos_weight: expected values >= 0"):
         softxent.nn.BCEWithLogitsLoss(pos_weight=-torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Edge cases that torch answers with a result: softxent gives the same result, on every backend
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_zero_features_give_torchs_loss(memory, impl):
+    """D = 0: every logit is the bias (0 without one), so the loss is log C, as torch computes it."""
+    x = torch.randn(4, 0, requires_grad=True)
+    w = torch.randn(7, 0, requires_grad=True)
+    target = torch.tensor([1, 2, 3, 4])
+    loss = softxent.linear_cross_entropy(x, w, target, memory=memory, impl=impl)
+    assert math.isclose(float(loss), math.log(7), rel_tol=1e-6)
+    loss.backward()
+    assert x.grad.shape == (4, 0)
+    assert w.grad.shape == (7, 0)
+    sigmoid = softxent.linear_binary_cross_entropy(x, w, torch.rand(4, 7), memory=memory, impl=impl)
+    assert math.isclose(float(sigmoid), math.log(2), rel_tol=1e-6)
+
+
+def test_zero_classes_with_probability_targets_give_torchs_result(impl):
+    """C = 0 with probability targets: each position's loss is an empty sum (0), the mean is nan (torch
+    divides by numel / C), and the gradient is empty."""
+    logits = torch.randn(3, 0, requires_grad=True)
+    target = torch.rand(3, 0)
+    for reduction in ("mean", "sum", "none"):
+        ours = softxent.cross_entropy(logits, target, reduction=reduction, impl=impl)
+        theirs = torch.nn.functional.cross_entropy(logits, target, reduction=reduction)
+        torch.testing.assert_close(ours, theirs.detach(), equal_nan=True)
+    _, lse = softxent.cross_entropy(logits, target, reduction="none", return_lse=True, impl=impl)
+    assert torch.equal(lse, torch.full((3,), -math.inf))
+    softxent.cross_entropy(logits, target, reduction="sum", impl=impl).backward()
+    assert logits.grad.shape == (3, 0)
+
+
+def test_inplace_backward_on_an_expanded_input_is_an_error(impl):
+    """A stride-0 (expanded) view cannot hold a gradient that differs between its rows."""
+    row = torch.randn(1, 5, requires_grad=True)
+    with pytest.raises(
+        ValueError, match=r"inplace_backward: expected logits whose elements each have their own"
+    ):
+        softxent.cross_entropy(row.expand(4, 5), Y, inplace_backward=True, impl=impl)
+    # a transposed or sliced view does not share memory between elements: it works
+    base = torch.randn(6, 4)
+    target = torch.tensor([0, 1, 2, 0])
+    reference = base.clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(reference.t()[:, ::2], target)
+    expected.backward()
+    base.requires_grad_()
+    view = base.clone().t()[:, ::2]  # (4, 3), strides (1, 8)
+    loss = softxent.cross_entropy(view, target, inplace_backward=True, impl=impl)
+    torch.testing.assert_close(loss, expected.detach())
+    loss.backward()
+    torch.testing.assert_close(base.grad, reference.grad)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import softxent
 import vocab_parallel_worker
 from helpers import fresh_seed
 from softxent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
@@ -109,3 +110,20 @@ def test_matches_single_device_on_gpus_with_nccl(tmp_path) -> None:
         nprocs=2,
         join=True,
     )
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_no_second_derivatives_and_the_error_says_why() -> None:
+    """A differentiable backward (create_graph=True) would need the other ranks' logits: a RuntimeError
+    saying so, not a silently wrong gradient; the first-order backward is unaffected."""
+    logits = torch.randn(3, 5, requires_grad=True)
+    loss = vocab_parallel_cross_entropy(logits, torch.tensor([0, 4, 2]))
+    with pytest.raises(RuntimeError, match=r"vocabulary-parallel losses have no differentiable backward"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+    x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    loss = vocab_parallel_linear_cross_entropy(x, w, torch.tensor([0, 4, 2]))
+    with pytest.raises(RuntimeError, match=r"vocabulary-parallel losses have no differentiable backward"):
+        torch.autograd.grad(loss, (x, w), create_graph=True)
+    (grad,) = torch.autograd.grad(vocab_parallel_cross_entropy(logits, torch.tensor([0, 4, 2])), logits)
+    expected = torch.autograd.grad(softxent.cross_entropy(logits, torch.tensor([0, 4, 2])), logits)[0]
+    torch.testing.assert_close(grad, expected)

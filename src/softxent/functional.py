@@ -8,12 +8,14 @@ where it is installed and the torch ops otherwise.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from softxent import _compile
 from softxent import _validate as check
-from softxent.ops import autograd, backends, chunks, rows, slices, spec
+from softxent.ops import autograd, backends, chunks, eager, rows, slices, spec
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -159,10 +161,23 @@ def cross_entropy(
             grad_into_input=inplace_backward,
         )
 
+    if inplace_backward and needs[0] and _overlaps(input):
+        raise ValueError(
+            "inplace_backward: expected logits whose elements each have their own memory to write the "
+            f"gradient into, got a view that shares memory between elements (shape {tuple(input.shape)}, "
+            f"strides {input.stride()}, e.g. from expand()); pass a contiguous tensor or "
+            "inplace_backward=False"
+        )
     if inplace_backward and needs[0]:
         torch.autograd.graph.increment_version(input)
+        differentiable: autograd.Eager = (
+            "softxent.cross_entropy: a differentiable backward (create_graph=True) needs the logits, which "
+            "inplace_backward=True overwrote with their gradient; call it with inplace_backward=False"
+        )
+    else:
+        differentiable = partial(eager.softmax_cross_entropy, spec=loss_spec, reduction=reduction)
     if any(needs):
-        loss, lse = autograd.FusedLossFunction.apply(input, target, compute, needs, 1)
+        loss, lse = autograd.FusedLossFunction.apply(input, target, compute, needs, 1, differentiable)
     else:
         loss, lse, _, _ = compute(False, False)
     if unbatched:
@@ -170,6 +185,19 @@ def cross_entropy(
         if reduction == "none":
             loss = loss.squeeze(0)
     return (loss, lse) if return_lse else loss
+
+
+def _overlaps(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory: with the dimensions of more than one element in
+    order of stride, each stride must pass the whole extent of the smaller ones (stride 0, as expand()
+    makes, never does). Exotic interleaved layouts that do not overlap count as overlapping."""
+    dims = sorted((stride, size) for stride, size in zip(t.stride(), t.shape, strict=True) if size > 1)
+    extent = 1
+    for stride, size in dims:
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
 
 
 def _check_linear(
@@ -231,14 +259,18 @@ def _apply_head(
     target: Tensor,
     head: chunks.LinearHead,
     target_may_need_grad: bool,
+    differentiable: autograd.Eager,
 ) -> Tensor:
-    """Runs a linear head through autograd when any gradient is wanted, else computes the loss alone."""
+    """Runs a linear head through autograd when any gradient is wanted, else computes the loss alone.
+    ``differentiable(x, W, b, target)``: the loss for a differentiable backward (create_graph=True)."""
     unbatched = input.dim() == 1
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
     needs = _needs_grad(input, linear_weight, linear_bias, target if target_may_need_grad else None)
     if any(needs):
-        loss = autograd.LinearHeadFunction.apply(input, linear_weight, linear_bias, target, head, needs)
+        loss = autograd.LinearHeadFunction.apply(
+            input, linear_weight, linear_bias, target, head, needs, differentiable
+        )
     else:
         loss = autograd.linear_head_loss(head, input, linear_weight, linear_bias, target)
     return loss.squeeze(0) if unbatched and head.reduction == "none" else loss
@@ -341,6 +373,7 @@ def linear_cross_entropy(
     loss_spec = spec.softmax_loss(
         weight, num_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
+    differentiable = partial(eager.linear_softmax_cross_entropy, spec=loss_spec, reduction=reduction)
     if memory == "lean":
         lean_head = slices.LeanSoftmaxHead(
             loss_spec, reduction, num_classes, chunk_size, backend.slice_stats, backend.slice_grad,
@@ -350,12 +383,14 @@ def linear_cross_entropy(
         if unbatched:
             input, target = input.unsqueeze(0), target.unsqueeze(0)
         needs = _needs_grad(input, linear_weight, linear_bias, target if probabilities else None)
-        loss = autograd.lean_linear_cross_entropy(lean_head, input, linear_weight, linear_bias, target, needs)
+        loss = autograd.lean_linear_cross_entropy(
+            lean_head, input, linear_weight, linear_bias, target, needs, differentiable
+        )
         return loss.squeeze(0) if unbatched and reduction == "none" else loss
     head = chunks.SoftmaxHead(
         loss_spec, reduction, num_classes, out_features, chunk_size, backend.softmax_block, backend.policy
     )
-    return _apply_head(input, linear_weight, linear_bias, target, head, probabilities)
+    return _apply_head(input, linear_weight, linear_bias, target, head, probabilities, differentiable)
 
 
 def _check_bce_weights(
@@ -442,8 +477,9 @@ def binary_cross_entropy_with_logits(
             need_target_grad=need_target_grad,
         )
 
+    differentiable = partial(eager.sigmoid_binary_cross_entropy, spec=loss_spec, reduction=reduction)
     if any(needs):
-        return autograd.FusedLossFunction.apply(input, target, compute, needs, None)
+        return autograd.FusedLossFunction.apply(input, target, compute, needs, None, differentiable)
     return compute(False, False)[0]
 
 
@@ -514,7 +550,8 @@ def linear_binary_cross_entropy(
         )
     else:
         head = chunks.SigmoidHead(loss_spec, reduction, chunk_size, backend.sigmoid_block, backend.policy)
-    return _apply_head(input, linear_weight, linear_bias, target, head, True)
+    differentiable = partial(eager.linear_sigmoid_binary_cross_entropy, spec=loss_spec, reduction=reduction)
+    return _apply_head(input, linear_weight, linear_bias, target, head, True, differentiable)
 
 
 _compile.register(

@@ -54,6 +54,10 @@ from softxent.ops.spec import (
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
+_NO_DOUBLE_BACKWARD = (
+    "softxent.distributed: the vocabulary-parallel losses have no differentiable backward "
+    "(create_graph=True); their second derivatives would need the other ranks' logits"
+)
 _NO_TARGET_MIN = torch.iinfo(torch.int64).max
 _NO_TARGET_MAX = torch.iinfo(torch.int64).min
 
@@ -382,7 +386,7 @@ def vocab_parallel_cross_entropy(
     enabled = torch.is_grad_enabled()
     needs = (enabled and logits_shard.requires_grad, enabled and probabilities and target.requires_grad)
     if any(needs):
-        return autograd.FusedLossFunction.apply(logits_shard, target, compute, needs, -1)
+        return autograd.FusedLossFunction.apply(logits_shard, target, compute, needs, -1, _NO_DOUBLE_BACKWARD)
     return compute(False, False)[0]
 
 
@@ -517,7 +521,9 @@ def vocab_parallel_linear_cross_entropy(
         for t in (x, weight_shard, bias_shard, flat_target if probabilities else None)
     )
     if any(needs):
-        loss = autograd.LinearHeadFunction.apply(x, weight_shard, bias_shard, flat_target, head, needs)
+        loss = autograd.LinearHeadFunction.apply(
+            x, weight_shard, bias_shard, flat_target, head, needs, _NO_DOUBLE_BACKWARD
+        )
     else:
         loss = autograd.linear_head_loss(head, x, weight_shard, bias_shard, flat_target)
     return loss.view(input.shape[:-1]) if reduction == "none" else loss

@@ -190,7 +190,7 @@ class SoftmaxHead:
 
         loss, grad_x, grad_weight, grad_bias, grad_target = linear_head_pass(
             x_kept,
-            linear_weight.reshape(-1, linear_weight.shape[-1]),
+            linear_weight.reshape(math.prod(linear_weight.shape[:-1]), linear_weight.shape[-1]),
             None if linear_bias is None else linear_bias.reshape(-1),
             block,
             loss_shape=(x_kept.shape[0], *self.out_features),

@@ -148,7 +148,6 @@ class Policy:
         columns = SLICE_BYTES // max(rows * element_bytes, 1)
         return max(MIN_SLICE_COLUMNS, columns // MIN_SLICE_COLUMNS * MIN_SLICE_COLUMNS)
 
-
     def speed_mode_bytes(self, rows: int, features: int, columns: int, dtype: torch.dtype) -> int:
         """Memory ``memory="speed"`` takes beyond inputs and gradients for an (rows, features) input and
         ``columns`` logits a row: one chunk of logits (and of G in float32 where the gradient is kept in the

@@ -47,6 +47,11 @@ def softmax_xent_block(
     """
     ct = compute_dtype(logits.dtype)
     num_classes = logits.shape[-1]
+    if num_classes == 0:  # an empty sum, as torch's per-position loss; the lse of nothing is −inf
+        batch = logits.shape[:-1]
+        return torch.zeros(batch, dtype=ct, device=logits.device), torch.full(
+            batch, float("-inf"), dtype=ct, device=logits.device
+        )
     eps = spec.label_smoothing
     weight = spec.weight
     z = logits if logits.dtype == ct else logits.to(ct)

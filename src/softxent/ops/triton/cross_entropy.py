@@ -281,7 +281,7 @@ def softmax_xent_block(
                 WRITE_GRAD=write_grad, WRITE_TGRAD=write_tgrad, num_warps=shape.num_warps,
             )  # fmt: skip
     elif count:
-        loss.fill_(math.nan)  # no classes: nothing to normalize over (torch's nan); lse of nothing is −inf
+        loss.zero_()  # no classes: an empty sum, as torch's per-position loss; the lse of nothing is −inf
         lse.fill_(-math.inf)
     copy_back(grad_out, grad)
     copy_back(target_grad_out, tgrad)
