@@ -5,6 +5,7 @@ each op (shapes against each other, target ranges, dtypes, devices) are reached,
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -17,7 +18,7 @@ import softxent
 FLOATS = [torch.float32, torch.float64, torch.bfloat16]
 NAMED = re.compile(r"^[a-z_]+: ")  # a message that starts by naming the argument
 FUZZ = settings(
-    max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "200")),
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")),  # more for a deeper search
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
