@@ -34,7 +34,9 @@ interruption.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -43,7 +45,7 @@ import os
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -77,6 +79,10 @@ __all__ = [
 LEARNING_RATES = ("constant", "invscaling", "cosine")
 # Rows per chunk when predicting, so that a large X never becomes one large dense tensor.
 PREDICT_CHUNK_ROWS = 65536
+# A fit has diverged (ConvergenceWarning) when its last epoch's loss is over DIVERGENCE_RISE times the best
+# epoch's and DIVERGENCE_CHANCE times the loss of all-zero logits (see _SGDClassifier._warn_if_diverged).
+DIVERGENCE_RISE = 2.0
+DIVERGENCE_CHANCE = 10.0
 MODEL_FORMAT = "softxent-model/1"
 CHECKPOINT_FORMAT = "softxent-checkpoint/1"
 
@@ -147,19 +153,35 @@ def _to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype | Non
     return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
 
+def _shown(value: object) -> str:
+    """``repr`` of ``value`` with NumPy scalars and arrays as plain Python values, for error messages
+    (``2``, not ``np.int64(2)``; tuples stay tuples)."""
+    return repr(_python(value))
+
+
+def _python(value: object) -> object:
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if type(value) in (tuple, list):
+        return type(value)(_python(v) for v in value)
+    if isinstance(value, dict):
+        return {_python(k): _python(v) for k, v in value.items()}
+    return value
+
+
 def _resolve_device(device: object) -> torch.device:
     if not isinstance(device, str | torch.device):
-        raise TypeError(f"device: expected 'cpu', 'cuda', 'auto' or a torch.device, got {device!r}")
+        raise TypeError(f"device: expected 'cpu', 'cuda', 'auto' or a torch.device, got {_shown(device)}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
         raise ValueError(
-            f"device: expected 'cpu', 'cuda', 'auto' or a torch.device, got {device!r}"
+            f"device: expected 'cpu', 'cuda', 'auto' or a torch.device, got {_shown(device)}"
         ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} was asked for, but torch finds no CUDA device here")
+        raise ValueError(f"device: {_shown(device)} was asked for, but torch finds no CUDA device here")
     return resolved
 
 
@@ -176,9 +198,9 @@ def _check_number(
     what = "an int" if integer else "a number"
     bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high != math.inf else "")
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{name}: expected {what} {bound}, got {value!r}")
+        raise TypeError(f"{name}: expected {what} {bound}, got {_shown(value)}")
     if not (low < value if low_open else low <= value) or not value < high or math.isnan(value):
-        raise ValueError(f"{name}: expected {what} {bound}, got {value!r}")
+        raise ValueError(f"{name}: expected {what} {bound}, got {_shown(value)}")
 
 
 def _check_sample_weight(sample_weight: object, n_samples: int) -> np.ndarray | None:
@@ -194,6 +216,83 @@ def _check_sample_weight(sample_weight: object, n_samples: int) -> np.ndarray | 
     return weight
 
 
+def _unchanged_on_error(method: Callable[..., _SGDClassifier]) -> Callable[..., _SGDClassifier]:
+    """Make ``fit``/``partial_fit`` all or nothing: when the call raises an Exception (invalid input,
+    divergence, a callback's exception), the estimator's fitted and private attributes are put back as
+    they were before it (unfitted if it was), as deep copies taken on entry, since training updates
+    tensors and arrays in place. A KeyboardInterrupt is not an Exception: it leaves the weights of the
+    last completed epoch, as scikit-learn's MLPClassifier does."""
+
+    @functools.wraps(method)
+    def call(self: _SGDClassifier, *args: Any, **kwargs: Any) -> _SGDClassifier:
+        params = set(self._get_param_names())
+        saved = {name: copy.deepcopy(value) for name, value in vars(self).items() if name not in params}
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            for name in [name for name in vars(self) if name not in params]:
+                delattr(self, name)
+            vars(self).update(saved)
+            raise
+
+    return call
+
+
+def _as_sizes(hidden_layer_sizes: object) -> object:
+    """hidden_layer_sizes with one int as a one-layer tuple (anything else as given, for the checks)."""
+    if isinstance(hidden_layer_sizes, numbers.Integral) and not isinstance(hidden_layer_sizes, bool):
+        return (hidden_layer_sizes,)
+    return hidden_layer_sizes
+
+
+def _parameter_shapes(n_features: int, sizes: Sequence[int], n_outputs: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter, in layer order: ``hidden.k.weight`` (out, in), ``hidden.k.bias``
+    (out,), then ``head.weight`` (n_outputs, last width) and ``head.bias`` (n_outputs,)."""
+    widths = [int(width) for width in (n_features, *sizes, n_outputs)]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+        name = f"hidden.{layer}" if layer < len(widths) - 2 else "head"
+        shapes[f"{name}.weight"] = (fan_out, fan_in)
+        shapes[f"{name}.bias"] = (fan_out,)
+    return shapes
+
+
+def _with_training_state(shapes: Mapping[str, tuple[int, ...]], names: object) -> dict[str, tuple[int, ...]]:
+    """The tensors of a checkpoint whose parameters have ``shapes``: ``param/<name>`` for each, and
+    ``momentum/<name>`` and ``best/<name>`` for each or for none (as ``names``, the stored ones, have)."""
+    expected = {f"param/{name}": shape for name, shape in shapes.items()}
+    for group in ("momentum", "best"):
+        if any(str(name).startswith(f"{group}/") for name in names):
+            expected.update({f"{group}/{name}": shape for name, shape in shapes.items()})
+    return expected
+
+
+def _check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Check that ``tensors`` holds exactly the names of ``expected``, each with its shape, all of one dtype
+    (float32 or float64) and all finite; a ValueError names the first offending tensor, expected vs got."""
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ValueError(f"tensor {name!r}: expected one of shape {shape}, got none")
+    for name in tensors:
+        if name not in expected:
+            raise ValueError(f"tensor {name!r}: expected only the tensors {list(expected)}, got this one too")
+    first = next(iter(expected))
+    dtype = tensors[first].dtype
+    for name, shape in expected.items():
+        tensor = tensors[name]
+        if tensor.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"tensor {name!r}: expected dtype torch.float32 or torch.float64, got {tensor.dtype}"
+            )
+        if tensor.dtype != dtype:
+            raise ValueError(f"tensor {name!r}: expected dtype {dtype} (as {first!r}), got {tensor.dtype}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r}: expected shape {shape}, got {tuple(tensor.shape)}")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(f"tensor {name!r}: expected finite values, got {bad} inf or nan")
+
+
 class _SGDClassifier(ClassifierMixin, BaseEstimator):
     """Shared SGD machinery; the subclasses say how targets are encoded and which loss the head uses."""
 
@@ -203,23 +302,24 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
 
     def _check_params(self) -> tuple[tuple[int, ...], torch.device]:
         """Validate the constructor's parameters (scikit-learn convention: in fit, not in __init__)."""
-        sizes = self.hidden_layer_sizes
-        sizes = (sizes,) if isinstance(sizes, numbers.Integral) else sizes
+        sizes = _as_sizes(self.hidden_layer_sizes)
         if not isinstance(sizes, Sequence) or not all(
             isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in sizes
         ):
             raise ValueError(
                 "hidden_layer_sizes: expected a tuple of positive ints (() for the linear model), "
-                f"got {sizes!r}"
+                f"got {_shown(sizes)}"
             )
         _check_number("alpha", self.alpha, low=0.0)
         if self.learning_rate not in LEARNING_RATES:
-            raise ValueError(f"learning_rate: expected one of {LEARNING_RATES}, got {self.learning_rate!r}")
+            raise ValueError(
+                f"learning_rate: expected one of {LEARNING_RATES}, got {_shown(self.learning_rate)}"
+            )
         _check_number("eta0", self.eta0, low=0.0, low_open=True)
         _check_number("power_t", self.power_t, low=0.0)
         _check_number("momentum", self.momentum, low=0.0, high=1.0)
         if not isinstance(self.nesterov, bool | np.bool_):
-            raise TypeError(f"nesterov: expected a bool, got {self.nesterov!r}")
+            raise TypeError(f"nesterov: expected a bool, got {_shown(self.nesterov)}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
         if self.batch_size != "auto":
@@ -282,6 +382,52 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
     def _n_outputs(self) -> int:
         raise NotImplementedError
 
+    def _chance_loss(self, target: np.ndarray, sample_weight: np.ndarray | None) -> float:
+        """The training objective's data term at all-zero logits (a yardstick of divergence). Called
+        after _target_weights, with self._loss_weight still on the CPU."""
+        raise NotImplementedError
+
+    def _divergence_advice(self) -> str:
+        return (
+            "the features may need scaling (e.g. sklearn.preprocessing.StandardScaler) or a smaller eta0 "
+            f"(now {_shown(self.eta0)})"
+        )
+
+    def _check_finite(self, loss: float, params: dict[str, Tensor], epoch: int) -> None:
+        """Raise ValueError when the loss of ``epoch`` (1-based) or a parameter is inf or nan."""
+        prefix = f"{type(self).__name__}: training diverged at epoch {epoch}"
+        advice = f"{self._divergence_advice()}; the estimator is left as it was before this call"
+        if not math.isfinite(loss):
+            raise ValueError(f"{prefix}: the loss became {loss}; {advice}")
+        with torch.no_grad():
+            finite = bool(torch.stack([torch.isfinite(p).all() for p in params.values()]).all())
+        if not finite:
+            raise ValueError(f"{prefix}: the weights became inf or nan; {advice}")
+
+    def _warn_if_diverged(self) -> None:
+        """Warn (ConvergenceWarning) when the last epoch, whose weights the estimator keeps, ended far above
+        the run's best: its loss_curve_ value over DIVERGENCE_RISE times min(loss_curve_) and
+        DIVERGENCE_CHANCE times the loss of all-zero logits.
+
+        The rule judges the model handed back, not the path to it: on unscaled features SGD's epoch
+        losses jump by several times and then settle (raw breast-cancer or digits features end at their
+        best epoch), while a fit that diverged ends, by the stopping rule or max_iter, on a loss several
+        times its best (unscaled wine: 3.5 to 16 times over 25 seeds). The floor of 10 times log K
+        (softmax) keeps the small losses of a well-fitted model from counting as a rise. A warning, not an
+        error: the weights are finite and scikit-learn's own checks fit features of mean 100 to random
+        labels and expect a model back.
+        """
+        loss, best = self.loss_curve_[-1], min(self.loss_curve_)
+        if loss > max(DIVERGENCE_RISE * best, DIVERGENCE_CHANCE * self._chance):
+            warnings.warn(
+                f"{type(self).__name__}: training diverged: the loss of the last epoch ({self.n_iter_}) is "
+                f"{loss:.4g}, over {DIVERGENCE_RISE:g} times the best epoch's {best:.4g} (epoch "
+                f"{self.loss_curve_.index(best) + 1}) and {DIVERGENCE_CHANCE:g} times {self._chance:.4g}, "
+                f"the loss of all-zero logits; {self._divergence_advice()}",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+
     # --- the model ---------------------------------------------------------------------------------
 
     def _init_parameters(self, sizes: tuple[int, ...], n_features: int, seed: int) -> dict[str, Tensor]:
@@ -289,15 +435,15 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         loss is convex so the start does not matter. Drawn on the CPU so that the device does not change
         the start."""
         generator = torch.Generator().manual_seed(seed)
-        widths = (n_features, *sizes, self._n_outputs())
+        shapes = _parameter_shapes(n_features, sizes, self._n_outputs())
         params: dict[str, Tensor] = {}
-        for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
-            name = f"hidden.{layer}" if layer < len(sizes) else "head"
+        for name, (fan_out, fan_in) in ((name, shape) for name, shape in shapes.items() if len(shape) == 2):
+            layer = name.removesuffix(".weight")
             bound = math.sqrt(6.0 / (fan_in + fan_out)) if sizes else 0.0
             weight = torch.empty(fan_out, fan_in, dtype=torch.float64)
             weight.uniform_(-bound, bound, generator=generator)
-            params[f"{name}.weight"] = weight
-            params[f"{name}.bias"] = torch.empty(fan_out, dtype=torch.float64).uniform_(
+            params[name] = weight
+            params[f"{layer}.bias"] = torch.empty(fan_out, dtype=torch.float64).uniform_(
                 -bound, bound, generator=generator
             )
         return params
@@ -443,6 +589,10 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         return min(int(self.batch_size), n_samples)
 
     def _penalty(self, params: dict[str, Tensor]) -> float:
+        """α/2 · Σ ‖W‖² over the weight matrices; 0 without reading them when α = 0 (0 · inf would be nan
+        and blame the loss for weights that overflowed)."""
+        if not self.alpha:
+            return 0.0
         with torch.no_grad():
             squares = sum(float(p.square().sum()) for name, p in params.items() if name.endswith(".weight"))
         return 0.5 * float(self.alpha) * squares
@@ -474,6 +624,7 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         weight = None if sample_weight is None else _to_tensor(sample_weight, device, dtype)
         return _Data(tensor_X, tensor_target, weight, device, dtype)
 
+    @_unchanged_on_error
     def fit(
         self,
         X: object,
@@ -508,6 +659,22 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
 
         Returns:
             self.
+
+        Raises:
+            ValueError: on invalid parameters or data, and when the loss or a weight becomes inf or nan
+                (checked after every epoch; training stops there), naming the epoch and the likely cause
+                (unscaled features, too large an eta0), as scikit-learn's SGDClassifier does on an
+                overflow. A call that raises (an exception from ``callback`` too) leaves the estimator
+                as it was before it (unfitted if it was), so no fitted model is ever left with
+                non-finite weights; a KeyboardInterrupt keeps the weights of the last completed epoch.
+
+        Warns:
+            ConvergenceWarning: when training diverged without overflowing: the last epoch's loss_curve_
+                value is over DIVERGENCE_RISE = 2 times the best epoch's and DIVERGENCE_CHANCE = 10 times
+                the loss of all-zero logits (log K for softmax), a loss that climbed until the stopping
+                rule or max_iter ended the fit (not checked with early_stopping, whose validation scores
+                judge the fit and whose best-scoring weights are kept). Also when max_iter is reached
+                before the stopping rule fired (see ``tol``).
         """
         sizes, device = self._check_params()
         replicas = ReplicaGroup.resolve(process_group, device)
@@ -528,6 +695,7 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
             )
         self._loss_weight = self._target_weights(target, sample_weight)
         self._weight_mean = self._mean_row_weight(target, sample_weight)
+        self._chance = self._chance_loss(target, sample_weight)
         validation = None
         if self.early_stopping:
             X, target, sample_weight, validation = self._split_validation(X, target, stratify, sample_weight)
@@ -559,6 +727,7 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
             if converged:
                 break
             loss = self._run_epoch(data, params, epoch, int(self.max_iter), replicas) + self._penalty(params)
+            self._check_finite(loss, params, epoch + 1)
             self.n_iter_ = epoch + 1
             self.loss_curve_.append(loss)
             self._export(params)
@@ -594,9 +763,11 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
                     f"{type(self).__name__}: max_iter={self.max_iter} epochs reached before the stopping "
                     "rule fired; consider raising max_iter",
                     ConvergenceWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-        if self.early_stopping and self._stop["best"] is not None:
+        if not self.early_stopping and replicas.rank == 0:
+            self._warn_if_diverged()
+        elif self._stop["best"] is not None:
             self._export(self._stop["best"])
         return self
 
@@ -678,6 +849,7 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         stop["done"] = self.tol is not None and stop["no_improvement"] >= self.n_iter_no_change
         return stop["done"]
 
+    @_unchanged_on_error
     def partial_fit(
         self,
         X: object,
@@ -696,10 +868,17 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         ``max_iter`` calls the rate is 0. No stopping rule is applied. See the subclasses for
         class_weight / pos_weight "balanced" with partial_fit. ``process_group`` is :meth:`fit`'s: every
         rank passes the same chunk and takes its share of every minibatch of it.
+
+        ``classes`` on a later call must be the classes of the first (ValueError otherwise, as in
+        scikit-learn). Divergence raises ValueError or warns as in :meth:`fit`, this call's epoch being
+        the last (its loss compared with the best of ``loss_curve_``, all calls so far), and a call that
+        raises leaves the estimator as it was before it.
         """
         sizes, device = self._check_params()
         replicas = ReplicaGroup.resolve(process_group, device)
         first = not hasattr(self, "coef_")
+        if not first and classes is not None:
+            self._check_same_classes(classes)
         X, target, _, sample_weight = self._prepare(
             X, y, sample_weight, classes=classes, reset=first, partial=True
         )
@@ -718,6 +897,7 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
             replicas.check_same({**summary, "t": int(self.t_)}, "X, y, sample_weight")
         self._loss_weight = self._target_weights(target, sample_weight)
         self._weight_mean = self._mean_row_weight(target, sample_weight)
+        self._chance = self._chance_loss(target, sample_weight)
         data = self._to_data(X, target, sample_weight, device)
         self._loss_weight = None if self._loss_weight is None else self._loss_weight.to(device, data.dtype)
         if first:
@@ -731,11 +911,24 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
         self._momentum = {k: v.to(device, data.dtype) for k, v in self._momentum.items()}
         loss = self._run_epoch(data, params, self.n_iter_, int(self.max_iter), replicas)
         loss += self._penalty(params)
+        self._check_finite(loss, params, self.n_iter_ + 1)
         self._params = params
         self.n_iter_ += 1
         self.loss_curve_.append(loss)
         self._export(params)
+        if replicas.rank == 0:
+            self._warn_if_diverged()
         return self
+
+    def _check_same_classes(self, classes: object) -> None:
+        """scikit-learn's rule: ``classes`` on a later partial_fit call must name the classes of the first
+        (as a set: the order does not matter)."""
+        given = np.unique(np.asarray(classes)).tolist()
+        if given != np.unique(self.classes_).tolist():
+            raise ValueError(
+                f"classes: {given} is not the same as on the last call to partial_fit, "
+                f"was: {self.classes_.tolist()}"
+            )
 
     # --- checkpoints -------------------------------------------------------------------------------
 
@@ -778,6 +971,11 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"resume: the checkpoint was made with other parameters ({', '.join(differ)})")
         if info["n_features"] != n_features or info["classes"] != self.classes_.tolist():
             raise ValueError("resume: the checkpoint was made on data with other features or classes")
+        shapes = {name: tuple(p.shape) for name, p in params.items()}
+        try:
+            _check_tensors(resume.tensors, _with_training_state(shapes, resume.tensors))
+        except ValueError as error:
+            raise ValueError(f"resume: {error}") from None
         for name, p in params.items():
             with torch.no_grad():
                 p.copy_(resume.tensors[f"param/{name}"])
@@ -847,7 +1045,7 @@ def _params_from_json(params: dict[str, Any]) -> dict[str, Any]:
     for key, value in params.items():
         if isinstance(value, dict) and "__pairs__" in value:
             value = {k: v for k, v in value["__pairs__"]}
-        elif key == "hidden_layer_sizes":
+        elif key == "hidden_layer_sizes" and isinstance(value, list):
             value = tuple(value)
         out[key] = value
     return out
@@ -886,7 +1084,7 @@ def _classes_for(y: np.ndarray, classes: object, known: np.ndarray | None, *, pa
     else:
         found = np.unique(y)
     if len(found) < 2:
-        raise ValueError(f"y: expected at least 2 classes, got 1 class ({found[0]!r})")
+        raise ValueError(f"y: expected at least 2 classes, got 1 class ({_shown(found[0])})")
     unseen = np.setdiff1d(np.unique(y), found)
     if unseen.size:
         raise ValueError(f"y: labels {unseen[:5].tolist()} are not in classes {found.tolist()}")
@@ -925,10 +1123,11 @@ class SoftmaxClassifier(_SGDClassifier):
         early_stopping, validation_fraction: hold out that fraction (stratified), score it after every
             epoch, stop by the rule above and keep the best epoch's weights.
         shuffle: reshuffle the rows every epoch.
-        class_weight: None, a dict {class: weight} or "balanced" (n_samples / (n_classes·count)). With
-            partial_fit, "balanced" uses the running class counts of all the data seen so far (this call
-            included), so the weights settle as the stream goes on; to use the counts of the whole data
-            from the start, pass ``compute_class_weight("balanced", classes=classes, y=y_all)`` as a dict.
+        class_weight: None, a dict {class: weight} (finite weights >= 0 for labels among the classes;
+            classes left out weigh 1) or "balanced" (n_samples / (n_classes·count)). With partial_fit,
+            "balanced" uses the running class counts of all the data seen so far (this call included),
+            so the weights settle as the stream goes on; to use the counts of the whole data from the
+            start, pass ``compute_class_weight("balanced", classes=classes, y=y_all)`` as a dict.
         label_smoothing: ε in [0, 1).
         device: "cpu", "cuda", "auto" (CUDA when available) or a torch device string.
         random_state: seeds the shuffling, the validation split and the network's initialization; the same
@@ -938,6 +1137,11 @@ class SoftmaxClassifier(_SGDClassifier):
 
     Targets: ``y`` is 1-D class labels, or an ``(n_samples, n_classes)`` matrix of probabilities (soft
     labels; rows sum to 1; classes_ is then 0..K−1 unless partial_fit's ``classes`` says otherwise).
+
+    Divergence: a loss or weight that becomes inf or nan raises ValueError (the usual cause: unscaled
+    features, or too large an eta0), and a fit whose last epoch ends far above its best raises a
+    ConvergenceWarning (see :meth:`fit`). A fit or partial_fit call that raises leaves the estimator as it
+    was before the call.
 
     Attributes:
         classes_: ``(n_classes,)``. coef_: ``(n_classes, n_features)`` (or the last hidden width).
@@ -1006,14 +1210,31 @@ class SoftmaxClassifier(_SGDClassifier):
     def _check_params(self) -> tuple[tuple[int, ...], torch.device]:
         _check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
         cw = self.class_weight
-        if not (cw is None or cw == "balanced" or isinstance(cw, dict)):
+        if not (cw is None or (isinstance(cw, str) and cw == "balanced") or isinstance(cw, dict)):
             raise ValueError(
-                f"class_weight: expected None, 'balanced' or a dict {{class: weight}}, got {cw!r}"
+                f"class_weight: expected None, 'balanced' or a dict {{class: weight}}, got {_shown(cw)}"
             )
+        weights = cw.items() if isinstance(cw, dict) else ()
+        for label, value in weights:
+            if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"class_weight: expected a number >= 0 for each class, got {_shown(value)} "
+                    f"for class {_shown(label)}"
+                )
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"class_weight: expected a finite weight >= 0 for each class, got {_shown(value)} "
+                    f"for class {_shown(label)}"
+                )
         return super()._check_params()
 
     def _n_outputs(self) -> int:
         return len(self.classes_)
+
+    def _chance_loss(self, target: np.ndarray, sample_weight: np.ndarray | None) -> float:
+        """log K: at all-zero logits every row's cross-entropy is log K times the sum of its weighted
+        target, and the objective divides by the mean of those sums."""
+        return math.log(len(self.classes_))
 
     def _encode_target(
         self, y: object, classes: object, first_call: bool, partial: bool
@@ -1056,7 +1277,7 @@ class SoftmaxClassifier(_SGDClassifier):
                 where = np.flatnonzero(self.classes_ == label)
                 if where.size == 0:
                     raise ValueError(
-                        f"class_weight: label {label!r} is not in classes {self.classes_.tolist()}"
+                        f"class_weight: label {_shown(label)} is not in classes {self.classes_.tolist()}"
                     )
                 weights[where[0]] = value
             return torch.from_numpy(weights)
@@ -1189,6 +1410,13 @@ class SigmoidClassifier(_SGDClassifier):
     def _n_outputs(self) -> int:
         return 1 if self.target_type_ == "binary" else len(self.classes_)
 
+    def _chance_loss(self, target: np.ndarray, sample_weight: np.ndarray | None) -> float:
+        """At all-zero logits (σ = 1/2) row i costs log 2 · Σ_j (p_j·y_ij + 1 − y_ij); the objective is
+        the sample-weighted mean of that."""
+        pos_weight = 1.0 if self._loss_weight is None else self._loss_weight.numpy()
+        per_row = math.log(2.0) * (target * pos_weight + (1.0 - target)).sum(axis=1)
+        return float(np.average(per_row, weights=sample_weight))
+
     def _encode_target(
         self, y: object, classes: object, first_call: bool, partial: bool
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -1221,7 +1449,7 @@ class SigmoidClassifier(_SGDClassifier):
         if isinstance(self.pos_weight, str):
             if self.pos_weight != "balanced":
                 raise ValueError(
-                    f"pos_weight: expected None, 'balanced' or an array, got {self.pos_weight!r}"
+                    f"pos_weight: expected None, 'balanced' or an array, got {_shown(self.pos_weight)}"
                 )
             counts = np.stack([target.sum(axis=0), (1.0 - target).sum(axis=0)])
             positives, negatives = self._running_counts(counts)
@@ -1369,12 +1597,30 @@ def load_model(path: str | os.PathLike) -> tuple[_SGDClassifier, dict[str, Any] 
         estimator.validation_scores_ = fitted["validation_scores"]
         if fitted["target_type"] is not None:
             estimator.target_type_ = fitted["target_type"]
+        _check_fitted_header(estimator)
+        sizes = _as_sizes(estimator.hidden_layer_sizes)
+        _check_tensors(tensors, _parameter_shapes(estimator.n_features_in_, sizes, estimator._n_outputs()))
         estimator._export(tensors)
-        if estimator.coef_.shape[0] != estimator._n_outputs():
-            raise ValueError(f"head of {estimator.coef_.shape[0]} rows for {estimator._n_outputs()} outputs")
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{os.fspath(path)}: not a valid softxent model file ({error})") from None
     return estimator, header["metadata"]
+
+
+def _check_fitted_header(estimator: _SGDClassifier) -> None:
+    """The fitted attributes load_model read from a header, checked before the tensors are matched to them."""
+    if len(estimator.classes_) < 2:
+        raise ValueError(f"classes: expected at least 2, got {estimator.classes_.tolist()}")
+    if estimator.n_features_in_ < 1:
+        raise ValueError(f"n_features_in: expected an int >= 1, got {estimator.n_features_in_}")
+    names = getattr(estimator, "feature_names_in_", None)
+    if names is not None and len(names) != estimator.n_features_in_:
+        raise ValueError(
+            f"feature_names_in: expected {estimator.n_features_in_} names (one per feature), got {len(names)}"
+        )
+    kinds = ("binary", "multiclass", "multilabel-indicator")
+    target_type = getattr(estimator, "target_type_", None)
+    if isinstance(estimator, SigmoidClassifier) and target_type not in kinds:
+        raise ValueError(f"target_type: expected one of {kinds}, got {_shown(target_type)}")
 
 
 def save_checkpoint(
@@ -1392,4 +1638,27 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Checkpoint, dict[str, Any]
         or header["checkpoint"].get("format") != CHECKPOINT_FORMAT
     ):
         raise ValueError(f"{os.fspath(path)}: not a softxent checkpoint file")
-    return Checkpoint(tensors, header["checkpoint"]), header["metadata"]
+    info = header["checkpoint"]
+    try:
+        _check_tensors(tensors, _checkpoint_shapes(info, tensors))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{os.fspath(path)}: not a valid softxent checkpoint file ({error})") from None
+    return Checkpoint(tensors, info), header["metadata"]
+
+
+def _checkpoint_shapes(info: dict[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint with this ``info`` must hold, with their shapes. The outputs are the
+    classes, except that a SigmoidClassifier with two classes has one (a binary target) or two (a
+    two-label indicator matrix), which the info does not record: the stored head tells which."""
+    if info.get("estimator") not in _ESTIMATORS:
+        raise ValueError(
+            f"estimator: expected one of {sorted(_ESTIMATORS)}, got {_shown(info.get('estimator'))}"
+        )
+    n_outputs = len(info["classes"])
+    head = tensors.get("param/head.bias")
+    binary = head is not None and tuple(head.shape) == (1,)
+    if info["estimator"] == "SigmoidClassifier" and n_outputs == 2 and binary:
+        n_outputs = 1
+    sizes = _as_sizes(_params_from_json(info["params"])["hidden_layer_sizes"])
+    shapes = _parameter_shapes(int(info["n_features"]), sizes, n_outputs)
+    return _with_training_state(shapes, tensors)
