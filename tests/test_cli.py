@@ -24,6 +24,7 @@ import torch
 from sklearn.datasets import dump_svmlight_file, make_classification
 
 import softxent.cli
+import softxent.estimators
 from softxent.cli import build_parser, main
 from softxent.estimators import Checkpoint, SoftmaxClassifier, load_checkpoint, load_model, save_model
 
@@ -378,14 +379,14 @@ def test_resume_after_ctrl_c_checks_options_and_data(
     assert stderr.startswith("softxent: error: --resume: no checkpoint")
     assert not out.exists()
 
-    real_save = softxent.cli.save_checkpoint
+    real_save = softxent.estimators.save_checkpoint
 
     def save_then_interrupt(checkpoint: Checkpoint, path: Path, metadata: dict) -> None:
         real_save(checkpoint, path, metadata=metadata)
         if checkpoint.info["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(softxent.cli, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(softxent.estimators, "save_checkpoint", save_then_interrupt)
     status, _, stderr = run_cli([*base, "--checkpoint-every", "1"], capsys)
     assert status == 130
     assert "softxent: interrupted;" in stderr

@@ -324,7 +324,7 @@ def test_errors_name_the_argument(rng: torch.Generator) -> None:
     ):
         sx.patch_causal_lm(NoKwargs)
     model = make_model("llama", rng)
-    with pytest.raises(ValueError, match=r"memory: expected one of \('speed', 'lean'\), got 'fast'"):
+    with pytest.raises(ValueError, match=r"memory: expected one of \('speed', 'lean', 'auto'\), got 'fast'"):
         sx.apply(model, memory="fast")
     with pytest.raises(ValueError, match=r"impl: expected one of .* got 'cuda'"):
         sx.apply(model, impl="cuda")

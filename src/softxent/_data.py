@@ -7,21 +7,27 @@ value, the column and the row.
 
 Formats, chosen by the file's extension:
 
-- CSV (``.csv``) and TSV (``.tsv``, ``.tab``), optionally ``.gz`` or ``.bz2`` compressed: a header row; the
-  target column(s) are named by the caller, every other column is a numeric feature.
+- CSV (``.csv``) and TSV (``.tsv``, ``.tab``), optionally ``.gz`` or ``.bz2`` compressed: a header row of
+  distinct names; the target column(s) are named by the caller, every other column is a numeric feature
+  (numbers or booleans; a date, time or categorical column is refused, not converted).
 - Parquet (``.parquet``, ``.pq``): the same, by column name.
 - NPZ (``.npz``): array ``X`` (n, D) and a target array, ``y`` unless the caller names another; an
-  optional string array ``feature_names``.
+  optional array ``feature_names`` of D distinct names.
 - LibSVM / SVMlight (``.svm``, ``.libsvm``, ``.svmlight``, optionally compressed): the label is the first
   field of each line; feature indices are used as written (``x0``, ``x1``, ...), so a 1-based file has an
   empty column ``x0``.
+
+Every format has at most :data:`MAX_FEATURES` feature columns: the model's weights and every minibatch are
+dense in the features, so one LibSVM line with a huge index would otherwise cost gigabytes per row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +44,10 @@ COMPRESSIBLE = ("csv", "tsv", "libsvm")
 DIGITS = "digits"
 # How many names an error message lists before it says "..."
 LISTED_NAMES = 8
+# The most feature columns a data set may have: 2^20, scikit-learn's HashingVectorizer default. A row of
+# that many float64 features, and each class's weights, take 8 MB; the model file's JSON header (feature
+# names and scaler, 100 MB at most in safetensors) takes about 50 MB.
+MAX_FEATURES = 2**20
 
 
 class InputError(ValueError):
@@ -65,6 +75,67 @@ class Dataset:
     targets: list[str] | None
     named: bool
     source: str
+
+
+def _plain(value: object) -> object:
+    """A NumPy scalar as the Python value it holds, so that messages show ``2``, not ``np.int64(2)``.
+
+    >>> repr(_plain(np.int64(2))), repr(_plain(np.str_("a"))), repr(_plain("b"))
+    ('2', "'a'", "'b'")
+    """
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_width(source: str, n_features: int, libsvm: bool = False) -> None:
+    """Raise for more than MAX_FEATURES feature columns, saying what the width would cost.
+
+    >>> _check_width("a.svm", 10**7 + 1, libsvm=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    softxent._data.InputError: a.svm: its largest feature index, 10000000, makes 10000001 feature columns, ...
+    """
+    if n_features <= MAX_FEATURES:
+        return
+    width = (
+        f"its largest feature index, {n_features - 1}, makes {n_features} feature columns"
+        if libsvm
+        else f"{n_features} feature columns"
+    )
+    raise InputError(
+        f"{source}: {width}, more than the {MAX_FEATURES} (2^20) softxent supports: each dense row and each "
+        f"class's weights would take {_size(8 * n_features)} (float64); renumber the features or hash "
+        "them into fewer columns"
+    )
+
+
+def _size(n_bytes: int) -> str:
+    """A byte count for a message.
+
+    >>> _size(80_000_008), _size(8_000_000_008)
+    ('80.0 MB', '8.0 GB')
+    """
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def _duplicates(names: Sequence[str]) -> list[str]:
+    """The names that occur more than once, in order of first occurrence.
+
+    >>> _duplicates(["a", "b", "a", "c", "b", "a"])
+    ['a', 'b']
+    """
+    seen: set[str] = set()
+    repeated: dict[str, None] = {}
+    for name in names:
+        if name in seen:
+            repeated[name] = None
+        seen.add(name)
+    return list(repeated)
 
 
 def _listed(names: Sequence[object]) -> str:
@@ -169,21 +240,45 @@ def _row_locator(header_lines: int | None) -> Callable[[int], str]:
 
 
 def _read_frame(file: Path, source: str, kind: str) -> pd.DataFrame:
-    """A CSV, TSV or Parquet file as a DataFrame with string column names."""
+    """A CSV, TSV or Parquet file as a DataFrame with distinct string column names."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError, zlib.error)
     try:
         if kind == "parquet":
-            frame = pd.read_parquet(file)
+            try:
+                import pyarrow
+            except ImportError:
+                raise InputError(
+                    f"{source}: reading Parquet needs pyarrow: pip install 'softxent[train]'"
+                ) from None
+            errors = (*errors, pyarrow.ArrowException)
+            frame = pd.read_parquet(file, engine="pyarrow")
+            names = [str(column) for column in frame.columns]
         else:
-            frame = pd.read_csv(file, sep="\t" if kind == "tsv" else ",", low_memory=False)
+            sep = "\t" if kind == "tsv" else ","
+            with warnings.catch_warnings():
+                # index_col=False: rows longer than the header are not taken as a row index (which would
+                # shift every column); pandas then warns that it drops their surplus fields.
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                frame = pd.read_csv(file, sep=sep, low_memory=False, index_col=False)
+            # pandas renames a repeated header name ("a", "a" -> "a", "a.1"): read the header as written
+            header = pd.read_csv(file, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False)
+            names = header.iloc[0].tolist()
     except pd.errors.EmptyDataError:
         raise InputError(f"{source}: empty file (expected a header row and data rows)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, EOFError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{source}: cannot read as {kind.upper()}: {first_line}") from None
-    frame.columns = [str(column) for column in frame.columns]
-    duplicated = frame.columns[frame.columns.duplicated()].unique().tolist()
+    except pd.errors.ParserWarning:
+        raise InputError(
+            f"{source}: the data rows have more fields than the names of the header (line 1); every row "
+            "needs one value per column"
+        ) from None
+    except errors as error:
+        detail = first_line(error)
+        if isinstance(error, zlib.error):
+            detail = f"corrupt compressed data ({detail})"
+        raise InputError(f"{source}: cannot read as {kind.upper()}: {detail}") from None
+    duplicated = _duplicates(names)
     if duplicated:
-        raise InputError(f"{source}: duplicate column names {_listed(duplicated)}")
+        raise InputError(f"{source}: duplicate column names {_listed(duplicated)}; column names must differ")
+    frame.columns = [str(column) for column in frame.columns]
     return frame
 
 
@@ -210,6 +305,7 @@ def _from_frame(
         )
     present = [name for name in targets if name in frame.columns]
     features = frame.drop(columns=present)
+    _check_width(source, features.shape[1])
     if feature_names is not None:
         features = _align_columns(features, source, feature_names)
     X = np.empty(features.shape, dtype=np.float64)
@@ -228,6 +324,14 @@ def _from_frame(
 def _align_columns(features: pd.DataFrame, source: str, expected: Sequence[str]) -> pd.DataFrame:
     """The expected feature columns in the expected order, or an InputError saying how the sets differ."""
     columns = features.columns.tolist()
+    if columns == list(expected):
+        return features
+    repeated = _duplicates(list(expected))
+    if repeated:
+        raise InputError(
+            f"{source}: the model's feature names repeat {_listed(repeated)}, so its features can be matched "
+            "only in the model's order; give the columns exactly the model's names in its order"
+        )
     missing = [name for name in expected if name not in set(columns)]
     unexpected = [name for name in columns if name not in set(expected)]
     if missing or unexpected:
@@ -244,14 +348,26 @@ def _align_columns(features: pd.DataFrame, source: str, expected: Sequence[str])
 
 
 def _numeric_column(column: pd.Series, source: str, what: str, locate: Callable[[int], str]) -> np.ndarray:
-    """A column as float64; a value that is not a number raises naming the column and the row."""
-    if pd.api.types.is_bool_dtype(column) or pd.api.types.is_numeric_dtype(column):
+    """A column as float64; a value that is not a number raises naming the column and the row.
+
+    Numbers and booleans are taken as they are and text is parsed as numbers; a column of another type
+    (dates, times, durations, categories, complex numbers) is refused rather than converted, since its
+    numeric encoding (nanoseconds since 1970, category codes) is seldom the feature meant.
+    """
+    dtype = column.dtype
+    types = pd.api.types
+    if types.is_bool_dtype(dtype) or (types.is_numeric_dtype(dtype) and not types.is_complex_dtype(dtype)):
         return column.to_numpy(dtype=np.float64, na_value=np.nan)
+    if not (types.is_object_dtype(dtype) or isinstance(dtype, pd.StringDtype)):
+        raise InputError(
+            f"{source}: {what} holds {dtype} values, not numbers; convert it to numbers in the file "
+            "(a date to, say, a Unix time or a day of the week; categories to one 0/1 column each) or drop it"
+        )
     numbers = pd.to_numeric(column, errors="coerce")
     bad = np.flatnonzero(numbers.isna().to_numpy() & column.notna().to_numpy())
     if bad.size:
         row = int(bad[0])
-        raise InputError(f"{source}: {what} is not numeric: {column.iloc[row]!r} at {locate(row)}")
+        raise InputError(f"{source}: {what} is not numeric: {_plain(column.iloc[row])!r} at {locate(row)}")
     return numbers.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
@@ -270,12 +386,25 @@ def _label_column(column: pd.Series, source: str, name: str, locate: Callable[[i
     missing = np.flatnonzero(column.isna().to_numpy())
     if missing.size:
         raise InputError(f"{source}: target column {name!r} has a missing value at {locate(int(missing[0]))}")
-    return _integral(column.to_numpy())
+    labels = column.to_numpy()
+    if labels.dtype.kind in "fc":
+        infinite = np.flatnonzero(~np.isfinite(labels))
+        if infinite.size:
+            row = int(infinite[0])
+            raise InputError(
+                f"{source}: target column {name!r} has an infinite value ({labels[row]}) at {locate(row)}"
+            )
+    return _integral(labels)
 
 
 def _integral(labels: np.ndarray) -> np.ndarray:
-    """Float labels that are all whole numbers as int64 (LibSVM and NaN-free float columns)."""
-    if labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0):
+    """Float labels that are all whole numbers (of at most 2^53, exact in float64) as int64 (LibSVM and
+    NaN-free float columns).
+
+    >>> _integral(np.array([1.0, 2.0])), _integral(np.array([1.0, 1e300]))
+    (array([1, 2]), array([1.e+000, 1.e+300]))
+    """
+    if labels.dtype.kind == "f" and np.all(np.abs(labels) <= 2.0**53) and np.all(np.mod(labels, 1) == 0):
         return labels.astype(np.int64)
     if labels.dtype.kind == "O":
         return labels.astype(str)
@@ -289,7 +418,8 @@ def _binary_column(column: pd.Series, source: str, name: str, locate: Callable[[
     if bad.size:
         row = int(bad[0])
         raise InputError(
-            f"{source}: label column {name!r} must hold 0 or 1, got {column.iloc[row]!r} at {locate(row)}"
+            f"{source}: label column {name!r} must hold 0 or 1, got {_plain(column.iloc[row])!r} at "
+            f"{locate(row)}"
         )
     return values.astype(np.int64)
 
@@ -306,22 +436,30 @@ def _read_npz(
     try:
         with np.load(file, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise InputError(f"{source}: cannot read as NPZ: {error}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        detail = first_line(error)
+        if "allow_pickle" in detail:
+            detail = (
+                "it holds an array of Python objects, not loaded (unpickling can run code); save text "
+                "as a string array, e.g. array.astype(str)"
+            )
+        raise InputError(f"{source}: cannot read as NPZ: {detail}") from None
     if "X" not in arrays:
         raise InputError(f"{source}: no array 'X' (arrays are {_listed(sorted(arrays))})")
     X = arrays["X"]
     if X.ndim != 2 or X.dtype.kind not in "biuf":
         raise InputError(f"{source}: X must be a 2-D numeric array, got shape {X.shape} of {X.dtype}")
+    _check_width(source, X.shape[1])
     X = X.astype(np.float64)
-    names_array = arrays.get("feature_names")
-    named = names_array is not None and names_array.shape == (X.shape[1],)
-    names = [str(n) for n in names_array] if named else [f"x{i}" for i in range(X.shape[1])]
+    names = _npz_feature_names(arrays.get("feature_names"), X.shape[1], source, checked=feature_names)
+    named = names is not None
+    names = names if named else [f"x{i}" for i in range(X.shape[1])]
     locate = _row_locator(header_lines=None)
     if feature_names is not None:
         if named:
-            frame = pd.DataFrame(X, columns=names)
-            X = _align_columns(frame, source, feature_names).to_numpy()
+            if names != list(feature_names):
+                frame = pd.DataFrame(X, columns=names)
+                X = _align_columns(frame, source, feature_names).to_numpy()
         elif X.shape[1] != len(feature_names):
             raise InputError(
                 f"{source}: X has {X.shape[1]} features, the model was trained on {len(feature_names)}"
@@ -352,6 +490,31 @@ def _read_npz(
     return Dataset(X, y, names, wanted, named, source)
 
 
+def _npz_feature_names(
+    names_array: np.ndarray | None, n_features: int, source: str, checked: Sequence[str] | None
+) -> list[str] | None:
+    """The NPZ's ``feature_names`` as strings (None without the array): one per column of X, distinct.
+
+    Repeated names are refused for training (``checked`` None); for a model's features (``checked``) they
+    pass when they are exactly the model's names in its order, the one match that needs no names.
+    """
+    if names_array is None:
+        return None
+    if names_array.shape != (n_features,):
+        raise InputError(
+            f"{source}: feature_names has shape {names_array.shape}, expected ({n_features},): one name "
+            "per column of X"
+        )
+    names = [
+        name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        for name in names_array.tolist()
+    ]
+    repeated = _duplicates(names)
+    if repeated and (checked is None or names != list(checked)):
+        raise InputError(f"{source}: feature_names repeats {_listed(repeated)}; feature names must differ")
+    return names
+
+
 def _read_libsvm(file: Path, source: str, multilabel: bool, feature_names: Sequence[str] | None) -> Dataset:
     """A LibSVM / SVMlight file as CSR features (indices as written) and its label field."""
     from sklearn.datasets import load_svmlight_file
@@ -361,13 +524,16 @@ def _read_libsvm(file: Path, source: str, multilabel: bool, feature_names: Seque
     n_features = None if feature_names is None else len(feature_names)
     try:
         X, y = load_svmlight_file(str(file), n_features=n_features, dtype=np.float64, zero_based=True)
-    except (ValueError, OSError, EOFError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except (ValueError, OSError, EOFError, OverflowError, zlib.error) as error:
+        message = first_line(error)
         if n_features is not None and "n_features" in message:
             raise InputError(
                 f"{source}: has feature indices beyond the model's {n_features} features ({message})"
             ) from None
+        if isinstance(error, zlib.error):
+            message = f"corrupt compressed data ({message})"
         raise InputError(f"{source}: cannot read as LibSVM: {message}") from None
+    _check_width(source, X.shape[1], libsvm=True)
     X = sp.csr_matrix(X)
     names = list(feature_names) if feature_names is not None else [f"x{i}" for i in range(X.shape[1])]
     bad = np.flatnonzero(~np.isfinite(X.data))
@@ -376,6 +542,11 @@ def _read_libsvm(file: Path, source: str, multilabel: bool, feature_names: Seque
         raise InputError(
             f"{source}: feature {names[X.indices[bad[0]]]!r} has a non-finite value "
             f"({X.data[bad[0]]}) at line {row + 1}"
+        )
+    bad = np.flatnonzero(~np.isfinite(y))
+    if bad.size:
+        raise InputError(
+            f"{source}: the label at line {int(bad[0]) + 1} is not a finite number ({y[bad[0]]})"
         )
     return Dataset(X, _integral(y), names, None, named=False, source=source)
 

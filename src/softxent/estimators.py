@@ -68,6 +68,7 @@ from softxent.functional import linear_binary_cross_entropy, linear_cross_entrop
 
 __all__ = [
     "Checkpoint",
+    "DivergenceWarning",
     "SigmoidClassifier",
     "SoftmaxClassifier",
     "load_checkpoint",
@@ -87,6 +88,11 @@ MODEL_FORMAT = "softxent-model/1"
 CHECKPOINT_FORMAT = "softxent-checkpoint/1"
 
 EpochCallback = Callable[["_SGDClassifier", dict[str, Any]], bool | None]
+
+
+class DivergenceWarning(ConvergenceWarning):
+    """Training diverged without overflowing: the last epoch's loss is far above the run's best (see
+    ``fit``). A ConvergenceWarning, so filters for scikit-learn's warning catch it too."""
 
 
 @dataclasses.dataclass
@@ -424,7 +430,7 @@ class _SGDClassifier(ClassifierMixin, BaseEstimator):
                 f"{loss:.4g}, over {DIVERGENCE_RISE:g} times the best epoch's {best:.4g} (epoch "
                 f"{self.loss_curve_.index(best) + 1}) and {DIVERGENCE_CHANCE:g} times {self._chance:.4g}, "
                 f"the loss of all-zero logits; {self._divergence_advice()}",
-                ConvergenceWarning,
+                DivergenceWarning,
                 stacklevel=4,
             )
 
