@@ -111,10 +111,6 @@ SMOKE_LINEAR_SHAPES = ((64, 32, 1000), (37, 65, 1031))
 SMOKE_LINEAR_BCE_SHAPES = ((64, 32, 1000), (37, 65, 1031))
 SMOKE_CE_SHAPES = ((64, 1000), (37, 1031))
 SMOKE_BCE_SHAPES = ((64, 1000), (37, 1031))
-LINEAR_METHODS = ("eager", "compile", "liger", "cce", "softxent", "softxent-lean")
-LINEAR_BCE_METHODS = ("eager", "compile", "softxent", "softxent-lean")
-CE_METHODS = ("eager", "compile", "liger", "softxent", "softxent-inplace")
-BCE_METHODS = ("eager", "compile", "softxent")
 FAMILIES = {
     "linear": "linear head + cross-entropy",
     "linear-bce": "multi-label linear head + sigmoid binary cross-entropy",
@@ -255,61 +251,48 @@ def _softxent_lean(x: Tensor, weight: Tensor, target: Tensor) -> Tensor:
         raise
 
 
-def linear_loss_fn(method: str, device: torch.device) -> LossFn:
-    """The loss of a linear-head method, called as fn(x, W, y)."""
+def _liger_linear(device: torch.device) -> LossFn:
+    liger = _peer("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss", device)()
+    return lambda x, weight, target: liger(weight, x, target)  # Liger takes the weight first
+
+
+# Each family's eager loss (also what torch.compile compiles), and its other methods: a method's loss from
+# the device (a peer that cannot run there raises Skipped). Linear heads are called as fn(x, W, target),
+# losses on logits as fn(logits, target).
+EAGER = {"linear": _eager_linear, "linear-bce": _eager_linear_bce, "ce": _eager_ce, "bce": _eager_bce}
+OTHER_METHODS: dict[str, dict[str, Callable[[torch.device], LossFn]]] = {
+    "linear": {
+        "liger": _liger_linear,
+        "cce": partial(_peer, "cut_cross_entropy", "linear_cross_entropy"),
+        "softxent": lambda device: softxent.linear_cross_entropy,
+        "softxent-lean": lambda device: _softxent_lean,
+    },
+    "linear-bce": {
+        "softxent": lambda device: softxent.linear_binary_cross_entropy,
+        "softxent-lean": lambda device: partial(softxent.linear_binary_cross_entropy, memory="lean"),
+    },
+    "ce": {
+        "liger": lambda device: _peer("liger_kernel.transformers", "LigerCrossEntropyLoss", device)(),
+        "softxent": lambda device: softxent.cross_entropy,
+        "softxent-inplace": lambda device: _softxent_inplace,
+    },
+    "bce": {"softxent": lambda device: softxent.binary_cross_entropy_with_logits},
+}
+
+
+# every family's methods, in the order of its table
+METHODS = {family: ("eager", "compile", *others) for family, others in OTHER_METHODS.items()}
+
+
+def loss_fn(family: str, method: str, device: torch.device) -> LossFn:
+    """The loss of ``method`` in ``family`` on ``device``."""
     if method == "eager":
-        return _eager_linear
+        return EAGER[family]
     if method == "compile":
-        return _compiled(_eager_linear)
-    if method == "liger":
-        liger = _peer("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss", device)()
-        return lambda x, weight, target: liger(weight, x, target)  # Liger takes the weight first
-    if method == "cce":
-        return _peer("cut_cross_entropy", "linear_cross_entropy", device)
-    if method == "softxent":
-        return softxent.linear_cross_entropy
-    if method == "softxent-lean":
-        return _softxent_lean
-    raise ValueError(f"method: expected one of {LINEAR_METHODS}, got {method!r}")
-
-
-def linear_bce_loss_fn(method: str, device: torch.device) -> LossFn:
-    """The loss of a multi-label linear-head method, called as fn(x, W, target)."""
-    if method == "eager":
-        return _eager_linear_bce
-    if method == "compile":
-        return _compiled(_eager_linear_bce)
-    if method == "softxent":
-        return softxent.linear_binary_cross_entropy
-    if method == "softxent-lean":
-        return partial(softxent.linear_binary_cross_entropy, memory="lean")
-    raise ValueError(f"method: expected one of {LINEAR_BCE_METHODS}, got {method!r}")
-
-
-def ce_loss_fn(method: str, device: torch.device) -> LossFn:
-    """The loss of a cross-entropy method, called as fn(logits, y)."""
-    if method == "eager":
-        return _eager_ce
-    if method == "compile":
-        return _compiled(_eager_ce)
-    if method == "liger":
-        return _peer("liger_kernel.transformers", "LigerCrossEntropyLoss", device)()
-    if method == "softxent":
-        return softxent.cross_entropy
-    if method == "softxent-inplace":
-        return _softxent_inplace
-    raise ValueError(f"method: expected one of {CE_METHODS}, got {method!r}")
-
-
-def bce_loss_fn(method: str, device: torch.device) -> LossFn:
-    """The loss of a binary cross-entropy method, called as fn(logits, target)."""
-    if method == "eager":
-        return _eager_bce
-    if method == "compile":
-        return _compiled(_eager_bce)
-    if method == "softxent":
-        return softxent.binary_cross_entropy_with_logits
-    raise ValueError(f"method: expected one of {BCE_METHODS}, got {method!r}")
+        return _compiled(EAGER[family])
+    if method not in OTHER_METHODS[family]:
+        raise ValueError(f"method: expected one of {METHODS[family]} for {family}, got {method!r}")
+    return OTHER_METHODS[family][method](device)
 
 
 # ---------------------------------------------------------------------------------- timing and memory
@@ -670,10 +653,8 @@ def bench_linear(
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     """Rows (one per shape and method) and floors (one per shape) of a linear head: "linear" (softmax
     cross-entropy) or "linear-bce" (multi-label sigmoid binary cross-entropy)."""
-    make_loss_fn, make_inputs_of = {
-        "linear": (linear_loss_fn, linear_inputs),
-        "linear-bce": (linear_bce_loss_fn, linear_bce_inputs),
-    }[family]
+    make_loss_fn = partial(loss_fn, family)
+    make_inputs_of = {"linear": linear_inputs, "linear-bce": linear_bce_inputs}[family]
     rows, floors = [], []
     for shape in shapes:
         n, d, v = shape
@@ -721,10 +702,8 @@ def bench_logits(
     """Rows (one per shape and method) and floors (one per shape) of a loss on given bf16 logits: "ce"
     (cross-entropy; floor: read the logits, write the gradient) or "bce" (binary cross-entropy; floor: read
     logits and targets, write the gradient)."""
-    make_loss_fn, make_inputs_of, make_check = {
-        "ce": (ce_loss_fn, ce_inputs, ce_check),
-        "bce": (bce_loss_fn, bce_inputs, bce_check),
-    }[family]
+    make_loss_fn = partial(loss_fn, family)
+    make_inputs_of, make_check = {"ce": (ce_inputs, ce_check), "bce": (bce_inputs, bce_check)}[family]
     rows, floors = [], []
     itemsize = torch.empty((), dtype=DTYPE).element_size()
     for shape in shapes:
@@ -1053,7 +1032,7 @@ def _parse_shapes(text: str, size: int) -> tuple[tuple[int, ...], ...]:
 
 def _parse_methods(text: str) -> tuple[str, ...]:
     methods = tuple(name.strip() for name in text.split(",") if name.strip())
-    known = dict.fromkeys(LINEAR_METHODS + LINEAR_BCE_METHODS + CE_METHODS + BCE_METHODS)
+    known = dict.fromkeys(method for methods in METHODS.values() for method in methods)
     unknown = [name for name in methods if name not in known]
     if unknown or not methods:
         raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {list(known)}, got {text!r}")
@@ -1102,26 +1081,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ce": args.ce_shapes or (SMOKE_CE_SHAPES if args.smoke else CE_SHAPES),
         "bce": args.bce_shapes or (SMOKE_BCE_SHAPES if args.smoke else BCE_SHAPES),
     }
-    selected = args.methods or LINEAR_METHODS + LINEAR_BCE_METHODS + CE_METHODS + BCE_METHODS
+    selected = args.methods or tuple(method for methods in METHODS.values() for method in methods)
 
     started = time.perf_counter()
     info = machine_info(device, measure_machine(device, args.smoke, budget_ms, warmups))
     print("\n".join(header(info)), flush=True)
     rows: list[dict[str, object]] = []
     floors: list[dict[str, object]] = []
-    for family, family_methods in (("linear", LINEAR_METHODS), ("linear-bce", LINEAR_BCE_METHODS)):
+    for family in ("linear", "linear-bce"):
         if args.only not in (None, family):
             continue
-        methods = [name for name in family_methods if name in selected]
+        methods = [name for name in METHODS[family] if name in selected]
         family_rows, family_floors = bench_linear(
             family, shapes[family], methods, device, budget_ms, warmups, started, args.quick
         )
         rows += family_rows
         floors += family_floors
-    for family, family_methods in (("ce", CE_METHODS), ("bce", BCE_METHODS)):
+    for family in ("ce", "bce"):
         if args.only not in (None, family):
             continue
-        methods = [name for name in family_methods if name in selected]
+        methods = [name for name in METHODS[family] if name in selected]
         family_rows, family_floors = bench_logits(
             family,
             shapes[family],
