@@ -26,6 +26,24 @@ from softxent.ops.spec import (
 )
 
 
+def over_blocks(
+    blocks: list[tuple[int, int]],
+    run: Callable[[int, int], tuple[Tensor, ...]],
+    shapes: tuple[tuple[int, ...], ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, ...]:
+    """The outputs of ``run(start, stop)`` over the blocks of rows, stitched along the first dimension into
+    tensors of ``shapes``; a single block's outputs as they are (no copy: the Triton path's one launch)."""
+    if len(blocks) == 1:
+        return run(*blocks[0])
+    outputs = tuple(torch.empty(shape, dtype=dtype, device=device) for shape in shapes)
+    for start, stop in blocks:
+        for output, part in zip(outputs, run(start, stop), strict=True):
+            output[start:stop] = part
+    return outputs
+
+
 def cross_entropy_forward(
     input: Tensor,
     target: Tensor,
@@ -74,13 +92,7 @@ def cross_entropy_forward(
         )
 
     blocks = backend.policy.row_blocks(input.shape[0], per_sample)
-    if len(blocks) == 1:
-        loss, lse = run(*blocks[0])
-    else:
-        loss = torch.empty(batch_shape, dtype=ct, device=input.device)
-        lse = torch.empty(batch_shape, dtype=ct, device=input.device)
-        for start, stop in blocks:
-            loss[start:stop], lse[start:stop] = run(start, stop)
+    loss, lse = over_blocks(blocks, run, (batch_shape, batch_shape), ct, input.device)
     return reduce(loss, reduction, denominator), lse, grad_input, grad_target
 
 
@@ -105,9 +117,9 @@ def sigmoid_bce_rows(
     """
     rows, columns = logits.shape
 
-    def run(first: int, last: int) -> Tensor:
+    def run(first: int, last: int) -> tuple[Tensor]:
         scale = grad_scale[first:last] if isinstance(grad_scale, Tensor) and grad_scale.dim() else grad_scale
-        return block_fn(
+        loss = block_fn(
             logits[first:last],
             target[first:last],
             SigmoidLoss(None if spec.weight is None else spec.weight[first:last], spec.pos_weight),
@@ -116,16 +128,13 @@ def sigmoid_bce_rows(
             target_grad_out=None if target_grad_out is None else target_grad_out[first:last],
             row_sums=row_sums,
         )
+        return (loss,)
 
-    blocks = policy.row_blocks(rows, columns)
-    if len(blocks) == 1:
-        return run(*blocks[0])
-    out = torch.empty(
-        (rows,) if row_sums else (rows, columns), dtype=compute_dtype(logits.dtype), device=logits.device
+    shape = (rows,) if row_sums else (rows, columns)
+    (loss,) = over_blocks(
+        policy.row_blocks(rows, columns), run, (shape,), compute_dtype(logits.dtype), logits.device
     )
-    for first, last in blocks:
-        out[first:last] = run(first, last)
-    return out
+    return loss
 
 
 def sigmoid_bce_forward(
@@ -158,8 +167,8 @@ def sigmoid_bce_forward(
     per_row = max(1, logits[0].numel()) if logits.shape[0] else 1
     elementwise = reduction == "none"
 
-    def run(start: int, stop: int) -> Tensor:
-        return backend.sigmoid_block(
+    def run(start: int, stop: int) -> tuple[Tensor]:
+        loss = backend.sigmoid_block(
             logits[start:stop],
             targets[start:stop],
             SigmoidLoss(None if weight is None else weight[start:stop], spec.pos_weight),
@@ -168,20 +177,16 @@ def sigmoid_bce_forward(
             target_grad_out=None if grad_target is None else grad_target[start:stop],
             row_sums=not elementwise,
         )
+        return (loss,)
 
     blocks = backend.policy.row_blocks(logits.shape[0], per_row)
     if elementwise:
-        if len(blocks) == 1:
-            result = run(*blocks[0])
-        else:
-            result = torch.empty(logits.shape, dtype=ct, device=input.device)
-            for start, stop in blocks:
-                result[start:stop] = run(start, stop)
+        (result,) = over_blocks(blocks, run, (logits.shape,), ct, input.device)
         result = result.squeeze(0) if squeeze else result
     else:
         total = torch.zeros((), dtype=ct, device=input.device)
         for start, stop in blocks:
-            total += run(start, stop).sum()
+            total += run(start, stop)[0].sum()
         result = total if reduction == "sum" else total / count
     if squeeze:
         grad_input = None if grad_input is None else grad_input.squeeze(0)
