@@ -2,7 +2,8 @@
 
 Tiny randomly initialized models (no downloads) of every supported family; each test computes the loss
 and every parameter's gradient with the unpatched forward (logits, then transformers' ForCausalLMLoss),
-patches the same model and computes them again with softxent's fused head.
+patches the same model and computes them again with softxent's fused head: eager and compiled, in
+training (fused, no logits) and evaluation (the logits, as unpatched), under Trainer, and with PEFT LoRA.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,9 +41,28 @@ _DECODER = dict(
     eos_token_id=2,
 )
 
+_MOE = dict(output_router_logits=True, router_aux_loss_coef=0.05)  # the auxiliary loss joins the loss
+_MROPE = dict(rope_type="default", mrope_section=[2, 2, 2])
+
 CONFIGS: dict[str, Callable[[], object]] = {
+    "cohere": lambda: transformers.CohereConfig(**_DECODER, logit_scale=0.5),
     "gemma": lambda: transformers.GemmaConfig(**_DECODER),
     "gemma2": lambda: transformers.Gemma2Config(**_DECODER, final_logit_softcapping=3.0),
+    "gemma3": lambda: transformers.Gemma3Config(
+        text_config=_DECODER,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=4,
+        image_token_index=VOCAB - 1,
+        boi_token_index=VOCAB - 2,
+        eoi_token_index=VOCAB - 3,
+    ),
     "gemma3_text": lambda: transformers.Gemma3TextConfig(**_DECODER, final_logit_softcapping=2.5),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=VOCAB,
@@ -55,13 +76,42 @@ CONFIGS: dict[str, Callable[[], object]] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    "granite": lambda: transformers.GraniteConfig(**_DECODER, logits_scaling=4.0),
     "llama": lambda: transformers.LlamaConfig(**_DECODER),
     "mistral": lambda: transformers.MistralConfig(**_DECODER),
+    "mixtral": lambda: transformers.MixtralConfig(
+        **_DECODER, num_local_experts=4, num_experts_per_tok=2, **_MOE
+    ),
     "olmo2": lambda: transformers.Olmo2Config(**_DECODER),
     "phi3": lambda: transformers.Phi3Config(**_DECODER),
     "qwen2": lambda: transformers.Qwen2Config(**_DECODER),
+    "qwen2_5_vl": lambda: transformers.Qwen2_5_VLConfig(
+        text_config=dict(**_DECODER, rope_parameters=_MROPE),
+        vision_config=dict(depth=1, hidden_size=32, out_hidden_size=48, num_heads=2, intermediate_size=40),
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **_DECODER,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=40,
+        shared_expert_intermediate_size=40,
+        **_MOE,
+    ),
+    "qwen2_vl": lambda: transformers.Qwen2VLConfig(
+        text_config=dict(**_DECODER, rope_parameters=_MROPE),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2),
+    ),
     "qwen3": lambda: transformers.Qwen3Config(**_DECODER),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **_DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, **_MOE
+    ),
 }
+MULTIMODAL = ("gemma3", "qwen2_5_vl", "qwen2_vl")  # *ForConditionalGeneration: text-only batches here
+MULTIMODAL_CLASSES = (
+    transformers.Gemma3ForConditionalGeneration,
+    transformers.Qwen2_5_VLForConditionalGeneration,
+    transformers.Qwen2VLForConditionalGeneration,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -77,13 +127,18 @@ def one_thread() -> Iterator[None]:
 def make_model(model_type: str, rng: torch.Generator) -> torch.nn.Module:
     """A tiny randomly initialized causal LM (seeded from ``rng``) in training mode, without dropout."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
-    return transformers.AutoModelForCausalLM.from_config(CONFIGS[model_type]()).train()
+    auto = (
+        transformers.AutoModelForImageTextToText
+        if model_type in MULTIMODAL
+        else transformers.AutoModelForCausalLM
+    )
+    return auto.from_config(CONFIGS[model_type]()).train()
 
 
 def make_batch(rng: torch.Generator) -> dict[str, torch.Tensor]:
     """Token ids, an attention mask with right padding (row 1) and left padding (row 2), and labels that are
     the ids with -100 at the padding and at a few random positions."""
-    input_ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=rng)
+    input_ids = torch.randint(3, VOCAB - 3, (BATCH, SEQ), generator=rng)  # no image tokens (the last 3)
     attention_mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     attention_mask[1, -4:] = 0
     attention_mask[2, :3] = 0
@@ -93,10 +148,13 @@ def make_batch(rng: torch.Generator) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def loss_and_grads(model: torch.nn.Module, **inputs: object) -> tuple[object, dict[str, torch.Tensor]]:
-    """The model's output for ``inputs`` and every parameter's gradient of its loss."""
+def loss_and_grads(
+    model: torch.nn.Module, forward: Callable[..., object] | None = None, **inputs: object
+) -> tuple[object, dict[str, torch.Tensor]]:
+    """The output of ``forward`` (default: the model) for ``inputs`` and every parameter's gradient of its
+    loss."""
     model.zero_grad(set_to_none=True)
-    output = model(**inputs)
+    output = (model if forward is None else forward)(**inputs)
     output.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return output, grads
@@ -119,12 +177,13 @@ def assert_same_loss_and_grads(
         sx.revert(model)
         hook.remove()
     assert len(head_outputs) == 1
-    assert head_outputs[0][-1] == 0  # lm_head formed no logits (an empty view of its input)
+    assert head_outputs[0][-2] == 0  # lm_head formed no logits (those of an empty sequence)
     assert patched.logits is None
     assert expected.logits is not None
     assert_close(patched.loss, to_numpy(expected.loss), tol, "loss")
     assert grads.keys() == expected_grads.keys()
-    assert len(grads) == sum(1 for _ in model.parameters())  # every parameter gets a gradient
+    if not isinstance(model, MULTIMODAL_CLASSES):  # text-only batches leave the vision tower without one
+        assert len(grads) == sum(1 for _ in model.parameters())  # every parameter gets a gradient
     for name, grad in grads.items():
         assert_close(grad, to_numpy(expected_grads[name]), tol, f"grad of {name}")
     grad_diff = max((grads[name] - expected_grads[name]).abs().max().item() for name in grads)
@@ -248,22 +307,25 @@ def _training_data(rng: torch.Generator, rows: int) -> list[dict[str, torch.Tens
     return data
 
 
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"]
+)
 def test_trainer_run_matches_unpatched(
-    rng: torch.Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    compiled: bool, rng: torch.Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A short Trainer run with gradient accumulation (so num_items_in_batch reaches the loss): the patched
-    model logs the unpatched run's losses, ends with its weights and evaluation loss, and its loss goes
-    down."""
+    """A short Trainer run with gradient accumulation (so num_items_in_batch reaches the loss), patched by
+    ``enable(trainer)``: it logs the unpatched run's losses, ends with its weights, evaluates to the same loss
+    and predicts the same logits (evaluation runs unfused, so compute_metrics gets them), and its loss goes
+    down; with ``torch_compile=True`` too (the fused loss is softxent's custom op in the compiled graph)."""
     data = _training_data(rng, rows=16)
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
 
-    def train(patched: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+    def train(patched: bool) -> tuple[list[float], dict[str, torch.Tensor], np.ndarray]:
         model = make_model("qwen2", torch.Generator().manual_seed(seed))
-        if patched:
-            sx.apply(model)
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / ("patched" if patched else "unpatched")),
             per_device_train_batch_size=4,
+            per_device_eval_batch_size=4,
             gradient_accumulation_steps=2,
             max_steps=4,
             optim="sgd",  # Adam would magnify rounding in near-zero gradients
@@ -274,13 +336,17 @@ def test_trainer_run_matches_unpatched(
             use_cpu=True,
             seed=0,
             disable_tqdm=True,
+            torch_compile=compiled,
         )
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        if patched:
+            assert sx.enable(trainer) is trainer
         assert trainer.model_accepts_loss_kwargs  # the patched forward keeps the signature Trainer inspects
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        losses.append(trainer.evaluate(data[:8])["eval_loss"])  # evaluation: the loss without logits
-        return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+        losses.append(trainer.evaluate(data[:8])["eval_loss"])
+        predictions = trainer.predict(data[:8]).predictions
+        return losses, {name: p.detach().clone() for name, p in model.named_parameters()}, predictions
 
     calls = []
     fused = sx.linear_cross_entropy
@@ -290,28 +356,50 @@ def test_trainer_run_matches_unpatched(
         return fused(*args, **kwargs)
 
     monkeypatch.setattr(sx, "linear_cross_entropy", counting)
-    expected_losses, expected_weights = train(patched=False)
+    expected_losses, expected_weights, expected_predictions = train(patched=False)
     assert calls == []
-    losses, weights = train(patched=True)
-    # 4 steps × 2 micro-batches and 1 evaluation batch, each summed and divided by num_items_in_batch
-    assert calls == ["sum"] * 9
+    losses, weights, predictions = train(patched=True)
+    if not compiled:  # under torch.compile the call runs at tracing (the custom op does the work)
+        # 4 steps × 2 micro-batches, each summed and divided by num_items_in_batch; evaluation runs unfused
+        assert calls == ["sum"] * 8
     assert len(losses) == 5
     assert_close(torch.tensor(losses), to_numpy(torch.tensor(expected_losses)), 1e-4, "logged losses")
     assert losses[3] < losses[0]
     for name, weight in weights.items():
         assert_close(weight, to_numpy(expected_weights[name]), 1e-4, f"trained {name}")
+    assert predictions.shape == (8, SEQ, VOCAB)
+    assert_close(predictions, expected_predictions.astype(np.float64), 1e-4, "predicted logits")
+
+
+class _ShiftedLogits(transformers.LlamaForCausalLM):
+    """A forward that adds to the logits before the loss: the fused loss cannot be proven equal."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        hidden_states = self.model(input_ids=input_ids).last_hidden_state
+        logits = self.lm_head(hidden_states)
+        logits = logits + 1.0
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
 def test_errors_name_the_argument(rng: torch.Generator) -> None:
-    with pytest.raises(TypeError, match=r"model: expected a transformers PreTrainedModel .* got Linear"):
+    with pytest.raises(
+        TypeError, match=r"model: expected a transformers PreTrainedModel causal LM .* got Linear"
+    ):
         sx.apply(torch.nn.Linear(3, 4))
-    granite = transformers.GraniteForCausalLM(transformers.GraniteConfig(**_DECODER))
-    with pytest.raises(ValueError, match=r"model: expected a causal LM whose .* model_type 'granite'"):
-        sx.apply(granite)
+    shifted = _ShiftedLogits(transformers.LlamaConfig(**_DECODER))
+    with pytest.raises(
+        ValueError,
+        match=r"model: cannot prove that the fused loss equals _ShiftedLogits's: between self.lm_head and "
+        r"self.loss_function it does `logits = logits \+ 1.0`",
+    ):
+        sx.apply(shifted)
     with pytest.raises(TypeError, match=r"model_class: expected a subclass of .* got 'LlamaForCausalLM'"):
         sx.patch_causal_lm("LlamaForCausalLM")
     with pytest.raises(
-        TypeError, match=r"model_class: expected LlamaForCausalLM \(or a subclass\) .* got LlamaModel"
+        TypeError, match=r"model_class: expected a forward\(\.\.\., labels=None, .* got LlamaModel"
     ):
         sx.patch_causal_lm(transformers.LlamaModel)
 
@@ -328,14 +416,22 @@ def test_errors_name_the_argument(rng: torch.Generator) -> None:
         sx.apply(model, memory="fast")
     with pytest.raises(ValueError, match=r"impl: expected one of .* got 'cuda'"):
         sx.apply(model, impl="cuda")
+    with pytest.raises(ValueError, match=r"fuse: expected one of \('training', 'always'\), got 'eval'"):
+        sx.apply(model, fuse="eval")
     with pytest.raises(ValueError, match=r"chunk_size: expected None or a positive int, got 0"):
         sx.patch_causal_lm(transformers.LlamaForCausalLM, chunk_size=0)
     with pytest.raises(ValueError, match=r"model: expected a model patched by apply\(\), got an unpatched"):
         sx.revert(model)
     sx.apply(model)
+    # a loss_function set after the patch wins: it gets the real logits (the fused loss steps aside)
     model.loss_function = lambda logits, labels, **kwargs: logits.sum()
+    output = model(**make_batch(rng))
+    assert output.logits.shape == (BATCH, SEQ, VOCAB)
+    assert_close(output.loss, to_numpy(output.logits.sum()), 1e-6, "the custom loss")
+    custom = make_model("llama", rng)
+    custom.loss_function = lambda logits, labels, **kwargs: logits.sum()
     with pytest.raises(ValueError, match=r"model.loss_function: softxent computes .* ForCausalLMLoss"):
-        model(**make_batch(rng))
+        sx.apply(custom)
 
 
 def test_importing_softxent_does_not_import_transformers() -> None:
@@ -345,3 +441,113 @@ def test_importing_softxent_does_not_import_transformers() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_compiled_fullgraph_matches_unpatched(model_type: str, rng: torch.Generator) -> None:
+    """``torch.compile(model, fullgraph=True)`` of the patched model: one graph (the fused loss is softxent's
+    custom op, the head's capture and the loss function trace through), and the unpatched eager model's loss
+    and gradients. The aot_eager backend traces as inductor does (dynamo, then AOT autograd) without its
+    code generation, which takes ~10 s a model on a CPU; test_trainer_run_matches_unpatched[compiled] runs
+    inductor."""
+    torch._dynamo.reset()
+    model = make_model(model_type, rng)
+    batch = make_batch(rng)
+    batch["num_items_in_batch"] = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()) + 3)
+    expected, expected_grads = loss_and_grads(model, **batch)
+    sx.apply(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    try:
+        patched, grads = loss_and_grads(model, compiled, **batch)
+    finally:
+        sx.revert(model)
+    assert patched.logits is None
+    assert_close(patched.loss, to_numpy(expected.loss), TOL, "loss")
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert_close(grad, to_numpy(expected_grads[name]), TOL, f"grad of {name}")
+
+
+def test_evaluation_keeps_the_logits_unless_fuse_always(rng: torch.Generator) -> None:
+    """With labels, only a training step (train mode, gradients on) is fused: evaluation and no_grad return
+    the logits and the unpatched loss, so compute_metrics and predict work; ``fuse="always"`` fuses them."""
+    model = make_model("granite", rng)  # with its logit scaling
+    batch = make_batch(rng)
+    with torch.no_grad():
+        expected = model.eval()(**batch)
+        sx.apply(model)
+        evaluated = model(**batch)
+        no_grad_in_training = model.train()(**batch)
+        sx.apply(model, fuse="always")
+        fused = model.eval()(**batch)
+    for output in (evaluated, no_grad_in_training):
+        torch.testing.assert_close(output.logits, expected.logits, rtol=0, atol=0)
+        torch.testing.assert_close(output.loss, expected.loss, rtol=0, atol=0)
+    assert fused.logits is None
+    assert_close(fused.loss, to_numpy(expected.loss), TOL, "loss fused in evaluation")
+
+
+def _peft(model: torch.nn.Module, **lora: object) -> torch.nn.Module:
+    """A PEFT LoRA model of ``model`` with random adapter weights (B = 0 at peft's default initialization
+    would leave A's gradient 0 and the comparison empty)."""
+    peft_module = pytest.importorskip("peft")
+    config = peft_module.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora)
+    return peft_module.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize(
+    "targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]], ids=["attention", "attention_and_lm_head"]
+)
+def test_peft_lora_matches_unpatched(targets: list[str], rng: torch.Generator) -> None:
+    """``apply(peft_model)`` patches its base model; a LoRA lm_head is fused through its merged weight
+    W + s·B·A. The loss and every adapter's gradient equal the unpatched PEFT model's."""
+    model = _peft(make_model("llama", rng), target_modules=targets, lora_dropout=0.0)
+    batch = make_batch(rng)
+    expected, expected_grads = loss_and_grads(model, **batch)
+    assert sx.apply(model) is model
+    patched, grads = loss_and_grads(model, **batch)
+    assert patched.logits is None
+    assert_close(patched.loss, to_numpy(expected.loss), TOL, "loss")
+    assert grads.keys() == expected_grads.keys()
+    assert any("lm_head.lora_A" in name for name in grads) == ("lm_head" in targets)
+    for name, grad in grads.items():
+        assert_close(grad, to_numpy(expected_grads[name]), TOL, f"grad of {name}")
+    sx.revert(model)
+    assert type(model.get_base_model().lm_head).__name__ == "Linear"  # peft's LoRA Linear again
+
+
+def test_peft_lora_head_that_the_merged_weight_cannot_reproduce_is_refused(rng: torch.Generator) -> None:
+    batch = make_batch(rng)
+    dropout = sx.apply(_peft(make_model("llama", rng), target_modules=["lm_head"], lora_dropout=0.1))
+    with pytest.raises(ValueError, match=r"the LoRA adapter 'default' on lm_head has lora_dropout=0.1"):
+        dropout(**batch)
+    dora = sx.apply(_peft(make_model("llama", rng), target_modules=["lm_head"], use_dora=True))
+    with pytest.raises(ValueError, match=r"the LoRA adapter 'default' on lm_head uses DoRA"):
+        dora(**batch)
+    with torch.no_grad():  # evaluation runs unfused: both work there
+        assert dropout.eval()(**batch).logits is not None
+
+
+def test_trl_sft_trainer_is_refused_with_the_reason(rng: torch.Generator, tmp_path: Path) -> None:
+    """TRL's SFTTrainer computes its loss through a fused LM head of its own (``fused_lm_head=True``), so
+    softxent's patch would never run there: enable() says so instead of doing nothing silently."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_list(
+        [{"input_ids": row["input_ids"].tolist()} for row in _training_data(rng, 8)]
+    )
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    tokenizers = pytest.importorskip("tokenizers")
+    vocabulary = {str(token): token for token in range(VOCAB)}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="0")),
+        pad_token="0",
+        eos_token="2",
+    )
+    trainer = trl.SFTTrainer(
+        model=make_model("qwen2", rng), args=args, train_dataset=data, processing_class=tokenizer
+    )
+    with pytest.raises(
+        ValueError, match=r"trainer: TRL's SFTTrainer computes its loss with its own fused LM head"
+    ):
+        sx.enable(trainer)
