@@ -9,6 +9,7 @@ training (fused, no logits) and evaluation (the logits, as unpatched), under Tra
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -227,8 +228,9 @@ def test_backends_and_memory_modes(memory: str, impl: str, rng: torch.Generator)
         assert_close(grad, to_numpy(expected_grads[name]), TOL, f"grad of {name}")
 
 
-def test_no_labels_returns_the_logits_and_generates_the_same(rng: torch.Generator) -> None:
-    model = make_model("gemma2", rng).eval()
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_no_labels_returns_the_logits_and_generates_the_same(model_type: str, rng: torch.Generator) -> None:
+    model = make_model(model_type, rng).eval()
     batch = make_batch(rng)
     del batch["labels"]
     with torch.no_grad():
@@ -551,3 +553,20 @@ def test_trl_sft_trainer_is_refused_with_the_reason(rng: torch.Generator, tmp_pa
         ValueError, match=r"trainer: TRL's SFTTrainer computes its loss with its own fused LM head"
     ):
         sx.enable(trainer)
+
+
+def test_hf_benchmark_smoke_run(tmp_path: Path) -> None:
+    """benchmarks/bench_hf.py end to end on a tiny model (eager variants; the compiled ones take ~20 s on
+    a CPU and are the GPU run's): the patched step's loss is the unpatched one's."""
+    output = tmp_path / "bench_hf.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_hf.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--variants", "unpatched,softxent", "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {row["variant"]: row for row in json.loads(output.read_text())["rows"]}
+    assert abs(rows["softxent"]["loss"] - rows["unpatched"]["loss"]) <= 1e-5 * abs(rows["unpatched"]["loss"])
+    assert "| softxent |" in result.stdout
