@@ -241,6 +241,10 @@ STREAM_WARPS = 16
 # Narrow rows share a program: tiles of about TILE_ELEMENTS logits, 16 a thread (two 16-byte bf16 loads).
 TILE_ELEMENTS = 4096
 ELEMENTS_PER_THREAD = 16
+# The sigmoid BCE kernel keeps about a dozen values live per element (logit, target, weights, scale, exp,
+# log1p terms): 16 a thread took 150-211 registers on sm_90 (tests/triton_aot_worker.py), one 8-warp
+# program a multiprocessor (8 of 64 warps). 8 a thread (still one 16-byte bf16 load) about halves that.
+SIGMOID_ELEMENTS_PER_THREAD = 8
 # Enough programs to fill the GPU: rows fewer than PROGRAMS_PER_PROCESSOR × processors are cut into
 # several programs a row (at least MIN_SPLIT_COLUMNS columns each, at most MAX_SPLITS), which combine their
 # partial statistics in a second launch.
@@ -270,8 +274,8 @@ def _next_power_of_2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 
 
-def _warps(elements: int, cap: int = 32) -> int:
-    return max(1, min(cap, elements // (32 * ELEMENTS_PER_THREAD)))
+def _warps(elements: int, cap: int = 32, per_thread: int = ELEMENTS_PER_THREAD) -> int:
+    return max(1, min(cap, elements // (32 * per_thread)))
 
 
 def row_launch(rows: int, columns: int, stand: Hardware) -> RowLaunch:
@@ -296,11 +300,13 @@ class TileLaunch:
     num_warps: int
 
 
-def tile_launch(rows: int, columns: int) -> TileLaunch:
-    """Tiles of about TILE_ELEMENTS elements, whole rows where they are narrow, ELEMENTS_PER_THREAD each."""
-    block_columns = min(_next_power_of_2(max(columns, 1)), TILE_ELEMENTS)
-    block_rows = max(1, min(TILE_ELEMENTS // block_columns, _next_power_of_2(max(rows, 1))))
-    return TileLaunch(block_rows, block_columns, _warps(block_rows * block_columns, cap=8))
+def tile_launch(rows: int, columns: int, per_thread: int = ELEMENTS_PER_THREAD) -> TileLaunch:
+    """Tiles of up to 8 warps × ``per_thread`` elements a thread (TILE_ELEMENTS at 16), whole rows where
+    they are narrow."""
+    elements = 8 * 32 * per_thread
+    block_columns = min(_next_power_of_2(max(columns, 1)), elements)
+    block_rows = max(1, min(elements // block_columns, _next_power_of_2(max(rows, 1))))
+    return TileLaunch(block_rows, block_columns, _warps(block_rows * block_columns, 8, per_thread))
 
 
 def split_bounds(columns: int, splits: int, block: int) -> int:

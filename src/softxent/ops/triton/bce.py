@@ -118,7 +118,7 @@ def sigmoid_bce_block(
     y = rows(target, columns)
     count = z.shape[0]
     device = logits.device
-    tile = policies.tile_launch(count, columns)
+    tile = policies.tile_launch(count, columns, policies.SIGMOID_ELEMENTS_PER_THREAD)
     column_blocks = triton.cdiv(columns, tile.block_columns)
     loss_columns = column_blocks if row_sums else columns
     loss = torch.empty(count, loss_columns, dtype=torch.float32, device=device)
