@@ -24,7 +24,8 @@ from softxent.distributed._data_parallel import (
     rank_and_world_size,
     run_on_rank_zero,
 )
-from softxent.estimators import SigmoidClassifier, SoftmaxClassifier, _SGDClassifier
+from softxent.estimators import SigmoidClassifier, SoftmaxClassifier
+from softxent.estimators._base import _SGDClassifier
 
 State = dict[str, Any]
 
