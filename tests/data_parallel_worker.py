@@ -25,12 +25,12 @@ from softxent.distributed._data_parallel import (
     run_on_rank_zero,
 )
 from softxent.estimators import SigmoidClassifier, SoftmaxClassifier
-from softxent.estimators._base import _SGDClassifier
+from softxent.estimators._base import BaseClassifier
 
 State = dict[str, Any]
 
 
-def state(estimator: _SGDClassifier) -> State:
+def state(estimator: BaseClassifier) -> State:
     """The fitted attributes a data-parallel fit must reproduce."""
     return {
         "coef_": estimator.coef_,

@@ -1,0 +1,245 @@
+r"""The minibatch SGD solver, apart from the models it trains (as scikit-learn keeps ``_plain_sgd`` apart
+from ``SGDClassifier``): the learning-rate schedule, the step (torch's SGD with momentum), one epoch over
+the data (data-parallel too), scikit-learn's stopping rule, and the state that carries over from one epoch
+to the next and that a :class:`~softxent.estimators.Checkpoint` holds.
+
+The solver knows nothing of the model's head: the estimator hands :meth:`SGD.run_epoch` a
+:data:`BatchLoss`, Σ_{i ∈ B} s_i·ℓ_i over a batch B (reduction "sum"), and s̄, the mean row weight over the
+training data, and each step follows the gradient of
+
+.. math::
+    \frac{1}{|B|\,\bar s} \sum_{i \in B} s_i\,ℓ_i
+
+plus the weight decay α·W of the L2 penalty α/2·‖W‖² on the weight matrices (parameters named
+``*.weight``; biases, ``*.bias``, are not penalized).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.optim.sgd import sgd
+
+from softxent.distributed._data_parallel import ReplicaGroup, sum_gradients
+from softxent.estimators._data import Data
+
+LEARNING_RATES = ("constant", "invscaling", "cosine")
+
+BatchLoss = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor | None], Tensor]
+"""``batch_loss(params, X, target, sample_weight)``: Σ_i s_i·ℓ_i over the batch's rows, a 0-d tensor
+that backpropagates into ``params``."""
+
+
+@dataclasses.dataclass
+class SGDState:
+    """What SGD carries from one step and one epoch to the next: the step count ``t``, the momentum
+    buffers, the seed of the shuffling, and the stopping rule's counters and best weights (early
+    stopping). A checkpoint holds all of it (:meth:`checkpoint_tensors`, :meth:`checkpoint_info`)."""
+
+    seed: int
+    t: int = 0
+    momentum_buffers: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    best_loss: float = math.inf
+    best_score: float = -math.inf
+    no_improvement: int = 0
+    best: dict[str, Tensor] | None = None
+    done: bool = False
+
+    def move_to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Put the momentum buffers on the device and in the dtype of this call's data."""
+        self.momentum_buffers = {k: v.to(device, dtype) for k, v in self.momentum_buffers.items()}
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """``momentum/<name>`` for each buffer, ``best/<name>`` for each best weight, on the CPU."""
+        tensors = {f"momentum/{k}": v.detach().cpu().clone() for k, v in self.momentum_buffers.items()}
+        if self.best is not None:
+            tensors.update({f"best/{k}": v.detach().cpu().clone() for k, v in self.best.items()})
+        return tensors
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """The rest of the state in JSON form (an infinite best as None)."""
+        return {
+            "t": int(self.t),
+            "seed": int(self.seed),
+            "best_loss": _finite_or_none(self.best_loss),
+            "best_score": _finite_or_none(self.best_score),
+            "no_improvement": int(self.no_improvement),
+            "done": bool(self.done),
+        }
+
+    def restore(
+        self, info: Mapping[str, Any], tensors: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype
+    ) -> None:
+        """Continue from a checkpoint's ``info`` and (checked) ``tensors``; the seed stays this state's."""
+        self.t = int(info["t"])
+        self.momentum_buffers = {
+            k.removeprefix("momentum/"): v.to(device, dtype)
+            for k, v in tensors.items()
+            if k.startswith("momentum/")
+        }
+        best = {
+            k.removeprefix("best/"): v.to(device, dtype) for k, v in tensors.items() if k.startswith("best/")
+        }
+        self.best_loss = math.inf if info["best_loss"] is None else info["best_loss"]
+        self.best_score = -math.inf if info["best_score"] is None else info["best_score"]
+        self.no_improvement = int(info["no_improvement"])
+        self.best = best or None
+        self.done = bool(info["done"])
+
+
+def checkpoint_tensor_shapes(
+    shapes: Mapping[str, tuple[int, ...]], names: object
+) -> dict[str, tuple[int, ...]]:
+    """The tensors of a checkpoint whose parameters have ``shapes``: ``param/<name>`` for each, and
+    ``momentum/<name>`` and ``best/<name>`` for each or for none (as ``names``, the stored ones, have)."""
+    expected = {f"param/{name}": shape for name, shape in shapes.items()}
+    for group in ("momentum", "best"):
+        if any(str(name).startswith(f"{group}/") for name in names):
+            expected.update({f"{group}/{name}": shape for name, shape in shapes.items()})
+    return expected
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SGD:
+    """The solver's settings: the estimator's parameters of the same names, as given (see
+    :class:`~softxent.estimators.SoftmaxClassifier`)."""
+
+    learning_rate: str
+    eta0: float
+    power_t: float
+    momentum: float
+    nesterov: bool
+    alpha: float
+    batch_size: int | str
+    shuffle: bool
+    tol: float | None
+    n_iter_no_change: int
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> SGD:
+        """The settings among an estimator's ``get_params()``."""
+        return cls(**{field.name: params[field.name] for field in dataclasses.fields(cls)})
+
+    def learning_rate_at(self, step: int, progress: float) -> float:
+        """η at optimizer step ``step`` (0-based); ``progress`` is the planned training done, in [0, 1].
+
+        constant: η₀; invscaling: η₀ / (step + 1)^power_t; cosine: η₀·(1 + cos(π·progress))/2.
+        """
+        if self.learning_rate == "constant":
+            return float(self.eta0)
+        if self.learning_rate == "invscaling":
+            return float(self.eta0) / (step + 1) ** float(self.power_t)
+        return float(self.eta0) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    def batch_rows(self, n_samples: int) -> int:
+        """Rows per step: ``batch_size``, or for "auto" n/32 clipped to [128, 4096] (at least 32 steps an
+        epoch on large data, batches big enough to keep the matmuls efficient), never more than n."""
+        if self.batch_size == "auto":
+            return min(n_samples, max(128, min(4096, n_samples // 32)))
+        return min(int(self.batch_size), n_samples)
+
+    def step(self, params: dict[str, Tensor], state: SGDState, lr: float) -> None:
+        """One step of torch's SGD (torch.optim.sgd.sgd, the functional form of torch.optim.SGD) with
+        weight decay α on the weight matrices only, from the gradients in ``params``' ``.grad`` (cleared
+        after); the momentum buffers live in ``state``.
+
+        The functional form, not the class: constructing torch.optim.SGD imports torch._dynamo, 2 s of
+        start-up for every fit in a fresh process.
+        """
+        with torch.no_grad():
+            for suffix, decay in ((".weight", float(self.alpha)), (".bias", 0.0)):
+                names = [name for name in params if name.endswith(suffix)]
+                buffers = [state.momentum_buffers.get(name) for name in names]
+                sgd(
+                    [params[name] for name in names],
+                    [params[name].grad for name in names],
+                    buffers,
+                    weight_decay=decay,
+                    momentum=float(self.momentum),
+                    lr=lr,
+                    dampening=0.0,
+                    nesterov=bool(self.nesterov),
+                    maximize=False,
+                )
+                for name, buffer in zip(names, buffers, strict=True):
+                    params[name].grad = None
+                    if buffer is not None:
+                        state.momentum_buffers[name] = buffer
+
+    def run_epoch(
+        self,
+        state: SGDState,
+        data: Data,
+        params: dict[str, Tensor],
+        batch_loss: BatchLoss,
+        weight_mean: float,
+        epoch: int,
+        planned_epochs: int,
+        replicas: ReplicaGroup,
+    ) -> tuple[float, float]:
+        """One pass over ``data`` (epoch ``epoch``, 0-based, of ``planned_epochs``, which the cosine
+        schedule spans), updating ``params`` in place and ``state``; returns the epoch's mean weighted data
+        loss Σ_i s_i·ℓ_i / (n·s̄) (one host read) and the learning rate of its last step.
+
+        Each step's gradient is that of Σ_{i ∈ B} s_i·ℓ_i / (|B|·s̄) over the batch B, s̄ =
+        ``weight_mean``. Data-parallel (P = ``replicas.size`` > 1), every rank draws the same batches, takes
+        the gradient over its own share B_r of each (still divided by the whole |B|·s̄) and one all-reduce
+        sums the P gradients and loss sums: every rank gets the one-process gradient of B and takes the
+        same step. A rank whose share is empty (|B| < P) contributes zeros.
+        """
+        n = data.n
+        batch_size = self.batch_rows(n)
+        order = np.random.default_rng([state.seed, epoch]).permutation(n) if self.shuffle else None
+        starts = range(0, n, batch_size)
+        total = torch.zeros((), dtype=data.dtype, device=data.device)
+        for index, start in enumerate(starts):
+            stop = min(start + batch_size, n)
+            low, high = replicas.share(start, stop)
+            lr = self.learning_rate_at(state.t, (epoch + index / len(starts)) / planned_epochs)
+            if high > low:
+                X, target, sample_weight = data.batch(slice(low, high) if order is None else order[low:high])
+                loss_sum = batch_loss(params, X, target, sample_weight)
+                (loss_sum / ((stop - start) * weight_mean)).backward()
+                loss_sum = loss_sum.detach()
+            else:
+                loss_sum = torch.zeros((), dtype=data.dtype, device=data.device)
+            if replicas.size > 1:
+                (loss_sum,) = sum_gradients(params.values(), loss_sum, group=replicas.group)
+            self.step(params, state, lr)
+            total += loss_sum
+            state.t += 1
+        return float(total) / (n * weight_mean), lr
+
+    def update_stopping(
+        self, state: SGDState, loss: float, score: float | None, params: Mapping[str, Tensor]
+    ) -> bool:
+        """scikit-learn's rule after an epoch with objective ``loss`` (and validation ``score``, with early
+        stopping, whose best ``params`` it keeps): stop after n_iter_no_change epochs without the
+        validation score rising by more than tol (early_stopping) or the training loss falling by more
+        than tol. Returns (and sets) ``state.done``."""
+        if score is not None:
+            if self.tol is not None and score < state.best_score + self.tol:
+                state.no_improvement += 1
+            else:
+                state.no_improvement = 0
+            if score > state.best_score:
+                state.best_score = score
+                state.best = {k: v.detach().clone() for k, v in params.items()}
+        else:
+            if self.tol is not None and loss > state.best_loss - self.tol:
+                state.no_improvement += 1
+            else:
+                state.no_improvement = 0
+            state.best_loss = min(state.best_loss, loss)
+        state.done = self.tol is not None and state.no_improvement >= self.n_iter_no_change
+        return state.done
