@@ -91,7 +91,7 @@ def test_a_loss_that_climbed_warns_that_training_diverged(wine, estimator, chanc
         rf"epoch's [\d.e+]+ \(epoch \d+\) and 10 times {chance}, the loss of all-zero logits; "
         + SCALING_ADVICE,
     ):
-        clf = estimator(random_state=0).fit(X, y)
+        clf = estimator(solver="sgd", random_state=0).fit(X, y)
     assert np.isfinite(clf.coef_).all()
     assert clf.loss_curve_[-1] > 2 * min(clf.loss_curve_)
 
@@ -109,7 +109,7 @@ def test_scaled_features_do_not_warn(wine, estimator):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_overflow_raises_and_leaves_the_estimator_unfitted(wine, estimator):
     X, y = wine
-    clf = estimator(random_state=0)
+    clf = estimator(solver="sgd", random_state=0)
     with pytest.raises(
         ValueError,
         match=rf"{estimator.__name__}: training diverged at epoch 1: the loss became (nan|inf); "
@@ -124,10 +124,24 @@ def test_overflow_raises_and_leaves_the_estimator_unfitted(wine, estimator):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_lbfgs_overflow_raises_and_leaves_the_estimator_unfitted(wine, estimator):
+    X, y = wine
+    clf = estimator(random_state=0)
+    with pytest.raises(
+        ValueError,
+        match=rf"{estimator.__name__}: training diverged at iteration \d+: the loss became (nan|inf); the "
+        r"features may need scaling \(e\.g\. sklearn\.preprocessing\.StandardScaler\); the estimator is "
+        r"left as it was before this call",
+    ):
+        clf.fit(X * 1e200, y)
+    assert not hasattr(clf, "coef_")
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_weights_that_overflow_raise_though_the_loss_is_finite(blobs, estimator):
     """One batch, one step of η = 1e308: the loss (taken before the step) is finite, the weights are not."""
     X, y = blobs
-    clf = estimator(eta0=1e308, max_iter=1, alpha=0.0)
+    clf = estimator(solver="sgd", eta0=1e308, max_iter=1, alpha=0.0)
     with pytest.raises(
         ValueError,
         match=r"training diverged at epoch 1: the weights became inf or nan; "

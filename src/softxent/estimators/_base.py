@@ -3,7 +3,8 @@
 It checks the parameters and the data, hands the subclasses the targets (their encoding, their weights,
 their head's loss), predicts, scores the held-out rows of early stopping, judges divergence, and runs
 ``fit`` and ``partial_fit`` through one path, :meth:`BaseClassifier._train`: prepare the data, the
-parameters (``_network``) and the solver's state (``_sgd``), then train epochs with the solver.
+parameters (``_network``) and the solver's state (``_sgd``), then train with the solver: epochs of
+minibatch SGD (``_sgd``) or full-batch L-BFGS (``_lbfgs``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 from torch import Tensor
 
-from softxent.distributed._data_parallel import ReplicaGroup, all_reduce_sum
+from softxent.distributed._data_parallel import ReplicaGroup, all_reduce_sum, sum_gradients
+from softxent.estimators import _lbfgs
 from softxent.estimators._checks import (
     as_sizes,
     check_number,
@@ -47,6 +49,14 @@ PREDICT_CHUNK_ROWS = 65536
 # epoch's and DIVERGENCE_CHANCE times the loss of all-zero logits (see BaseClassifier._warn_if_diverged).
 DIVERGENCE_RISE = 2.0
 DIVERGENCE_CHANCE = 10.0
+SOLVERS = ("auto", "sgd", "lbfgs")
+# max_iter=None and tol="auto" by solver: SGD's epochs and its stopping rule's loss decrease; L-BFGS's
+# iterations and its bound on the gradient's largest component (LogisticRegression's tol).
+MAX_ITER = {"sgd": 20, "lbfgs": 500}
+TOL = {"sgd": 1e-3, "lbfgs": 1e-4}
+# The full-batch objective is summed over chunks of rows with at most this many values in their widest
+# layer (the activations autograd keeps for one chunk's backward).
+FULL_BATCH_ELEMENTS = 2**24
 
 EpochCallback = Callable[["BaseClassifier", dict[str, Any]], bool | None]
 
@@ -98,6 +108,8 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
                 f"got {shown(sizes)}"
             )
         check_number("alpha", self.alpha, low=0.0)
+        if not isinstance(self.solver, str) or self.solver not in SOLVERS:
+            raise ValueError(f"solver: expected one of {SOLVERS}, got {shown(self.solver)}")
         if self.learning_rate not in LEARNING_RATES:
             raise ValueError(
                 f"learning_rate: expected one of {LEARNING_RATES}, got {shown(self.learning_rate)}"
@@ -111,8 +123,9 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
         if self.batch_size != "auto":
             check_number("batch_size", self.batch_size, low=1, integer=True)
-        check_number("max_iter", self.max_iter, low=1, integer=True)
-        if self.tol is not None:
+        if self.max_iter is not None:
+            check_number("max_iter", self.max_iter, low=1, integer=True)
+        if self.tol is not None and not (isinstance(self.tol, str) and self.tol == "auto"):
             check_number("tol", self.tol, low=-math.inf)
         check_number("n_iter_no_change", self.n_iter_no_change, low=1, integer=True)
         check_number("validation_fraction", self.validation_fraction, low=0.0, high=1.0, low_open=True)
@@ -174,16 +187,16 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         after _target_weights, with self._loss_weight still on the CPU."""
         raise NotImplementedError
 
-    def _divergence_advice(self) -> str:
-        return (
-            "the features may need scaling (e.g. sklearn.preprocessing.StandardScaler) or a smaller eta0 "
-            f"(now {shown(self.eta0)})"
-        )
+    def _divergence_advice(self, solver: str = "sgd") -> str:
+        scaling = "the features may need scaling (e.g. sklearn.preprocessing.StandardScaler)"
+        return scaling if solver == "lbfgs" else f"{scaling} or a smaller eta0 (now {shown(self.eta0)})"
 
-    def _check_finite(self, loss: float, params: dict[str, Tensor], epoch: int) -> None:
-        """Raise ValueError when the loss of ``epoch`` (1-based) or a parameter is inf or nan."""
-        prefix = f"{type(self).__name__}: training diverged at epoch {epoch}"
-        advice = f"{self._divergence_advice()}; the estimator is left as it was before this call"
+    def _check_finite(self, loss: float, params: dict[str, Tensor], epoch: int, solver: str = "sgd") -> None:
+        """Raise ValueError when the loss of ``epoch`` (1-based; an iteration for lbfgs) or a parameter is
+        inf or nan."""
+        step = "iteration" if solver == "lbfgs" else "epoch"
+        prefix = f"{type(self).__name__}: training diverged at {step} {epoch}"
+        advice = f"{self._divergence_advice(solver)}; the estimator is left as it was before this call"
         if not math.isfinite(loss):
             raise ValueError(f"{prefix}: the loss became {loss}; {advice}")
         with torch.no_grad():
@@ -383,6 +396,9 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         them; a first one, or the first after load_model, starts a new solver state at step ``t_``.
         """
         sizes, device = self._check_params()
+        solver_name = self._solver_name(partial, resume)
+        max_iter = MAX_ITER[solver_name] if self.max_iter is None else int(self.max_iter)
+        tol = TOL[solver_name] if isinstance(self.tol, str) else self.tol
         replicas = ReplicaGroup.resolve(process_group, device)
         fitted = hasattr(self, "coef_")
         continuing = partial and fitted  # a later partial_fit call
@@ -437,15 +453,19 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         if not partial:  # a partial_fit call's parameters count once its epoch is complete (below)
             self._params = params
 
-        solver = SGD.from_params(self.get_params())
+        self.solver_ = solver_name
+        if solver_name == "lbfgs":
+            self._minimize(data, params, weight_mean, replicas, callback, max_iter, tol)
+            return
+        solver = SGD.from_params({**self.get_params(), "tol": tol})
         converged = state.done and not partial
         start = time.perf_counter()
-        for epoch in range(self.n_iter_, self.n_iter_ + 1 if partial else int(self.max_iter)):
+        for epoch in range(self.n_iter_, self.n_iter_ + 1 if partial else max_iter):
             if converged:
                 break
             try:
                 loss, lr = solver.run_epoch(
-                    state, data, params, self._batch_loss, weight_mean, epoch, int(self.max_iter), replicas
+                    state, data, params, self._batch_loss, weight_mean, epoch, max_iter, replicas
                 )
             finally:  # t_ counts the steps taken, those of an epoch a KeyboardInterrupt cut short too
                 self.t_ = state.t
@@ -470,7 +490,7 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
                 )
             info = {
                 "epoch": self.n_iter_,
-                "max_iter": int(self.max_iter),
+                "max_iter": max_iter,
                 "loss": loss,
                 "validation_score": score,
                 "learning_rate": lr,
@@ -481,12 +501,12 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         else:
             if (
                 not (partial or converged)
-                and self.tol is not None
+                and tol is not None
                 and self.learning_rate != "cosine"
                 and replicas.rank == 0
             ):
                 warnings.warn(
-                    f"{type(self).__name__}: max_iter={self.max_iter} epochs reached before the stopping "
+                    f"{type(self).__name__}: max_iter={max_iter} epochs reached before the stopping "
                     "rule fired; consider raising max_iter",
                     ConvergenceWarning,
                     stacklevel=4,  # fit, _unchanged_on_error, the caller
@@ -495,6 +515,143 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
             self._warn_if_diverged(chance)
         elif not partial and state.best is not None:
             self._export(state.best)
+
+    def _solver_name(self, partial: bool, resume: Checkpoint | None) -> str:
+        """The solver this call trains with: ``solver``, or for "auto" L-BFGS where it applies and the
+        objective is convex (a fit of the linear model without early_stopping or resume), else SGD.
+        Raises ValueError for solver="lbfgs" where only SGD applies."""
+        refused = None
+        if partial:
+            refused = "partial_fit trains one SGD epoch a call"
+        elif self.early_stopping:
+            refused = "early_stopping scores held-out rows after each SGD epoch"
+        elif resume is not None:
+            refused = "resume continues an SGD fit from its checkpoint"
+        if self.solver == "lbfgs" and refused:
+            raise ValueError(f"solver: 'lbfgs' fits the whole data in one call; {refused}: use solver='sgd'")
+        if self.solver != "auto":
+            return self.solver
+        linear = not as_sizes(self.hidden_layer_sizes)
+        return "lbfgs" if linear and refused is None else "sgd"
+
+    def _minimize(
+        self,
+        data: Data,
+        params: dict[str, Tensor],
+        weight_mean: float,
+        replicas: ReplicaGroup,
+        callback: EpochCallback | None,
+        max_iter: int,
+        tol: float | None,
+    ) -> None:
+        r"""Fit by full-batch L-BFGS (:mod:`~softxent.estimators._lbfgs`): minimize
+
+        .. math::
+            f = \frac{1}{S} \sum_i s_i\,ℓ_i + \frac{α}{2} \sum_{\text{weights}} \|W\|^2, \qquad
+            S = n\,\bar s = \sum_i s_i,
+
+        the objective SGD's steps follow in expectation, summed over chunks of rows (bounded memory)
+        through the fused head; data-parallel, each rank sums its share of the rows and one all-reduce
+        a evaluation adds the shares, so every rank takes the same L-BFGS steps. ``loss_curve_`` gets f
+        after each iteration, ``n_iter_`` the iterations, ``t_`` is 0 (no SGD steps). Warns
+        ConvergenceWarning when max_iter or a failed line search ended it before ``tol``.
+        """
+        total_weight = data.n * weight_mean
+        alpha = float(self.alpha)
+        widest = max(max(p.shape) for p in params.values())
+        chunk = max(1, FULL_BATCH_ELEMENTS // widest)
+        low, high = replicas.share(0, data.n)
+
+        def value_and_grad() -> float:
+            total = torch.zeros((), dtype=data.dtype, device=data.device)
+            for start in range(low, high, chunk):
+                X, target, sample_weight = data.batch(slice(start, min(start + chunk, high)))
+                loss_sum = self._batch_loss(params, X, target, sample_weight)
+                (loss_sum / total_weight).backward()
+                total += loss_sum.detach()
+            if replicas.size > 1:
+                (total,) = sum_gradients(params.values(), total, group=replicas.group)
+            with torch.no_grad():
+                for name, p in params.items():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    if alpha and name.endswith(".weight"):
+                        p.grad.add_(p, alpha=alpha)
+            return float(total) / total_weight + penalty(params, alpha)
+
+        self.t_ = 0
+        start = time.perf_counter()
+
+        def on_iteration(iteration: int, loss: float) -> bool:
+            self._check_finite(loss, params, iteration, "lbfgs")
+            self.n_iter_ = iteration
+            self.loss_curve_.append(loss)
+            self._export(params)
+            if self.verbose and replicas.rank == 0:
+                print(f"-- Iteration {iteration}: loss {loss:.6f}, {time.perf_counter() - start:.2f} s")
+            info = {
+                "epoch": iteration,
+                "max_iter": max_iter,
+                "loss": loss,
+                "validation_score": None,
+                "learning_rate": None,
+            }
+            return replicas.any(callback is not None and bool(callback(self, info)))
+
+        result = _lbfgs.minimize(
+            value_and_grad,
+            params,
+            max_iter=max_iter,
+            tol=0.0 if tol is None else max(float(tol), 0.0),
+            on_iteration=on_iteration,
+        )
+        self._check_finite(result.loss, params, result.n_iter + 1, "lbfgs")
+        self.n_iter_ = result.n_iter
+        self._params = params
+        self._export(params)
+        if alpha == 0 and "hidden.0.weight" not in params and self._separated(data, params, chunk, replicas):
+            if replicas.rank == 0:
+                warnings.warn(
+                    f"{type(self).__name__}: with alpha=0 the loss has no minimum: the linear model "
+                    "separates every training sample from the other classes, so the loss falls toward 0 as "
+                    f"the weights grow without bound (max |coef_| is {float(np.abs(self.coef_).max()):.4g} "
+                    f"after {result.n_iter} iterations); set alpha > 0 for a finite optimum",
+                    ConvergenceWarning,
+                    stacklevel=5,  # _minimize, _train, fit, _unchanged_on_error: the caller
+                )
+        elif not result.converged and not result.stopped and replicas.rank == 0:
+            precision = (
+                "; in float32 the objective's rounding can stop the line search early (fit float64 X "
+                "for a tighter tol)"
+                if data.dtype == torch.float32
+                else ""
+            )
+            warnings.warn(
+                f"{type(self).__name__}: lbfgs stopped before the gradient reached tol={tol} after "
+                f"{result.n_iter} iterations ({result.message}); raise max_iter (now {max_iter}) or scale "
+                f"the features (e.g. sklearn.preprocessing.StandardScaler){precision}",
+                ConvergenceWarning,
+                stacklevel=5,  # _minimize, _train, fit, _unchanged_on_error: the caller
+            )
+
+    def _separated(self, data: Data, params: dict[str, Tensor], chunk: int, replicas: ReplicaGroup) -> bool:
+        """Whether the linear model ``params`` classifies every training row strictly right (on every
+        rank's share): then scaling its weights up lowers the unpenalized loss toward 0 without end."""
+        low, high = replicas.share(0, data.n)
+        wrong = False
+        with torch.no_grad():
+            for start in range(low, high, chunk):
+                X, target, _ = data.batch(slice(start, min(start + chunk, high)))
+                logits = torch.nn.functional.linear(X, params["head.weight"], params["head.bias"])
+                if not self._strictly_right(logits, target):
+                    wrong = True
+                    break
+        return not replicas.any(wrong)
+
+    def _strictly_right(self, logits: Tensor, target: Tensor) -> bool:
+        """Whether ``logits`` (B, K) put every row of ``target`` strictly on its side (hard targets only:
+        False for soft ones, whose loss has a minimum)."""
+        raise NotImplementedError
 
     def _start_parameters(
         self,
@@ -595,9 +752,14 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
     # --- checkpoints -------------------------------------------------------------------------------
 
     def checkpoint(self) -> Checkpoint:
-        """The training state after the last completed epoch of the running (or finished) fit."""
+        """The training state after the last completed epoch of the running (or finished) SGD fit."""
         if not hasattr(self, "_params"):
             raise ValueError(f"{type(self).__name__}.checkpoint: no fit has run on this estimator yet")
+        if getattr(self, "solver_", "sgd") == "lbfgs":
+            raise ValueError(
+                f"{type(self).__name__}.checkpoint: the lbfgs solver has no resumable state (its fits are "
+                "short and end at the optimum); checkpoints are for solver='sgd'"
+            )
         tensors = {f"param/{k}": v.detach().cpu().clone() for k, v in self._params.items()}
         tensors.update(self._solver.checkpoint_tensors())
         info = {

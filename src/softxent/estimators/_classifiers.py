@@ -17,7 +17,8 @@ from softxent.functional import linear_binary_cross_entropy, linear_cross_entrop
 
 
 class SoftmaxClassifier(BaseClassifier):
-    r"""Multinomial softmax regression (or a ReLU network with a softmax head) trained by minibatch SGD.
+    r"""Multinomial softmax regression (or a ReLU network with a softmax head), fitted by full-batch L-BFGS
+    to the optimum or trained by minibatch SGD.
 
     The model is z = W·h(x) + b with h the identity (``hidden_layer_sizes=()``) or a ReLU MLP, ŷ =
     softmax(z), and the loss the cross-entropy −Σ_c q_c log ŷ_c against the target distribution q (one-hot
@@ -25,8 +26,18 @@ class SoftmaxClassifier(BaseClassifier):
     the sample weight s). Its gradient, ∂ℓ/∂z = (Σ_c q_c)·ŷ − q = ŷ − y for plain labels, comes out of the
     forward pass of :func:`softxent.linear_cross_entropy`; ∂ℓ/∂W = (ŷ − y)hᵀ.
 
+    The objective is the weighted mean loss plus the penalty, (1/S)·Σ_i s_i·ℓ_i + α/2·‖W‖² (S = Σ_i s_i).
+    ``LogisticRegression(C=C)`` minimizes the same for three or more classes with α = 1/(C·S); for two
+    classes, whose coef_ here keeps both rows, with α = 2/(C·S) (the optimum has w₀ = −w₁, so z₁ − z₀ is
+    LogisticRegression's decision function and coef_[1] − coef_[0] its coef_).
+
     Args:
         hidden_layer_sizes: widths of the ReLU hidden layers; ``()`` is the linear model.
+        solver: "lbfgs" (full batch: L-BFGS with a strong-Wolfe line search on the whole objective,
+            SciPy's L-BFGS-B as in LogisticRegression; the optimum of the linear model), "sgd"
+            (minibatches, momentum and a learning-rate schedule; the only solver of partial_fit,
+            early_stopping and resume) or "auto": "lbfgs" for a fit of the linear model (a convex
+            objective) without early_stopping or resume, else "sgd". ``solver_`` says which a fit used.
         alpha: L2 penalty α/2·‖W‖² on every weight matrix (not on biases).
         learning_rate: "constant" (η = eta0), "invscaling" (η = eta0 / (t + 1)^power_t, t the step) or
             "cosine" (η = eta0·(1 + cos(π·p))/2, p the fraction of the max_iter epochs done).
@@ -34,11 +45,15 @@ class SoftmaxClassifier(BaseClassifier):
         momentum, nesterov: heavy-ball or Nesterov momentum (torch.optim.SGD's).
         batch_size: rows per SGD step; "auto" is n_samples/32 clipped to [128, 4096] (at most
             n_samples).
-        max_iter: epochs (passes over the data).
-        tol, n_iter_no_change: stop when for n_iter_no_change epochs the training loss has not fallen by
-            more than tol (or, with early_stopping, the validation accuracy has not risen by more than
-            tol). None: always run max_iter epochs. Reaching max_iter first raises a ConvergenceWarning,
-            except under "cosine", whose schedule is planned to end there.
+        max_iter: SGD epochs (passes over the data) or L-BFGS iterations; None: 20 epochs, 500 iterations.
+        tol: L-BFGS stops once every component of the objective's gradient is at most tol in magnitude
+            (LogisticRegression's tol) or the objective's relative decrease in an iteration is below 64
+            machine epsilons. SGD (with n_iter_no_change) stops when for n_iter_no_change epochs the
+            training loss has not fallen by more than tol (or, with early_stopping, the validation
+            accuracy has not risen by more than tol). "auto": 1e-4 for L-BFGS, 1e-3 for SGD. None:
+            always run max_iter epochs (SGD) or stop only on the relative decrease (L-BFGS). Reaching
+            max_iter first raises a ConvergenceWarning, except under SGD's "cosine", whose schedule is
+            planned to end there.
         early_stopping, validation_fraction: hold out that fraction (stratified), score it after every
             epoch, stop by the rule above and keep the best epoch's weights.
         shuffle: reshuffle the rows every epoch.
@@ -51,8 +66,11 @@ class SoftmaxClassifier(BaseClassifier):
         device: "cpu", "cuda", "auto" (CUDA when available) or a torch device string.
         random_state: seeds the shuffling, the validation split and the network's initialization; the same
             int gives bit-identical coefficients on the CPU.
-        warm_start: start fit from the current coefficients (the schedule restarts).
-        verbose: print one line per epoch.
+        warm_start: start fit from the current coefficients (SGD's schedule restarts).
+        verbose: print one line per epoch (SGD) or iteration (L-BFGS).
+
+    learning_rate, eta0, power_t, momentum, nesterov, batch_size, shuffle, n_iter_no_change and
+    validation_fraction are SGD's; L-BFGS ignores them.
 
     Targets: ``y`` is 1-D class labels, or an ``(n_samples, n_classes)`` matrix of probabilities (soft
     labels; rows sum to 1; classes_ is then 0..K−1 unless partial_fit's ``classes`` says otherwise).
@@ -65,8 +83,10 @@ class SoftmaxClassifier(BaseClassifier):
     Attributes:
         classes_: ``(n_classes,)``. coef_: ``(n_classes, n_features)`` (or the last hidden width).
         intercept_: ``(n_classes,)``. hidden_coefs_, hidden_intercepts_: the hidden layers, torch layout
-        ``(out, in)``. n_iter_: epochs run. t_: SGD steps taken. loss_curve_: the training objective per
-        epoch. validation_scores_: with early_stopping. n_features_in_, feature_names_in_.
+        ``(out, in)``. solver_: "sgd" or "lbfgs", the solver of the last fit. n_iter_: epochs or
+        iterations run. t_: SGD steps taken (0 after an L-BFGS fit). loss_curve_: the training objective
+        after each epoch or iteration. validation_scores_: with early_stopping. n_features_in_,
+        feature_names_in_.
 
     For two classes the model keeps both rows of coef_ (softmax over two logits); decision_function returns
     z₁ − z₀, the log-odds of classes_[1], as scikit-learn's binary classifiers do.
@@ -85,6 +105,7 @@ class SoftmaxClassifier(BaseClassifier):
         self,
         *,
         hidden_layer_sizes: tuple[int, ...] = (),
+        solver: str = "auto",
         alpha: float = 1e-4,
         learning_rate: str = "cosine",
         eta0: float = 0.1,
@@ -92,8 +113,8 @@ class SoftmaxClassifier(BaseClassifier):
         momentum: float = 0.9,
         nesterov: bool = True,
         batch_size: int | str = "auto",
-        max_iter: int = 20,
-        tol: float | None = 1e-3,
+        max_iter: int | None = None,
+        tol: float | str | None = "auto",
         n_iter_no_change: int = 5,
         early_stopping: bool = False,
         validation_fraction: float = 0.1,
@@ -106,6 +127,7 @@ class SoftmaxClassifier(BaseClassifier):
         verbose: int = 0,
     ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
+        self.solver = solver
         self.alpha = alpha
         self.learning_rate = learning_rate
         self.eta0 = eta0
@@ -233,6 +255,14 @@ class SoftmaxClassifier(BaseClassifier):
     def _validation_labels(self, target: np.ndarray) -> np.ndarray:
         return self.classes_[target if target.ndim == 1 else target.argmax(axis=1)]
 
+    def _strictly_right(self, logits: Tensor, target: Tensor) -> bool:
+        if target.dtype != torch.int64 or self.label_smoothing:
+            return False
+        index = target[:, None]
+        true = logits.gather(1, index)[:, 0]
+        others = logits.scatter(1, index, float("-inf")).amax(dim=1)
+        return bool((true > others).all())
+
     def decision_function(self, X: object) -> np.ndarray:
         """Logits z = W·h(x) + b, ``(n_samples, n_classes)``; for two classes z₁ − z₀, ``(n_samples,)``."""
         logits = self._decision(X).numpy()
@@ -253,7 +283,8 @@ class SoftmaxClassifier(BaseClassifier):
 
 
 class SigmoidClassifier(BaseClassifier):
-    r"""One sigmoid and one binary cross-entropy per label (multi-label), trained by minibatch SGD.
+    r"""One sigmoid and one binary cross-entropy per label (multi-label), fitted by full-batch L-BFGS or
+    trained by minibatch SGD.
 
     The model is z = W·h(x) + b (h the identity or a ReLU MLP), P(label j) = σ(z_j), and the loss
     Σ_j w·[p_j·y_j·(−log σ(z_j)) + (1 − y_j)·(−log(1 − σ(z_j)))] (p: pos_weight, w: sample weight), whose
@@ -269,7 +300,8 @@ class SigmoidClassifier(BaseClassifier):
             "balanced" (n_negative / n_positive per label). With partial_fit, "balanced" uses the running
             counts of all the data seen so far (this call included); pass an array computed from the whole
             data to fix it from the start.
-        The other parameters are :class:`SoftmaxClassifier`'s (no class_weight, no label_smoothing).
+        The other parameters are :class:`SoftmaxClassifier`'s (no class_weight, no label_smoothing). For a
+        binary target (one sigmoid) the objective is ``LogisticRegression(C=C)``'s with α = 1/(C·S).
 
     Attributes:
         As :class:`SoftmaxClassifier`, with coef_ ``(n_outputs, n_features)`` and target_type_ ("binary",
@@ -287,6 +319,7 @@ class SigmoidClassifier(BaseClassifier):
         self,
         *,
         hidden_layer_sizes: tuple[int, ...] = (),
+        solver: str = "auto",
         alpha: float = 1e-4,
         learning_rate: str = "cosine",
         eta0: float = 0.1,
@@ -294,8 +327,8 @@ class SigmoidClassifier(BaseClassifier):
         momentum: float = 0.9,
         nesterov: bool = True,
         batch_size: int | str = "auto",
-        max_iter: int = 20,
-        tol: float | None = 1e-3,
+        max_iter: int | None = None,
+        tol: float | str | None = "auto",
         n_iter_no_change: int = 5,
         early_stopping: bool = False,
         validation_fraction: float = 0.1,
@@ -307,6 +340,7 @@ class SigmoidClassifier(BaseClassifier):
         verbose: int = 0,
     ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
+        self.solver = solver
         self.alpha = alpha
         self.learning_rate = learning_rate
         self.eta0 = eta0
@@ -393,6 +427,10 @@ class SigmoidClassifier(BaseClassifier):
             pos_weight=self._loss_weight,
             reduction="sum",
         )
+
+    def _strictly_right(self, logits: Tensor, target: Tensor) -> bool:
+        hard = bool(((target == 0) | (target == 1)).all())
+        return hard and bool(((logits > 0) == (target == 1)).all())
 
     def _validation_labels(self, target: np.ndarray) -> np.ndarray:
         if self.target_type_ == "multilabel-indicator":
