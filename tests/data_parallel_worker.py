@@ -10,6 +10,7 @@ rank runs the same collectives to the end.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.distributed as dist
+from sklearn.exceptions import ConvergenceWarning
 
 from softxent.distributed._data_parallel import (
     RankZeroError,
@@ -58,7 +60,13 @@ def softmax_weighted(seed: int, device: str, group: Any = None) -> State:
     labels = np.array(["ant", "bee", "cat", "dog"])[y]
     weight = rng.uniform(0.2, 3.0, size=len(y))
     model = SoftmaxClassifier(
-        batch_size=32, max_iter=6, tol=None, class_weight="balanced", device=device, random_state=seed
+        solver="sgd",
+        batch_size=32,
+        max_iter=6,
+        tol=None,
+        class_weight="balanced",
+        device=device,
+        random_state=seed,
     )
     return state(model.fit(X, labels, sample_weight=weight, process_group=group))
 
@@ -91,6 +99,7 @@ def softmax_sparse_tiny_batches(seed: int, device: str, group: Any = None) -> St
     X, y = _blobs(rng, 37, 8, 3)
     X = sp.csr_matrix(X * (rng.random(X.shape) < 0.4))
     model = SoftmaxClassifier(
+        solver="sgd",
         batch_size=2,
         max_iter=3,
         tol=None,
@@ -109,7 +118,9 @@ def softmax_soft_labels_float32(seed: int, device: str, group: Any = None) -> St
     rng = np.random.default_rng([seed, 4])
     X, y = _blobs(rng, 120, 6, 4)
     soft = rng.dirichlet(np.ones(4), size=len(y)) * 0.3 + 0.7 * np.eye(4)[y]
-    model = SoftmaxClassifier(batch_size=25, max_iter=5, tol=None, device=device, random_state=seed)
+    model = SoftmaxClassifier(
+        solver="sgd", batch_size=25, max_iter=5, tol=None, device=device, random_state=seed
+    )
     return state(model.fit(X.astype(np.float32), soft, process_group=group))
 
 
@@ -130,7 +141,13 @@ def sigmoid_multilabel(seed: int, device: str, group: Any = None) -> State:
     Y = (X[:, :3] + 0.5 * rng.normal(size=(157, 3)) > 0.3).astype(np.int64)
     weight = rng.uniform(0.2, 2.0, size=157)
     model = SigmoidClassifier(
-        batch_size=25, max_iter=5, tol=None, pos_weight="balanced", device=device, random_state=seed
+        solver="sgd",
+        batch_size=25,
+        max_iter=5,
+        tol=None,
+        pos_weight="balanced",
+        device=device,
+        random_state=seed,
     )
     return state(model.fit(X, Y, sample_weight=weight, process_group=group))
 
@@ -152,6 +169,32 @@ def sigmoid_binary_early_stopping(seed: int, device: str, group: Any = None) -> 
     return state(model.fit(X, y, process_group=group))
 
 
+def softmax_lbfgs_weighted(seed: int, device: str, group: Any = None) -> State:
+    """Full-batch L-BFGS: string labels, sample and balanced class weights, 12 iterations (each rank sums
+    the objective over its share of the 203 rows, one all-reduce an evaluation)."""
+    rng = np.random.default_rng([seed, 9])
+    X, y = _blobs(rng, 203, 6, 4)
+    labels = np.array(["ant", "bee", "cat", "dog"])[y]
+    weight = rng.uniform(0.2, 3.0, size=len(y))
+    model = SoftmaxClassifier(
+        solver="lbfgs", max_iter=12, tol=None, class_weight="balanced", alpha=1e-2, device=device
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # 12 iterations, by design
+        return state(model.fit(X, labels, sample_weight=weight, process_group=group))
+
+
+def sigmoid_lbfgs_sparse(seed: int, device: str, group: Any = None) -> State:
+    """Full-batch L-BFGS on sparse CSR multi-label rows, 37 of them (ranks of 12 or 13), float32."""
+    rng = np.random.default_rng([seed, 10])
+    X = sp.csr_matrix((rng.normal(size=(37, 8)) * (rng.random((37, 8)) < 0.5)).astype(np.float32))
+    Y = (X[:, :3].toarray() + 0.5 * rng.normal(size=(37, 3)) > 0.2).astype(np.int64)
+    model = SigmoidClassifier(solver="lbfgs", max_iter=10, tol=None, alpha=1e-2, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return state(model.fit(X, Y, process_group=group))
+
+
 CASES: dict[str, Callable[..., State]] = {
     fit.__name__: fit
     for fit in (
@@ -162,6 +205,8 @@ CASES: dict[str, Callable[..., State]] = {
         softmax_partial_fit,
         sigmoid_multilabel,
         sigmoid_binary_early_stopping,
+        softmax_lbfgs_weighted,
+        sigmoid_lbfgs_sparse,
     )
 }
 
@@ -183,7 +228,9 @@ def rank_checks(seed: int, device: str = "cpu") -> dict[str, Any]:
     rng = np.random.default_rng([seed, 8])
     X, y = _blobs(rng, 90, 4, 3)
     # random_state=None: each rank draws a seed, the fit uses rank 0's
-    found["unseeded"] = state(SoftmaxClassifier(batch_size=16, max_iter=2, device=device).fit(X, y))
+    found["unseeded"] = state(
+        SoftmaxClassifier(solver="sgd", batch_size=16, max_iter=2, device=device).fit(X, y)
+    )
     # data that differ between the ranks: every rank raises, none waits
     try:
         SoftmaxClassifier(max_iter=1, device=device).fit(X[: 80 + rank], y[: 80 + rank])
@@ -191,7 +238,9 @@ def rank_checks(seed: int, device: str = "cpu") -> dict[str, Any]:
     except ValueError as error:
         found["mismatch"] = str(error)
     # a callback that asks to stop on rank 0 only stops every rank after the same epoch
-    model = SoftmaxClassifier(batch_size=16, max_iter=6, tol=None, device=device, random_state=seed)
+    model = SoftmaxClassifier(
+        solver="sgd", batch_size=16, max_iter=6, tol=None, device=device, random_state=seed
+    )
     model.fit(X, y, callback=lambda fitted, info: rank == 0 and info["epoch"] == 2)
     found["callback_epochs"] = model.n_iter_
 

@@ -77,6 +77,7 @@ def save_model(
         "loss_curve": list(estimator.loss_curve_),
         "validation_scores": estimator.validation_scores_,
         "target_type": getattr(estimator, "target_type_", None),
+        "solver": getattr(estimator, "solver_", None),
     }
     header = {
         "format": MODEL_FORMAT,
@@ -107,6 +108,8 @@ def load_model(path: str | os.PathLike) -> tuple[BaseClassifier, dict[str, Any] 
         estimator.validation_scores_ = fitted["validation_scores"]
         if fitted["target_type"] is not None:
             estimator.target_type_ = fitted["target_type"]
+        if fitted.get("solver") is not None:  # files before the lbfgs solver have none
+            estimator.solver_ = fitted["solver"]
         _check_fitted_header(estimator)
         sizes = as_sizes(estimator.hidden_layer_sizes)
         check_tensors(tensors, parameter_shapes(estimator.n_features_in_, sizes, estimator._n_outputs()))
@@ -128,6 +131,9 @@ def _check_fitted_header(estimator: BaseClassifier) -> None:
             f"feature_names_in: expected {estimator.n_features_in_} names (one per feature), got {len(names)}"
         )
     kinds = ("binary", "multiclass", "multilabel-indicator")
+    solver = getattr(estimator, "solver_", "sgd")
+    if solver not in ("sgd", "lbfgs"):
+        raise ValueError(f"solver: expected 'sgd' or 'lbfgs', got {shown(solver)}")
     target_type = getattr(estimator, "target_type_", None)
     if isinstance(estimator, SigmoidClassifier) and target_type not in kinds:
         raise ValueError(f"target_type: expected one of {kinds}, got {shown(target_type)}")
