@@ -316,13 +316,22 @@ def test_train_and_predict_on_malformed_files(file: tuple[str, bytes], model: Pa
 @given(
     values=st.lists(st.tuples(FINITE, FINITE), min_size=8, max_size=30),
     options=st.lists(
-        st.sampled_from([["--no-standardize"], ["--hidden", "3"], ["--lr", "1e6"], ["--early-stopping"]]),
+        st.sampled_from(
+            [
+                ["--no-standardize"],
+                ["--hidden", "3"],
+                ["--lr", "1e6"],
+                ["--early-stopping"],
+                ["--solver", "sgd"],
+            ]
+        ),
         max_size=2,
     ),
 )
 def test_train_on_extreme_values(values: list[tuple[float, float]], options: list[list[str]]) -> None:
     """Well-formed tables of any finite values (1e308, subnormals, ±max) reach standardization and the
-    fit: training ends with a model, or with one line (a diverged fit, a split too small) and no model."""
+    fit, by L-BFGS (the linear model's default) or SGD (--solver sgd, --hidden, --early-stopping): training
+    ends with a model, or with one line (a diverged fit, a split too small) and no model."""
     rows = [f"{a!r},{b!r},{i % 2}" for i, (a, b) in enumerate(values)]
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)

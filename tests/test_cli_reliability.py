@@ -25,8 +25,9 @@ from sklearn.datasets import make_classification
 
 import softxent.cli
 from softxent._files import atomic_path
-from softxent.cli import ESTIMATOR_DEFAULTS, main
+from softxent.cli import ESTIMATOR_DEFAULTS, SOLVER_DEFAULTS, main
 from softxent.estimators import SigmoidClassifier, SoftmaxClassifier, load_model, save_model
+from softxent.estimators._base import MAX_ITER, TOL
 
 FAST = ["--epochs", "3", "--batch-size", "16"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def test_npz_duplicate_feature_names(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
 
     # A model whose names repeat (saved from Python, or by an earlier softxent): positional match only.
-    estimator = SoftmaxClassifier(max_iter=2, random_state=0).fit(X, y)
+    estimator = SoftmaxClassifier(solver="sgd", max_iter=2, random_state=0).fit(X, y)
     metadata = {"task": "multiclass", "feature_names": repeated, "targets": ["y"], "label_names": None}
     save_model(estimator, tmp_path / "old.safetensors", metadata=metadata)
     status, stdout, stderr = run(["predict", str(tmp_path / "old.safetensors"), str(data)], capsys)
@@ -303,7 +304,8 @@ def test_model_header_too_large_is_refused_before_training(
         (["train", "--seed", "-1"], "--seed: expected an integer from 0 to 4294967295, got '-1'"),
         (["train", "--lr", "nan"], "--lr: expected a number > 0, got 'nan'"),
         (["train", "--momentum", "1"], "--momentum: expected a number >= 0 and < 1, got '1'"),
-        (["train", "--tol", "-1"], "--tol: expected a number >= 0 or none, got '-1'"),
+        (["train", "--tol", "-1"], "--tol: expected a number >= 0, auto or none, got '-1'"),
+        (["train", "--solver", "newton"], "--solver: invalid choice: 'newton'"),
         (["train", "--class-weight", "ant"], "--class-weight: expected balanced or distinct NAME=WEIGHT"),
         (["train", "--device", "gpu"], "--device: invalid choice: 'gpu'"),
         (["train", "--no-such-option"], "unrecognized arguments: --no-such-option"),
@@ -525,6 +527,9 @@ def test_option_defaults_are_the_estimators(estimator: SoftmaxClassifier | Sigmo
     for name, default in ESTIMATOR_DEFAULTS.items():
         if name in params:
             assert params[name] == default, name
+    # what max_iter=None and tol="auto" stand for, which --help states
+    assert {solver: defaults["max_iter"] for solver, defaults in SOLVER_DEFAULTS.items()} == MAX_ITER
+    assert {solver: defaults["tol"] for solver, defaults in SOLVER_DEFAULTS.items()} == TOL
 
 
 def test_training_options_reach_the_estimator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -559,6 +564,7 @@ def test_training_options_reach_the_estimator(tmp_path: Path, capsys: pytest.Cap
     estimator, metadata = load_model(out / "model.safetensors")
     params = estimator.get_params()
     expected = {
+        "solver": "sgd",  # auto's choice with --early-stopping
         "learning_rate": "invscaling",
         "power_t": 0.5,
         "momentum": 0.0,
@@ -590,6 +596,8 @@ def test_pos_weight_and_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "big,cat",
         "--pos-weight",
         "cat=3",
+        "--solver",
+        "sgd",
         "--lr-schedule",
         "constant",
     ]
@@ -618,6 +626,18 @@ def test_pos_weight_and_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[s
             "--label-smoothing: does not apply to --multilabel",
         ),
         (["--multilabel", "t1", "--pos-weight", "t9=2"], "--pos-weight: no label column 't9'"),
+        (
+            ["--target", "label", "--solver", "lbfgs", "--checkpoint-every", "1"],
+            "--checkpoint-every: does not apply to --solver lbfgs (a checkpoint holds SGD's state",
+        ),
+        (
+            ["--target", "label", "--solver", "lbfgs", "--resume"],
+            "--resume: does not apply to --solver lbfgs (it continues an SGD run",
+        ),
+        (
+            ["--target", "label", "--solver", "lbfgs", "--early-stopping"],
+            "--early-stopping: does not apply to --solver lbfgs",
+        ),
     ],
 )
 def test_option_mistakes_are_one_line(

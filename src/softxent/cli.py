@@ -63,9 +63,10 @@ PREDICT_CHUNK_BYTES = 2**27
 # are checked against this before training (the estimator's parameters and loss curve take the rest).
 MODEL_HEADER_BUDGET = 99_000_000
 # SoftmaxClassifier's / SigmoidClassifier's defaults, written out so that --help needs neither torch nor
-# scikit-learn; tests/test_cli.py checks them against the estimators' get_params().
+# scikit-learn; tests/test_cli_reliability.py checks them against the estimators' get_params().
 ESTIMATOR_DEFAULTS: dict[str, Any] = {
-    "max_iter": 20,
+    "solver": "auto",
+    "max_iter": None,
     "eta0": 0.1,
     "learning_rate": "cosine",
     "power_t": 0.25,
@@ -73,7 +74,7 @@ ESTIMATOR_DEFAULTS: dict[str, Any] = {
     "nesterov": True,
     "batch_size": "auto",
     "alpha": 1e-4,
-    "tol": 1e-3,
+    "tol": "auto",
     "n_iter_no_change": 5,
     "early_stopping": False,
     "validation_fraction": 0.1,
@@ -83,8 +84,12 @@ ESTIMATOR_DEFAULTS: dict[str, Any] = {
     "pos_weight": None,
     "device": "auto",
 }
+# What max_iter=None and tol="auto" mean for each solver (the estimators' MAX_ITER and TOL), for --help; the
+# same test checks them.
+SOLVER_DEFAULTS = {"sgd": {"max_iter": 20, "tol": 1e-3}, "lbfgs": {"max_iter": 500, "tol": 1e-4}}
 DEFAULTS = {
     "test_size": 0.25,
+    "solver": ESTIMATOR_DEFAULTS["solver"],
     "epochs": ESTIMATOR_DEFAULTS["max_iter"],
     "lr": ESTIMATOR_DEFAULTS["eta0"],
     "lr_schedule": ESTIMATOR_DEFAULTS["learning_rate"],
@@ -111,6 +116,7 @@ RESUME_OPTIONS = (
     "multilabel",
     "test_size",
     "standardize",
+    "solver",
     "epochs",
     "lr",
     "lr_schedule",
@@ -195,18 +201,18 @@ def _batch_size(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
 
-def _tol(text: str) -> float | None:
-    """argparse type: a number >= 0, or "none" (no stopping rule).
+def _tol(text: str) -> float | str | None:
+    """argparse type: a number >= 0, "auto" (the solver's default) or "none" (no tolerance).
 
-    >>> _tol("1e-4"), _tol("none")
-    (0.0001, None)
+    >>> _tol("1e-4"), _tol("auto"), _tol("none")
+    (0.0001, 'auto', None)
     """
-    if text.lower() == "none":
-        return None
+    if text.lower() in ("auto", "none"):
+        return "auto" if text.lower() == "auto" else None
     try:
         return _non_negative_float(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or none, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, auto or none, got {text!r}") from None
 
 
 def _hidden_sizes(text: str) -> tuple[int, ...]:
@@ -263,7 +269,8 @@ def _weights(text: str) -> str | dict[str, float]:
 
 TRAIN_DESCRIPTION = """\
 Train a softmax classifier (or, with --multilabel, a multi-label sigmoid
-classifier) by minibatch SGD.
+classifier): by default the linear model by full-batch L-BFGS to the optimum,
+a network with --hidden layers by minibatch SGD.
 
 DATA is one of
   - a CSV (.csv), TSV (.tsv, .tab) or Parquet (.parquet, .pq) table with a
@@ -280,14 +287,29 @@ CSV, TSV and LibSVM files may be .gz or .bz2 compressed. At most 1048576
 digits (8x8 images, 10 classes).
 
 A stratified --test-size split is held out (a random one for --multilabel
-with several labels). The progress bar shows each epoch's training loss and
-the accuracy on that split (subset accuracy for --multilabel). Training stops
-after --epochs epochs, or earlier by the --tol rule: once for
---n-iter-no-change epochs the training loss has not fallen by more than
---tol. With --early-stopping, --validation-fraction of the training rows
-(not of the held-out split) is set aside instead, the rule watches the
-accuracy on it, and the model keeps the weights of its best epoch, not the
-last. At the end, a table of accuracy, log-loss, macro-F1 and per-class recall
+with several labels). The progress bar shows the training loss and the
+accuracy on that split (subset accuracy for --multilabel) after each L-BFGS
+iteration or SGD epoch.
+
+--solver auto (the default) takes lbfgs for the linear model and sgd for
+--hidden layers, --early-stopping, --checkpoint-every and --resume, which are
+SGD's (--solver lbfgs refuses the last three).
+  lbfgs  full-batch L-BFGS on the whole penalized training loss, as
+         scikit-learn's LogisticRegression: stops once no component of the
+         loss's gradient exceeds --tol (auto: 1e-4), once an iteration lowers
+         the loss by less than 64 machine epsilons (relative), or after
+         --epochs iterations (default 500). It ignores SGD's options: --lr,
+         --lr-schedule, --power-t, --momentum, --no-nesterov, --batch-size,
+         --no-shuffle, --n-iter-no-change.
+  sgd    minibatch SGD with momentum and a learning-rate schedule: stops
+         after --epochs epochs (default 20), or earlier by the --tol rule:
+         once for --n-iter-no-change epochs the training loss has not fallen
+         by more than --tol (auto: 1e-3). With --early-stopping,
+         --validation-fraction of the training rows (not of the held-out
+         split) is set aside instead, the rule watches the accuracy on it,
+         and the model keeps the weights of its best epoch, not the last.
+
+At the end, a table of accuracy, log-loss, macro-F1 and per-class recall
 on the held-out split is printed (for --multilabel: subset accuracy,
 log-loss, micro/macro-F1 and per-label F1; per-class rows up to 20 classes),
 and --out DIR gets:
@@ -295,22 +317,24 @@ and --out DIR gets:
                           names, the standardization, the options, the task
                           and the softxent version
   loss_curve.png          training loss and held-out accuracy per epoch
+                          (sgd) or iteration (lbfgs)
   confusion_matrix.png    the confusion matrix on the held-out split; for
                           --multilabel one 2x2 panel per label, skipped with
                           a note beyond 20 labels
-  checkpoint.safetensors  only with --checkpoint-every, while training; it is
-                          removed once the model is written
+  checkpoint.safetensors  only with --checkpoint-every (sgd), while training;
+                          it is removed once the model is written
 --out is checked before training; a fit that fails (for instance because the
-loss diverged: lower --lr) writes no model.
+loss diverged: lower --lr, or keep the features standardized) writes no model.
 
 With --nproc N (N > 1), training runs data-parallel on N local processes
 (Gloo on the CPU; NCCL on CUDA, one GPU per process): every process reads
-DATA and trains on its share of every minibatch, one all-reduce per step sums
-the gradients, and the model equals a one-process run's within float
-rounding. Run by torchrun instead (torchrun --nproc-per-node N [--nnodes M
---node-rank K --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m softxent.cli
-train ...), each worker joins torchrun's process group; leave --nproc at 1
-there. Either way rank 0 alone prints and writes the files.
+DATA and computes the gradient on its share of every SGD minibatch (for
+L-BFGS, of the whole training split), one all-reduce sums the shares, and the
+model equals a one-process run's within float rounding. Run by torchrun
+instead (torchrun --nproc-per-node N [--nnodes M --node-rank K --rdzv-backend
+c10d --rdzv-endpoint HOST:PORT] -m softxent.cli train ...), each worker joins
+torchrun's process group; leave --nproc at 1 there. Either way rank 0 alone
+prints and writes the files.
 """
 
 PREDICT_DESCRIPTION = """\
@@ -385,12 +409,23 @@ def build_parser() -> ArgumentParser:
         "variance on the training split (sparse LibSVM data: unit variance only) and the scaler is stored "
         "with the model",
     )
+    sgd, lbfgs = SOLVER_DEFAULTS["sgd"], SOLVER_DEFAULTS["lbfgs"]
+    train.add_argument(
+        "--solver",
+        choices=["auto", "sgd", "lbfgs"],
+        default=DEFAULTS["solver"],
+        help="auto: lbfgs for the linear model, sgd with --hidden, --early-stopping, --checkpoint-every or "
+        "--resume (early stopping and checkpoints are SGD's; lbfgs refuses them); lbfgs: full-batch "
+        "L-BFGS to the optimum, as scikit-learn's LogisticRegression, ignoring SGD's options --lr, "
+        "--lr-schedule, --power-t, --momentum, --no-nesterov, --batch-size, --no-shuffle and "
+        "--n-iter-no-change; sgd: minibatch SGD (default: %(default)s)",
+    )
     train.add_argument(
         "--epochs",
         type=_positive_int,
         default=DEFAULTS["epochs"],
-        help="most passes over the training split (the estimator's max_iter); the --tol rule may stop "
-        "training earlier (default: %(default)s)",
+        help="most epochs (sgd) or iterations (lbfgs), the estimator's max_iter; the --tol rule may stop "
+        f"training earlier (default: {sgd['max_iter']} epochs or {lbfgs['max_iter']} iterations)",
     )
     train.add_argument(
         "--lr",
@@ -456,22 +491,25 @@ def build_parser() -> ArgumentParser:
         "--tol",
         type=_tol,
         default=DEFAULTS["tol"],
-        help="stop once for --n-iter-no-change epochs the training loss has not fallen by more than TOL "
-        "(with --early-stopping: the validation accuracy has not risen by more than TOL); none always "
-        "runs --epochs epochs (default: %(default)s)",
+        help="a number >= 0, auto or none. lbfgs stops once no component of the loss's gradient exceeds "
+        "TOL; none: only when an iteration no longer lowers the loss (by 64 machine epsilons, relative). "
+        "sgd stops once for --n-iter-no-change epochs the training loss has not fallen by more than TOL "
+        "(with --early-stopping: the validation accuracy has not risen by more than TOL); none: after "
+        f"--epochs epochs (default: auto, {lbfgs['tol']:g} for lbfgs and {sgd['tol']:g} for sgd)",
     )
     train.add_argument(
         "--n-iter-no-change",
         type=_positive_int,
         default=DEFAULTS["n_iter_no_change"],
         metavar="N",
-        help="epochs without improvement that stop training, see --tol (default: %(default)s)",
+        help="SGD epochs without improvement that stop training, see --tol (default: %(default)s)",
     )
     train.add_argument(
         "--early-stopping",
         action="store_true",
         help="set --validation-fraction of the training split aside, stop by the --tol rule on its "
-        "accuracy and keep the weights of the best epoch rather than the last (default: off)",
+        "accuracy and keep the weights of the best epoch rather than the last; trains by sgd "
+        "(default: off)",
     )
     train.add_argument(
         "--validation-fraction",
@@ -529,13 +567,13 @@ def build_parser() -> ArgumentParser:
         default=DEFAULTS["checkpoint_every"],
         metavar="N",
         help="write DIR/checkpoint.safetensors (atomically) every N epochs; 0 is never; with --resume, "
-        "0 keeps the interrupted run's interval (default: %(default)s)",
+        "0 keeps the interrupted run's interval; N > 0 trains by sgd (default: %(default)s)",
     )
     train.add_argument(
         "--resume",
         action="store_true",
         help="continue the interrupted run from DIR/checkpoint.safetensors; needs the same DATA and options, "
-        "and ends with the same model as an uninterrupted run (default: off)",
+        "and ends with the same model as an uninterrupted run; trains by sgd (default: off)",
     )
     train.add_argument(
         "--nproc",
@@ -874,9 +912,10 @@ def _check_known_classes(model: Model, y: np.ndarray, source: str) -> None:
 
 
 def plot_loss_curve(
-    path: Path, loss: Sequence[float], val_accuracy: Sequence[float], accuracy_name: str
+    path: Path, loss: Sequence[float], val_accuracy: Sequence[float], accuracy_name: str, step: str
 ) -> None:
-    """Training loss per epoch (and held-out accuracy on a second axis), as a PNG written atomically."""
+    """Training loss per step (an SGD epoch or an L-BFGS iteration, as ``step`` names it on the x axis),
+    and held-out accuracy on a second axis, as a PNG written atomically."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -884,13 +923,13 @@ def plot_loss_curve(
 
     figure = Figure(figsize=(6.4, 4.0), layout="constrained")
     axis = figure.add_subplot()
-    epochs = np.arange(1, len(loss) + 1)
-    axis.plot(epochs, loss, color="tab:blue", marker="." if len(loss) < 50 else None)
-    axis.set_xlabel("epoch")
+    steps = np.arange(1, len(loss) + 1)
+    axis.plot(steps, loss, color="tab:blue", marker="." if len(loss) < 50 else None)
+    axis.set_xlabel(step)
     axis.set_ylabel("training loss", color="tab:blue")
     if len(val_accuracy) == len(loss) and len(loss):
         twin = axis.twinx()
-        twin.plot(epochs, val_accuracy, color="tab:orange", marker="." if len(loss) < 50 else None)
+        twin.plot(steps, val_accuracy, color="tab:orange", marker="." if len(loss) < 50 else None)
         twin.set_ylabel(f"held-out {accuracy_name}", color="tab:orange")
     axis.set_title("softxent train")
     with atomic_path(path) as tmp:
@@ -945,6 +984,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "multilabel": args.multilabel,
         "test_size": args.test_size,
         "standardize": args.standardize,
+        "solver": args.solver,
         "epochs": args.epochs,
         "lr": args.lr,
         "lr_schedule": args.lr_schedule,
@@ -970,9 +1010,20 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_option_combinations(args: argparse.Namespace) -> None:
     """Options that apply to one kind of model only: --class-weight and --label-smoothing to the softmax
-    classifier, --pos-weight to the multi-label sigmoid classifier."""
+    classifier, --pos-weight to the multi-label sigmoid classifier; and those that apply to SGD only:
+    checkpoints, --resume and --early-stopping are refused with --solver lbfgs."""
     from softxent._data import InputError
 
+    sgd_only = (
+        ("--checkpoint-every", args.checkpoint_every > 0, "a checkpoint holds SGD's state between epochs"),
+        ("--resume", args.resume, "it continues an SGD run from its checkpoint"),
+        ("--early-stopping", args.early_stopping, "it scores held-out rows after each SGD epoch"),
+    )
+    for option, given, reason in sgd_only:
+        if given and args.solver == "lbfgs":
+            raise InputError(
+                f"{option}: does not apply to --solver lbfgs ({reason}); use --solver sgd or auto"
+            )
     if args.multilabel is not None:
         if args.class_weight is not None:
             raise InputError("--class-weight: does not apply to --multilabel; use --pos-weight")
@@ -1087,12 +1138,31 @@ def _loss_weights(args: argparse.Namespace, y: np.ndarray) -> Any:
     return {by_name[name]: weight for name, weight in given.items()}
 
 
+def _solver(args: argparse.Namespace) -> str:
+    """The solver train fits with: --solver, or for auto the estimators' rule (lbfgs for the linear model
+    without --early-stopping, else sgd), and sgd too where checkpoints are written or resumed, since they
+    hold SGD's state. Decided here rather than left to the estimator's auto, so that the summary line, the
+    progress bar and the plot name the solver before the fit starts (tests/test_cli.py checks the rule
+    against the estimators').
+
+    >>> parser = build_parser()
+    >>> [_solver(parser.parse_args(["train", *argv])) for argv in ([], ["--hidden", "8"], ["--resume"])]
+    ['lbfgs', 'sgd', 'sgd']
+    """
+    if args.solver != "auto":
+        return args.solver
+    sgd_only = args.hidden or args.early_stopping or args.checkpoint_every > 0 or args.resume
+    return "sgd" if sgd_only else "lbfgs"
+
+
 def _build_estimator(args: argparse.Namespace, loss_weights: Any) -> Estimator:
-    """The estimator the train options describe (warm_start and verbose keep the estimator's defaults)."""
+    """The estimator the train options describe (warm_start and verbose keep the estimator's defaults),
+    with the solver :func:`_solver` decides."""
     from softxent.estimators import SigmoidClassifier, SoftmaxClassifier
 
     common = {
         "hidden_layer_sizes": args.hidden,
+        "solver": _solver(args),
         "alpha": args.alpha,
         "learning_rate": args.lr_schedule,
         "eta0": args.lr,
@@ -1255,8 +1325,9 @@ def _check_finite_weights(estimator: Estimator) -> None:
 
     weights = [estimator.coef_, estimator.intercept_, *estimator.hidden_coefs_, *estimator.hidden_intercepts_]
     if not all(np.isfinite(weight).all() for weight in weights):
+        lower_lr = "lower --lr, or " if estimator.solver_ == "sgd" else ""
         raise InputError(
-            "training diverged: the weights are not finite; lower --lr, or keep the features standardized "
+            f"training diverged: the weights are not finite; {lower_lr}keep the features standardized "
             "(without --no-standardize)"
         )
 
@@ -1309,6 +1380,8 @@ def _train(args: argparse.Namespace) -> int:
         _check_standardized(dataset.feature_names, mean, scale, X_train, X_test)
     data_hash = fingerprint(X_train, y_train)
     estimator = _build_estimator(args, _loss_weights(args, y_train))
+    solver = estimator.solver
+    step = "iteration" if solver == "lbfgs" else "epoch"
     model = Model(
         estimator=estimator,
         multilabel=multilabel,
@@ -1335,8 +1408,8 @@ def _train(args: argparse.Namespace) -> int:
         outputs = f"{len(np.unique(y_train.astype(str)))} classes"
     if lead:
         print(
-            f"training {type(estimator).__name__} on {dataset.source}: {X_train.shape[0]} training and "
-            f"{X_test.shape[0]} held-out samples, {X_train.shape[1]} features, {outputs}"
+            f"training {type(estimator).__name__} ({solver}) on {dataset.source}: {X_train.shape[0]} "
+            f"training and {X_test.shape[0]} held-out samples, {X_train.shape[1]} features, {outputs}"
             + (f"; data-parallel on {world_size} processes" if world_size > 1 else "")
             + (f"; resuming after epoch {resume.info['epoch']}" if resume is not None else "")
         )
@@ -1350,16 +1423,17 @@ def _train(args: argparse.Namespace) -> int:
         estimators.save_checkpoint(fitted.checkpoint(), checkpoint_path, metadata=metadata)
         checkpoints_written[:] = [checkpoint_path]
 
-    def on_epoch(fitted: Estimator, info: dict[str, Any]) -> bool:
-        """Advance the progress bar, record the held-out accuracy (rank 0), write a checkpoint when due."""
+    def on_step(fitted: Estimator, info: dict[str, Any]) -> bool:
+        """After an SGD epoch or an L-BFGS iteration: advance the progress bar, record the held-out accuracy
+        (rank 0), write a checkpoint when due."""
         if lead:
-            if not progress:  # created at the first epoch, so that a fit that fails at once prints no bar
+            if not progress:  # created at the first step, so that a fit that fails at once prints no bar
                 progress.append(
                     tqdm(
                         total=info["max_iter"],
                         initial=info["epoch"] - 1,
                         desc="train",
-                        unit="epoch",
+                        unit=step,
                         file=sys.stderr,
                     )
                 )
@@ -1384,7 +1458,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)  # never hidden as already shown
-            estimator.fit(X_train, fit_target, callback=on_epoch, resume=resume)
+            estimator.fit(X_train, fit_target, callback=on_step, resume=resume)
         run_on_rank_zero(_refuse_divergence, _passed_on(caught))  # warned on rank 0 only
         _check_finite_weights(estimator)
         model.predict_proba(X_test)  # raises where they are not finite: no model, and no bar left
@@ -1395,7 +1469,7 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if progress:
             progress[0].close()
-        if not checkpoint_path.is_file():
+        if not (checkpoint_every and checkpoint_path.is_file()):  # a stale one cannot continue this run
             raise
         if lead:
             print(
@@ -1419,7 +1493,8 @@ def _train(args: argparse.Namespace) -> int:
         extra = {"data": dataset.source, "options": options, "processes": world_size}
         estimators.save_model(estimator, out / MODEL_FILE, metadata=model.metadata(extra))
         written = [out / MODEL_FILE]
-        plot_loss_curve(out / LOSS_CURVE_FILE, estimator.loss_curve_, history, accuracy_name)
+        x_label = "L-BFGS iteration" if solver == "lbfgs" else "epoch"
+        plot_loss_curve(out / LOSS_CURVE_FILE, estimator.loss_curve_, history, accuracy_name, x_label)
         written.append(out / LOSS_CURVE_FILE)
         note = plot_confusion(out / CONFUSION_FILE, model, y_test, model.predict(X_test))
         if note is None:
