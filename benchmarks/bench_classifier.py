@@ -1,25 +1,35 @@
 """Classifier benchmark: SoftmaxClassifier against scikit-learn's LogisticRegression and SGDClassifier.
 
-Data (both split 75/25, stratified, random_state=0; features standardized on the training part):
-  digits      sklearn.datasets.load_digits (1797 × 64, 10 classes)
+Data (split 75/25, stratified, random_state=0; features standardized on the training part):
+  iris, wine, breast_cancer, digits   scikit-learn's bundled data sets
   synthetic   make_classification(n_samples=200_000, n_features=200, n_informative=120, n_redundant=20,
               n_classes=20, n_clusters_per_class=1, random_state=0), float32
 
 Models, all with random_state=0 where they take one:
-  softxent      SoftmaxClassifier() with its defaults (minibatch SGD, true multinomial)
-  softxent-mlp  SoftmaxClassifier(hidden_layer_sizes=(100,)) (one ReLU layer; not a linear model)
+  softxent      SoftmaxClassifier() with its defaults (solver="auto": full-batch L-BFGS for the linear model)
+  softxent-sgd  SoftmaxClassifier(solver="sgd") (minibatch SGD, 20 epochs at most)
+  softxent-mlp  SoftmaxClassifier(hidden_layer_sizes=(100,)) (one ReLU layer, SGD; not a linear model)
   lr            LogisticRegression(max_iter=1000) (lbfgs, multinomial)
   sgd           SGDClassifier(loss="log_loss") (one-vs-rest)
 
 Each (data, model) pair runs in a fresh process. Fit time is the median of --repeats fits after one
 warm-up fit on 1000 rows (lazy imports and thread pools are not timed, for any model); SGDClassifier on the
 synthetic data runs once (about a minute a fit). Memory is the peak RSS during the fits (VmHWM, reset once the
-data is made) above the RSS at that point. The floor printed for softxent is what its epochs cost at the
-matmul rate of this machine: epochs · 4·N·D·K FLOPs (the logits and ∂L/∂W of every row; the fused head
-does no other matmul) over the rate of one (batch, D)×(D, K) matmul measured in the same process.
+data is made) above the RSS at that point. The floor printed for softxent's models is what their passes over
+the data cost at the matmul rate of this machine: passes · 4·N·D·K FLOPs (the logits and ∂L/∂W of every
+row; the fused head does no other matmul) over the rate of one (batch, D)×(D, K) matmul measured in the same
+process; a pass is an SGD epoch or an L-BFGS iteration (at least one evaluation of the objective each, so
+the floor of an L-BFGS fit is a lower bound).
 
-    python benchmarks/bench_classifier.py              # everything, prints a Markdown table
+The parity table (--parity) fits each bundled data set, standardized, whole, with
+LogisticRegression(C=1, tol=1e-8) and SoftmaxClassifier(solver="lbfgs", tol=1e-8) at the matched penalty
+(alpha = 1/(C·n); 2/(C·n) on a binary problem, where SoftmaxClassifier keeps both rows of coef_) and
+prints the training log-loss's relative difference, the largest coefficient difference and both fit times
+(median of 3 after a warm-up, in one process).
+
+    python benchmarks/bench_classifier.py              # everything, prints Markdown tables
     python benchmarks/bench_classifier.py --case synthetic:softxent --repeats 3
+    python benchmarks/bench_classifier.py --parity
 """
 
 from __future__ import annotations
@@ -35,23 +45,25 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits, make_classification
+from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine, make_classification
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.metrics import log_loss
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from bench_cpu import _reset_peak_rss, _status_mib
 from softxent import SoftmaxClassifier
 
-DATASETS = ("digits", "synthetic")
-MODELS = ("softxent", "softxent-mlp", "lr", "sgd")
+BUNDLED = {"iris": load_iris, "wine": load_wine, "breast_cancer": load_breast_cancer, "digits": load_digits}
+DATASETS = (*BUNDLED, "synthetic")
+MODELS = ("softxent", "softxent-sgd", "softxent-mlp", "lr", "sgd")
 
 
 def load(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(X_train, X_test, y_train, y_test), standardized with the training part's mean and scale."""
-    if dataset == "digits":
-        X, y = load_digits(return_X_y=True)
+    if dataset in BUNDLED:
+        X, y = BUNDLED[dataset](return_X_y=True)
     else:
         X, y = make_classification(
             n_samples=200_000, n_features=200, n_informative=120, n_redundant=20, n_classes=20,
@@ -67,6 +79,8 @@ def load(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def make_model(model: str) -> object:
     if model == "softxent":
         return SoftmaxClassifier(random_state=0)
+    if model == "softxent-sgd":
+        return SoftmaxClassifier(solver="sgd", random_state=0)
     if model == "softxent-mlp":
         return SoftmaxClassifier(hidden_layer_sizes=(100,), random_state=0)
     if model == "lr":
@@ -106,28 +120,78 @@ def run_case(dataset: str, model: str, repeats: int) -> dict[str, object]:
         "accuracy": float(estimator.score(X_test, y_test)),
         "peak_mib": _status_mib("VmHWM") - base,
         "n_iter": int(np.max(estimator.n_iter_)),
+        "solver": getattr(estimator, "solver_", "lbfgs" if model == "lr" else "sgd"),
     }
-    if model == "softxent":
+    if model.startswith("softxent"):
         n, d = X_train.shape
         k = len(estimator.classes_)
-        batch = estimator._batch_size(n)
+        batch = min(n, max(128, min(4096, n // 32))) if estimator.solver_ == "sgd" else n
         dtype = torch.float32 if X_train.dtype == np.float32 else torch.float64
-        flops = estimator.n_iter_ * 4 * n * d * k
-        result["floor_s"] = flops / matmul_rate(batch, d, k, dtype)
+        width = (estimator.hidden_layer_sizes or (d,))[-1]
+        flops = estimator.n_iter_ * 4 * n * width * k
+        result["floor_s"] = flops / matmul_rate(min(batch, 4096), width, k, dtype)
     return result
 
 
-def _in_fresh_process(dataset: str, model: str, repeats: int) -> dict[str, object]:
-    command = [sys.executable, __file__, "--case", f"{dataset}:{model}", "--repeats", str(repeats), "--json"]
+def parity(name: str, C: float = 1.0) -> dict[str, object]:
+    """LogisticRegression and SoftmaxClassifier(solver="lbfgs") at the matched penalty, on the whole
+    standardized data set: their training log-losses, coefficient distance and fit times."""
+    X, y = BUNDLED[name](return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    binary = len(np.unique(y)) == 2
+    lr = LogisticRegression(C=C, tol=1e-8, max_iter=10_000)
+    ours = SoftmaxClassifier(solver="lbfgs", alpha=(2.0 if binary else 1.0) / (C * len(y)), tol=1e-8)
+    lr_s, ours_s = (_median_fit_s(estimator, X, y) for estimator in (lr, ours))
+    coef = ours.coef_[1:] - ours.coef_[:1] if binary else ours.coef_
+    theirs_loss, our_loss = log_loss(y, lr.predict_proba(X)), log_loss(y, ours.predict_proba(X))
+    return {
+        "dataset": name,
+        "log_loss": our_loss,
+        "relative": (our_loss - theirs_loss) / theirs_loss,
+        "coef_distance": float(np.abs(coef - lr.coef_).max()),
+        "fit_s": ours_s,
+        "lr_fit_s": lr_s,
+        "n_iter": int(ours.n_iter_),
+        "lr_n_iter": int(np.max(lr.n_iter_)),
+    }
+
+
+def _median_fit_s(estimator: object, X: np.ndarray, y: np.ndarray, repeats: int = 3) -> float:
+    """The median time of ``repeats`` fits after a warm-up fit (the estimator ends fitted)."""
+    estimator.fit(X, y)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        estimator.fit(X, y)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _parity_table(results: list[dict[str, object]]) -> list[str]:
+    lines = [
+        "| data | training log-loss | relative to LR's | max coef difference | fit s | LR's fit s "
+        "| iterations (LR's) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['dataset']} | {r['log_loss']:.6f} | {r['relative']:+.1e} | {r['coef_distance']:.1e} "
+            f"| {r['fit_s']:.3f} | {r['lr_fit_s']:.3f} | {r['n_iter']} ({r['lr_n_iter']}) |"
+        )
+    return lines
+
+
+def _in_fresh_process(*arguments: str) -> object:
+    command = [sys.executable, __file__, *arguments, "--json"]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def _table(results: list[dict[str, object]]) -> list[str]:
     lines = [
-        "| data | model | fit s | × LR's time | SGDClassifier's time ÷ this | test accuracy | − LR's "
-        "| epochs / iterations | floor s | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| data | model | solver | fit s | × LR's time | SGDClassifier's time ÷ this | test accuracy "
+        "| − LR's | epochs / iterations | floor s | × floor | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dataset in DATASETS:
         rows = {r["model"]: r for r in results if r["dataset"] == dataset}
@@ -135,11 +199,13 @@ def _table(results: list[dict[str, object]]) -> list[str]:
         for model in MODELS:
             r = rows[model]
             floor = f"{r['floor_s']:.3f}" if "floor_s" in r else ""
+            over = f"{r['fit_s'] / r['floor_s']:.1f}×" if "floor_s" in r else ""
             lines.append(
-                f"| {dataset} | {model} | {r['fit_s']:.3f} | {r['fit_s'] / lr['fit_s']:.2f}× "
+                f"| {dataset} | {model} | {r['solver']} "
+                f"| {r['fit_s']:.3f} | {r['fit_s'] / lr['fit_s']:.2f}× "
                 f"| {sgd['fit_s'] / r['fit_s']:.1f}× | {r['accuracy']:.4f} "
                 f"| {r['accuracy'] - lr['accuracy']:+.4f} "
-                f"| {r['n_iter']} | {floor} | {r['peak_mib']:.0f} |"
+                f"| {r['n_iter']} | {floor} | {over} | {r['peak_mib']:.0f} |"
             )
     return lines
 
@@ -151,7 +217,12 @@ def main() -> None:
     parser.add_argument("--case", help="one DATASET:MODEL, in this process (default: every case, each fresh)")
     parser.add_argument("--repeats", type=int, default=5, help="timed fits per case; the median is reported")
     parser.add_argument("--json", action="store_true", help="print the case's result as JSON (with --case)")
+    parser.add_argument("--parity", action="store_true", help="only the table against LogisticRegression")
     args = parser.parse_args()
+    if args.parity:
+        results = [parity(name) for name in BUNDLED]
+        print(json.dumps(results) if args.json else "\n".join(_parity_table(results)))
+        return
     if args.case:
         dataset, model = args.case.split(":")
         result = run_case(dataset, model, args.repeats)
@@ -160,8 +231,9 @@ def main() -> None:
     results = []
     for dataset in DATASETS:
         for model in MODELS:
-            results.append(_in_fresh_process(dataset, model, args.repeats))
+            results.append(_in_fresh_process("--case", f"{dataset}:{model}", "--repeats", str(args.repeats)))
             print(f"  {dataset}:{model} {results[-1]['fit_s']:.3f} s", file=sys.stderr, flush=True)
+    parity_results = _in_fresh_process("--parity")
     import sklearn
 
     print(
@@ -169,6 +241,8 @@ def main() -> None:
         f"torch {torch.__version__}, scikit-learn {sklearn.__version__}, {time.strftime('%Y-%m-%d')}"
     )
     print("\n".join(_table(results)))
+    print()
+    print("\n".join(_parity_table(parity_results)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from torch import Tensor
 from softxent.estimators._base import BaseClassifier
 from softxent.estimators._checks import balanced_weights, check_labels, check_number, classes_for, shown
 from softxent.functional import linear_binary_cross_entropy, linear_cross_entropy
+from softxent.ops.weighted import row_weighted_linear_cross_entropy
 
 
 class SoftmaxClassifier(BaseClassifier):
@@ -237,15 +238,22 @@ class SoftmaxClassifier(BaseClassifier):
     def _head_loss(
         self, h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, sw: Tensor | None
     ) -> Tensor:
-        n_classes = weight.shape[0]
-        # q: the target distribution, smoothed, times the class and sample weights (Σ_c q_c = the row's
-        # weight, and the fused head's gradient (Σ_c q_c)·ŷ − q carries it).
         if target.dtype == torch.int64:
-            q = torch.nn.functional.one_hot(target, n_classes).to(h.dtype)
-        else:
-            q = target
+            # class indices: torch's weighted, smoothed cross-entropy is the loss, times s_i per row
+            if sw is None:
+                return linear_cross_entropy(
+                    h, weight, target, linear_bias=bias, weight=self._loss_weight,
+                    label_smoothing=self.label_smoothing, reduction="sum",
+                )  # fmt: skip
+            return row_weighted_linear_cross_entropy(
+                h, weight, bias, target, sw,
+                class_weight=self._loss_weight, label_smoothing=self.label_smoothing,
+            )  # fmt: skip
+        # probabilities t: q = w_c·((1 − ε)·t_c + ε/K) times s_i (Σ_c q_c = the row's weight, and the fused
+        # head's gradient (Σ_c q_c)·ŷ − q carries it)
+        q = target
         if self.label_smoothing:
-            q = q * (1.0 - self.label_smoothing) + self.label_smoothing / n_classes
+            q = q * (1.0 - self.label_smoothing) + self.label_smoothing / weight.shape[0]
         if self._loss_weight is not None:
             q = q * self._loss_weight
         if sw is not None:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
+
+# An epoch's shuffled rows are gathered in segments of at most this many values of X (256 MiB of float32),
+# one index_select each: few dispatches, and at most one segment of extra memory, not a copy of X.
+SEGMENT_ELEMENTS = 2**26
+
+Batch = tuple[Tensor, Tensor, Tensor | None]
 
 
 def to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
@@ -72,5 +79,53 @@ class Data:
         weight = None if self.sample_weight is None else self.sample_weight.index_select(0, index)
         return X, self.target.index_select(0, index), weight
 
+    def batches(self, order: np.ndarray | None, shares: Sequence[tuple[int, int]]) -> Iterator[Batch | None]:
+        """Each step's rows: positions ``low:high`` of the epoch's ``order`` (None: as stored) for each
+        ``(low, high)`` of ``shares``; None for an empty share.
+
+        Stored order gives views (no copy). Shuffled dense rows are gathered a segment of steps at a
+        time (SEGMENT_ELEMENTS) into one reused buffer, and the epoch's indices cross to the device once,
+        so a CUDA epoch makes no host-to-device copy (and no synchronization) between its steps. A
+        segment's buffer is reused only after its steps' backward passes have run. Sparse rows are
+        densified a step at a time.
+        """
+        if order is None or not isinstance(self.X, Tensor):
+            for low, high in shares:
+                yield (
+                    None
+                    if high <= low
+                    else self.batch(slice(low, high) if order is None else order[low:high])
+                )
+            return
+        rows = np.concatenate([order[low:high] for low, high in shares]) if shares else order[:0]
+        index = torch.from_numpy(rows).to(self.device)
+        per_segment = max(1, SEGMENT_ELEMENTS // max(1, self.X.shape[1]))
+        first, start = 0, 0
+        while first < len(shares):
+            last, size = first, 0
+            while last < len(shares) and (last == first or size + _rows(shares[last]) <= per_segment):
+                size += _rows(shares[last])
+                last += 1
+            segment = index[start : start + size]
+            if self._buffer is None or self._buffer.shape[0] < size:
+                self._buffer = self.X.new_empty(size, self.X.shape[1])
+            X = torch.index_select(self.X, 0, segment, out=self._buffer[:size])
+            target = self.target.index_select(0, segment)
+            weight = None if self.sample_weight is None else self.sample_weight.index_select(0, segment)
+            offset = 0
+            for share in shares[first:last]:
+                part = slice(offset, offset + _rows(share))
+                yield (
+                    None
+                    if not _rows(share)
+                    else (X[part], target[part], None if weight is None else weight[part])
+                )
+                offset += _rows(share)
+            first, start = last, start + size
+
     def _densify(self, rows: sp.csr_matrix) -> Tensor:
         return torch.from_numpy(rows.toarray()).to(self.device, self.dtype)
+
+
+def _rows(share: tuple[int, int]) -> int:
+    return max(0, share[1] - share[0])

@@ -201,13 +201,13 @@ class SGD:
         batch_size = self.batch_rows(n)
         order = np.random.default_rng([state.seed, epoch]).permutation(n) if self.shuffle else None
         starts = range(0, n, batch_size)
+        shares = [replicas.share(start, min(start + batch_size, n)) for start in starts]
         total = torch.zeros((), dtype=data.dtype, device=data.device)
-        for index, start in enumerate(starts):
+        for index, (start, batch) in enumerate(zip(starts, data.batches(order, shares), strict=True)):
             stop = min(start + batch_size, n)
-            low, high = replicas.share(start, stop)
             lr = self.learning_rate_at(state.t, (epoch + index / len(starts)) / planned_epochs)
-            if high > low:
-                X, target, sample_weight = data.batch(slice(low, high) if order is None else order[low:high])
+            if batch is not None:
+                X, target, sample_weight = batch
                 loss_sum = batch_loss(params, X, target, sample_weight)
                 (loss_sum / ((stop - start) * weight_mean)).backward()
                 loss_sum = loss_sum.detach()
