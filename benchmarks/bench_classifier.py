@@ -31,6 +31,12 @@ thread as softxent's L-BFGS-B holds its own).
     python benchmarks/bench_classifier.py              # everything, prints Markdown tables
     python benchmarks/bench_classifier.py --case synthetic:softxent --repeats 3
     python benchmarks/bench_classifier.py --parity
+    python benchmarks/bench_classifier.py --scale 1000000    # GPU against 2 CPU threads, both solvers
+
+--scale N makes the synthetic problem with N samples (float32, cached in $TMPDIR) and fits
+SoftmaxClassifier with each solver on the CPU with 2 torch threads and on CUDA (where there is one), each in
+a fresh process after a warm-up fit on 10000 rows, and prints the times and the CPU ÷ GPU ratio (issue 16's
+target: at least 5× at 1M × 200 × 20).
 """
 
 from __future__ import annotations
@@ -135,6 +141,65 @@ def run_case(dataset: str, model: str, repeats: int) -> dict[str, object]:
     return result
 
 
+def _scaled(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The synthetic problem with n samples, split and standardized like load's, cached as .npz."""
+    import os
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), f"softxent_bench_synthetic_{n}.npz")
+    if not os.path.exists(path):
+        X, y = make_classification(
+            n_samples=n, n_features=200, n_informative=120, n_redundant=20, n_classes=20,
+            n_clusters_per_class=1, random_state=0,
+        )  # fmt: skip
+        X_train, X_test, y_train, y_test = train_test_split(
+            X.astype(np.float32), y, test_size=0.25, stratify=y, random_state=0
+        )
+        scaler = StandardScaler().fit(X_train)
+        X_train, X_test = scaler.transform(X_train), scaler.transform(X_test)
+        np.savez(path, X_train=X_train.astype(np.float32), X_test=X_test.astype(np.float32), y_train=y_train,
+                 y_test=y_test)  # fmt: skip
+    data = np.load(path)
+    return data["X_train"], data["X_test"], data["y_train"], data["y_test"]
+
+
+def scale_case(n: int, device: str, solver: str) -> dict[str, object]:
+    """One fit of SoftmaxClassifier(solver=solver, device=device) on the n-sample synthetic problem (2 torch
+    threads on the CPU), after a warm-up fit on 10000 rows."""
+    X_train, X_test, y_train, y_test = _scaled(n)
+    if device == "cpu":
+        torch.set_num_threads(2)
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    SoftmaxClassifier(solver=solver, device=device, random_state=0).fit(X_train[:10_000], y_train[:10_000])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    estimator = SoftmaxClassifier(solver=solver, device=device, random_state=0)
+    start = time.perf_counter()
+    estimator.fit(X_train, y_train)
+    fit_s = time.perf_counter() - start
+    return {
+        "device": device,
+        "solver": solver,
+        "fit_s": fit_s,
+        "n_iter": int(estimator.n_iter_),
+        "accuracy": float(estimator.score(X_test, y_test)),
+    }
+
+
+def _scale_table(n: int, results: list[dict[str, object]]) -> list[str]:
+    lines = [
+        f"| {n} × 200 × 20 | solver | device | fit s | epochs / iterations | test accuracy | CPU ÷ this |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cpu = {r["solver"]: r["fit_s"] for r in results if r["device"] == "cpu"}
+    for r in results:
+        lines.append(
+            f"| | {r['solver']} | {r['device']} | {r['fit_s']:.3f} | {r['n_iter']} | {r['accuracy']:.4f} "
+            f"| {cpu[r['solver']] / r['fit_s']:.1f}× |"
+        )
+    return lines
+
+
 def parity(C: float = 1.0) -> list[dict[str, object]]:
     """LogisticRegression and SoftmaxClassifier(solver="lbfgs") at the matched penalty, on each whole
     standardized bundled data set: their training log-losses, coefficient distance and fit times. Every
@@ -234,7 +299,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed fits per case; the median is reported")
     parser.add_argument("--json", action="store_true", help="print the case's result as JSON (with --case)")
     parser.add_argument("--parity", action="store_true", help="only the table against LogisticRegression")
+    parser.add_argument("--scale", type=int, metavar="N", help="only GPU against 2 CPU threads at N samples")
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)  # a --scale case's
+    parser.add_argument("--solver", default="lbfgs", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.scale and args.json:
+        print(json.dumps(scale_case(args.scale, args.device, args.solver)))
+        return
+    if args.scale:
+        devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+        results = [
+            _in_fresh_process("--scale", str(args.scale), "--device", device, "--solver", solver)
+            for solver in ("lbfgs", "sgd")
+            for device in devices
+        ]
+        print("\n".join(_scale_table(args.scale, results)))
+        return
     if args.parity:
         results = parity()
         print(json.dumps(results) if args.json else "\n".join(_parity_table(results)))

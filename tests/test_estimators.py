@@ -478,3 +478,29 @@ def test_an_sgd_epoch_gathers_its_rows_once(blobs):
     assert clf.t_ == 15
     assert calls["aten::index_select"] == 3
     assert "aten::one_hot" not in calls  # class-index targets: no (B, C) target matrix a step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: host synchronizations are a GPU's concern"
+)
+def test_a_cuda_sgd_epoch_synchronizes_no_more_with_more_steps(blobs):
+    """The loss is summed on the device and read once an epoch, and the epoch's row order crosses to the
+    device once: a fit of 60 steps synchronizes as often as one of 15 (torch's sync debug mode warns on
+    each synchronizing call, in the fit's preparation and after the epoch too)."""
+    X, y = blobs
+    counts = []
+    for batch_size in (16, 4):
+        clf = SoftmaxClassifier(
+            solver="sgd", batch_size=batch_size, max_iter=1, tol=None, device="cuda", random_state=0
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                clf.fit(X[:60], y[:60], sample_weight=np.ones(60))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        counts.append(sum("synchroniz" in str(warning.message) for warning in caught))
+        assert clf.t_ == 60 // batch_size + (60 % batch_size > 0)
+    assert counts[0] == counts[1], counts
