@@ -35,9 +35,6 @@ from triton.runtime import driver
 from softxent.ops import policy
 from softxent.ops.triton import bce, cross_entropy, slices
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    raise SystemExit("triton_aot_worker: run with TRITON_INTERPRET unset (the interpreter compiles nothing)")
-
 
 class StandInDriver:
     """Just enough of a Triton driver for ``JITFunction.warmup``: a target, a device, a stream."""
@@ -177,6 +174,8 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("run with TRITON_INTERPRET unset (the interpreter compiles nothing)")
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with aot(args.arch):
         for case in softmax_cases():
