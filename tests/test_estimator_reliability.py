@@ -517,3 +517,14 @@ def test_one_class_message_shows_a_plain_label(blobs):
     with pytest.raises(ValueError, match=r"got 1 class \(3\)$") as error:
         SoftmaxClassifier().fit(X, np.full(len(X), np.int64(3)))
     assert "np." not in str(error.value)
+
+
+def test_partial_fit_refuses_a_changed_architecture(blobs):
+    """set_params between partial_fit calls must not leave the new hidden_layer_sizes unused."""
+    X, y = blobs
+    clf = SoftmaxClassifier(hidden_layer_sizes=(4,)).partial_fit(X, y, classes=np.arange(5))
+    before = _state(clf)
+    with pytest.raises(ValueError, match=r"hidden_layer_sizes: .* hidden layers \(4,\), got \(7, 3\)"):
+        clf.set_params(hidden_layer_sizes=(7, 3)).partial_fit(X, y)
+    _assert_same_state(before, _state(clf))
+    clf.set_params(hidden_layer_sizes=(4,)).partial_fit(X, y)

@@ -668,8 +668,13 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         partial_fit call continues the last call's (the fitted ones after load_model); a warm fit starts
         from the fitted ones where the layers' widths and the outputs are unchanged; all else from
         :func:`~softxent.estimators._network.init_parameters`."""
-        widths = [w.shape[0] for w in self.hidden_coefs_] if warm else None
+        widths = [w.shape[0] for w in self.hidden_coefs_] if warm or continuing else None
         if continuing:
+            if widths != list(sizes):
+                raise ValueError(
+                    "hidden_layer_sizes: partial_fit continues the network of the earlier calls, with "
+                    f"hidden layers {tuple(widths)}, got {sizes}; call fit to train a new architecture"
+                )
             params = getattr(self, "_params", None) or self._fitted_parameters(device, dtype)
         elif warm and widths == list(sizes) and self.coef_.shape[0] == self._n_outputs():
             params = self._fitted_parameters(device, dtype)
