@@ -219,3 +219,20 @@ def test_invalid_solver_parameters(blobs, params, error, match):
     X, y = blobs
     with pytest.raises(error, match=match):
         SoftmaxClassifier(**params).fit(X, y)
+
+
+def test_multi_label_with_pos_weight_is_one_logistic_regression_a_label(nrng):
+    """The multi-label objective separates by label: label j's is LogisticRegression's with class_weight
+    {0: 1, 1: pos_weight_j} and C = 1/(α·n) (pos_weight scales the positive rows' loss; the mean is over
+    the n rows, so both objectives times their normalizer are Σ_i s_i·ℓ_i + ‖w‖²/(2C))."""
+    X = StandardScaler().fit_transform(nrng.normal(size=(157, 6)))
+    Y = (X[:, :3] + 0.7 * nrng.normal(size=(157, 3)) > 0.2).astype(np.int64)
+    pos_weight = nrng.uniform(0.5, 3.0, size=3)
+    alpha = 0.02
+    clf = SigmoidClassifier(alpha=alpha, pos_weight=pos_weight, tol=1e-10).fit(X, Y)
+    for j in range(3):
+        lr = LogisticRegression(
+            C=1.0 / (alpha * len(X)), class_weight={0: 1.0, 1: pos_weight[j]}, tol=1e-10, max_iter=10_000
+        ).fit(X, Y[:, j])
+        np.testing.assert_allclose(clf.coef_[j], lr.coef_[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(clf.intercept_[j], lr.intercept_[0], atol=1e-5, rtol=0)
