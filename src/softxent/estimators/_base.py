@@ -552,7 +552,7 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
 
         the objective SGD's steps follow in expectation, summed over chunks of rows (bounded memory)
         through the fused head; data-parallel, each rank sums its share of the rows and one all-reduce
-        a evaluation adds the shares, so every rank takes the same L-BFGS steps. ``loss_curve_`` gets f
+        an evaluation adds the shares, so every rank takes the same L-BFGS steps. ``loss_curve_`` gets f
         after each iteration, ``n_iter_`` the iterations, ``t_`` is 0 (no SGD steps). Warns
         ConvergenceWarning when max_iter or a failed line search ended it before ``tol``.
         """
