@@ -559,13 +559,14 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         total_weight = data.n * weight_mean
         alpha = float(self.alpha)
         widest = max(max(p.shape) for p in params.values())
-        chunk = max(1, FULL_BATCH_ELEMENTS // widest)
         low, high = replicas.share(0, data.n)
+        chunk = max(1, FULL_BATCH_ELEMENTS // widest)
+        # this rank's rows in chunks, as views (Data.batches in stored order)
+        chunks = [(start, min(start + chunk, high)) for start in range(low, high, chunk)]
 
         def value_and_grad() -> float:
             total = torch.zeros((), dtype=data.dtype, device=data.device)
-            for start in range(low, high, chunk):
-                X, target, sample_weight = data.batch(slice(start, min(start + chunk, high)))
+            for X, target, sample_weight in data.batches(None, chunks):
                 loss_sum = self._batch_loss(params, X, target, sample_weight)
                 (loss_sum / total_weight).backward()
                 total += loss_sum.detach()
@@ -609,7 +610,7 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         self.n_iter_ = result.n_iter
         self._params = params
         self._export(params)
-        if alpha == 0 and "hidden.0.weight" not in params and self._separated(data, params, chunk, replicas):
+        if alpha == 0 and "hidden.0.weight" not in params and self._separated(data, params, chunks, replicas):
             if replicas.rank == 0:
                 warnings.warn(
                     f"{type(self).__name__}: with alpha=0 the loss has no minimum: the linear model "
@@ -634,14 +635,15 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
                 stacklevel=5,  # _minimize, _train, fit, _unchanged_on_error: the caller
             )
 
-    def _separated(self, data: Data, params: dict[str, Tensor], chunk: int, replicas: ReplicaGroup) -> bool:
-        """Whether the linear model ``params`` classifies every training row strictly right (on every
-        rank's share): then scaling its weights up lowers the unpenalized loss toward 0 without end."""
-        low, high = replicas.share(0, data.n)
+    def _separated(
+        self, data: Data, params: dict[str, Tensor], chunks: list[tuple[int, int]], replicas: ReplicaGroup
+    ) -> bool:
+        """Whether the linear model ``params`` classifies every training row strictly right (this rank's
+        ``chunks`` of rows, and every other rank's): then scaling its weights up lowers the unpenalized
+        loss toward 0 without end."""
         wrong = False
         with torch.no_grad():
-            for start in range(low, high, chunk):
-                X, target, _ = data.batch(slice(start, min(start + chunk, high)))
+            for X, target, _ in data.batches(None, chunks):
                 logits = torch.nn.functional.linear(X, params["head.weight"], params["head.bias"])
                 if not self._strictly_right(logits, target):
                     wrong = True
