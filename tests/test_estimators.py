@@ -144,12 +144,18 @@ def _layers(clf):
     return [*out, clf.coef_, clf.intercept_]
 
 
-def test_soft_labels_equal_to_one_hot_give_the_same_fit(blobs):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_soft_labels_equal_to_one_hot_give_the_same_fit(blobs, weighted):
     X, y = blobs
     params = dict(random_state=4, hidden_layer_sizes=(8,), max_iter=3, label_smoothing=0.1)
-    hard = SoftmaxClassifier(**params).fit(X, y)
-    soft = SoftmaxClassifier(**params).fit(X, np.eye(5)[y])
-    # class indices take torch's smoothed cross-entropy, one-hot rows the probability path: the same
+    sample_weight = None
+    if weighted:
+        params["class_weight"] = "balanced"
+        sample_weight = np.random.default_rng(0).uniform(0.0, 2.0, len(y))
+    hard = SoftmaxClassifier(**params).fit(X, y, sample_weight=sample_weight)
+    soft = SoftmaxClassifier(**params).fit(X, np.eye(5)[y], sample_weight=sample_weight)
+    # class indices take the head's closed form (softxent.ops.weighted) and autograd from ∂L/∂h through
+    # the hidden layer, one-hot rows the fused head's probability path and autograd throughout: the same
     # float64 arithmetic up to its order
     np.testing.assert_allclose(hard.coef_, soft.coef_, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hard.hidden_coefs_[0], soft.hidden_coefs_[0], rtol=1e-10, atol=1e-12)
@@ -478,6 +484,20 @@ def test_an_sgd_epoch_gathers_its_rows_once(blobs):
     assert clf.t_ == 15
     assert calls["aten::index_select"] == 3
     assert "aten::one_hot" not in calls  # class-index targets: no (B, C) target matrix a step
+
+
+def test_a_linear_sgd_step_is_the_closed_form(blobs):
+    """Class indices, linear model: each of the 15 steps is the two matmuls of the gradient (logits and
+    ∂L/∂W, no recompute), one exp over the logits and no autograd (softxent.ops.weighted)."""
+    X, y = blobs
+    clf = SoftmaxClassifier(solver="sgd", batch_size=16, max_iter=1, tol=None, random_state=0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        clf.fit(X, y, sample_weight=np.ones(len(y)))
+    calls = {event.key: event.count for event in profile.key_averages()}
+    assert clf.t_ == 15
+    assert calls["aten::addmm"] == calls["aten::mm"] == calls["aten::exp_"] == 15
+    assert "aten::exp" not in calls
+    assert not [key for key in calls if key.startswith("autograd::")]
 
 
 @pytest.mark.gpu

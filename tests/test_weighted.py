@@ -1,61 +1,158 @@
-"""softxent.ops.weighted: the softmax linear head with a weight per row (class-index targets), against the
-float64 reference, where the same loss is the probability target q_i = s_i·((1 − ε)·onehot(y_i) + ε/C)
-under class weights w; on both backends, in float32 and float64, and to second order."""
+"""softxent.ops.weighted: the softmax linear head's loss and gradients in closed form with a weight per row
+(class-index targets), against the float64 reference, where the same loss is the probability target
+q_i = s_i·((1 − ε)·onehot(y_i) + ε/C) under class weights w; in float32 no worse than torch's autograd at
+the same dtype; one block or several; odd shapes and extreme logits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
-from helpers import assert_close, interpreter_sized, to_numpy
+from helpers import assert_close, assert_no_worse, to_numpy
 from softxent import reference
-from softxent.ops.weighted import row_weighted_linear_cross_entropy
+from softxent.ops import weighted
+from softxent.ops.weighted import linear_cross_entropy_with_grads
+
+
+def _reference(x, w, b, y, s, class_weight, smoothing, scale):
+    """(L, g·dX, g·dW, g·db) in float64 from softxent.reference, q_i = s_i·((1 − ε)·onehot(y_i) + ε/C)."""
+    c = w.shape[0]
+    rows = np.ones(len(y)) if s is None else to_numpy(s)
+    q = rows[:, None] * ((1 - smoothing) * np.eye(c)[y.numpy()] + smoothing / c)
+    loss, dX, dW, db = reference.linear_cross_entropy(
+        to_numpy(x), to_numpy(w), q, None if b is None else to_numpy(b),
+        weight=None if class_weight is None else to_numpy(class_weight), reduction="sum",
+    )  # fmt: skip
+    return np.asarray(loss), scale * dX, scale * dW, None if db is None else scale * db
+
+
+def _torch_autograd(x, w, b, y, s, class_weight, smoothing, scale):
+    """The same through torch's cross_entropy and autograd, in the inputs' dtype: the yardstick in float32."""
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    bs = None if b is None else b.clone().requires_grad_()
+    logits = xs @ ws.T + (0 if bs is None else bs)
+    per_row = F.cross_entropy(logits, y, weight=class_weight, label_smoothing=smoothing, reduction="none")
+    loss = (per_row if s is None else per_row * s).sum()
+    (loss * scale).backward()
+    return loss.detach(), xs.grad, ws.grad, None if bs is None else bs.grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(("weighted", "smoothing"), [(False, 0.0), (True, 0.0), (True, 0.2)])
-def test_the_loss_and_gradients_are_the_references(impl, rng, dtype, weighted, smoothing):
-    n, d, c = interpreter_sized((83, 17, 129), impl)
+@pytest.mark.parametrize("weighted_classes", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("rows_weighted", [False, True])
+@pytest.mark.parametrize("block_elements", [None, 129 * 10])
+def test_the_loss_and_gradients_are_the_references(
+    rng, monkeypatch, dtype, weighted_classes, smoothing, rows_weighted, block_elements
+):
+    if block_elements is not None:  # blocks of 10 rows: 83 rows in 9 blocks, the last of 3
+        monkeypatch.setattr(weighted, "BLOCK_ELEMENTS", block_elements)
+    n, d, c = 83, 17, 129
     x = torch.randn(n, d, generator=rng, dtype=torch.float64)
     w = torch.randn(c, d, generator=rng, dtype=torch.float64) * 0.5
     b = torch.randn(c, generator=rng, dtype=torch.float64)
     y = torch.randint(0, c, (n,), generator=rng)
-    s = torch.rand(n, generator=rng, dtype=torch.float64) * 3
-    s[::7] = 0.0  # rows that weigh nothing
-    class_weight = torch.rand(c, generator=rng, dtype=torch.float64) + 0.5 if weighted else None
-    q = s[:, None].numpy() * ((1 - smoothing) * np.eye(c)[y.numpy()] + smoothing / c)
-    loss, dX, dW, db = reference.linear_cross_entropy(
-        x.numpy(), w.numpy(), q, b.numpy(),
-        weight=None if class_weight is None else class_weight.numpy(), reduction="sum",
+    s = None
+    if rows_weighted:
+        s = torch.rand(n, generator=rng, dtype=torch.float64) * 3
+        s[::7] = 0.0  # rows that weigh nothing
+    class_weight = torch.rand(c, generator=rng, dtype=torch.float64) + 0.5 if weighted_classes else None
+    scale = float(torch.rand((), generator=rng, dtype=torch.float64)) + 0.1
+    expected = _reference(x, w, b, y, s, class_weight, smoothing, scale)
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    got_loss, got_dW, got_db, got_dX = linear_cross_entropy_with_grads(
+        cast(x), cast(w), cast(b), y, cast(s), class_weight=cast(class_weight), label_smoothing=smoothing,
+        grad_scale=scale, need_dx=True,
     )  # fmt: skip
-    xs, ws, bs = (t.to(dtype).requires_grad_() for t in (x, w, b))
-    got = row_weighted_linear_cross_entropy(
-        xs, ws, bs, y, s.to(dtype),
-        class_weight=None if class_weight is None else class_weight.to(dtype), label_smoothing=smoothing,
-        impl=impl,
-    )  # fmt: skip
-    got.backward()
-    tol = 1e-10 if dtype == torch.float64 else 2e-4
-    assert_close(got, np.asarray(loss), tol * max(1.0, abs(float(loss))), "loss")
-    for name, grad, expected in (("dX", xs.grad, dX), ("dW", ws.grad, dW), ("db", bs.grad, db)):
-        assert_close(grad, expected, tol * max(1.0, float(np.abs(expected).max())), name)
+    assert got_loss.dtype == got_dW.dtype == got_db.dtype == got_dX.dtype == dtype
+    got = {"loss": got_loss, "dX": got_dX, "dW": got_dW, "db": got_db}
+    if dtype == torch.float64:
+        for (name, value), reference_value in zip(got.items(), expected, strict=True):
+            assert_close(value, reference_value, 1e-12, name)
+        return
+    eager = _torch_autograd(cast(x), cast(w), cast(b), y, cast(s), cast(class_weight), smoothing, scale)
+    for (name, value), eager_value, reference_value in zip(got.items(), eager, expected, strict=True):
+        assert_no_worse(value, eager_value, reference_value, 2e-6, name)
 
 
-def test_without_gradients_it_is_the_weighted_sum(rng):
-    x, w = torch.randn(40, 6, generator=rng), torch.randn(9, 6, generator=rng)
-    y, s = torch.randint(0, 9, (40,), generator=rng), torch.rand(40, generator=rng)
-    per_row = torch.nn.functional.cross_entropy(x @ w.T, y, reduction="none")
-    torch.testing.assert_close(row_weighted_linear_cross_entropy(x, w, None, y, s), (per_row * s).sum())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_extreme_logits_keep_the_loss_finite_and_exact(rng, dtype):
+    """Logits of ±1e4 (true classes far below the others): ŷ_y underflows to 0 in either dtype, where a
+    loss read off the probabilities would be inf; the loss is lse − z_y. Exact in float64; in float32,
+    where the logits' own rounding (1e4·2^-24) moves near-ties, no worse than torch's autograd."""
+    n, d, c = 31, 3, 7
+    x = torch.randn(n, d, generator=rng, dtype=torch.float64)
+    w = torch.randn(c, d, generator=rng, dtype=torch.float64) * 1e4
+    y = torch.randint(0, c, (n,), generator=rng)
+    expected = _reference(x, w, None, y, None, None, 0.0, 1.0)
+    loss, dW, db, dX = linear_cross_entropy_with_grads(x.to(dtype), w.to(dtype), None, y, need_dx=True)
+    assert db is None
+    assert torch.isfinite(loss)
+    assert float(loss) > 1e3
+    got = {"loss": loss, "dX": dX, "dW": dW}
+    if dtype == torch.float64:
+        for (name, value), reference_value in zip(got.items(), expected, strict=False):
+            assert_close(value, reference_value, 1e-12, name)
+        return
+    eager = _torch_autograd(x.to(dtype), w.to(dtype), None, y, None, None, 0.0, 1.0)
+    for (name, value), eager_value, reference_value in zip(got.items(), eager, expected, strict=False):
+        assert_no_worse(value, eager_value, reference_value, 1e-5, name)
 
 
-def test_second_derivatives(rng):
-    x = torch.randn(7, 4, generator=rng, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 4, generator=rng, dtype=torch.float64, requires_grad=True)
-    y, s = torch.randint(0, 5, (7,), generator=rng), torch.rand(7, generator=rng, dtype=torch.float64)
+def test_no_rows_give_zeros_and_no_dx_unless_asked(rng):
+    w, b = torch.randn(5, 3, generator=rng), torch.randn(5, generator=rng)
+    loss, dW, db, dX = linear_cross_entropy_with_grads(
+        torch.zeros(0, 3), w, b, torch.zeros(0, dtype=torch.int64), torch.zeros(0), need_dx=True
+    )
+    assert float(loss) == 0.0
+    assert dX.shape == (0, 3)
+    torch.testing.assert_close(dW, torch.zeros(5, 3))
+    torch.testing.assert_close(db, torch.zeros(5))
+    x, y = torch.randn(4, 3, generator=rng), torch.tensor([0, 4, 2, 2])
+    assert linear_cross_entropy_with_grads(x, w, b, y)[3] is None
 
-    def loss(x, w):
-        return row_weighted_linear_cross_entropy(x, w, None, y, s, label_smoothing=0.1)
 
-    assert torch.autograd.gradgradcheck(loss, (x, w))
-    assert to_numpy(loss(x, w)).shape == ()
+@given(
+    n=st.integers(0, 40),
+    c=st.integers(1, 12),
+    d=st.integers(1, 9),
+    smoothing=st.sampled_from([0.0, 0.1, 0.7]),
+    weighted_classes=st.booleans(),
+    rows_weighted=st.booleans(),
+    bias=st.booleans(),
+    block_rows=st.integers(1, 50),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_any_shape_matches_torch_autograd_in_float64(
+    n, c, d, smoothing, weighted_classes, rows_weighted, bias, block_rows, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64) * 3
+    w = torch.randn(c, d, generator=generator, dtype=torch.float64)
+    b = torch.randn(c, generator=generator, dtype=torch.float64) if bias else None
+    y = torch.randint(0, c, (n,), generator=generator)
+    s = torch.rand(n, generator=generator, dtype=torch.float64) if rows_weighted else None
+    class_weight = torch.rand(c, generator=generator, dtype=torch.float64) if weighted_classes else None
+    previous = weighted.BLOCK_ELEMENTS
+    weighted.BLOCK_ELEMENTS = block_rows * c
+    try:
+        got = linear_cross_entropy_with_grads(
+            x, w, b, y, s, class_weight=class_weight, label_smoothing=smoothing, grad_scale=0.5, need_dx=True
+        )
+    finally:
+        weighted.BLOCK_ELEMENTS = previous
+    loss, dX, dW, db = _torch_autograd(x, w, b, y, s, class_weight, smoothing, 0.5)
+    torch.testing.assert_close(got[0], loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], dW, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[3], dX, rtol=1e-12, atol=1e-12)
+    if bias:
+        torch.testing.assert_close(got[2], db, rtol=1e-12, atol=1e-12)
+    else:
+        assert got[2] is None

@@ -1,4 +1,4 @@
-r"""scikit-learn classifiers trained by minibatch SGD on softxent's fused losses.
+r"""scikit-learn classifiers on softxent's losses, fitted by full-batch L-BFGS or minibatch SGD.
 
 :class:`SoftmaxClassifier` is true multinomial softmax regression: one linear map z = Wx + b to all
 classes at once, ŷ = softmax(z), trained on the cross-entropy with the gradient
@@ -6,7 +6,9 @@ classes at once, ŷ = softmax(z), trained on the cross-entropy with the gradient
 .. math::
     \frac{∂ℓ}{∂W} = (ŷ - y)\,x^\top, \qquad \frac{∂ℓ}{∂b} = ŷ - y,
 
-which :func:`softxent.linear_cross_entropy` produces in its forward pass. scikit-learn's ``SGDClassifier``
+written down in closed form for class labels (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`:
+a few torch calls a batch, no autograd for the head) and produced in the forward pass of
+:func:`softxent.linear_cross_entropy` for probability targets. scikit-learn's ``SGDClassifier``
 offers only one-vs-rest for several classes. :class:`SigmoidClassifier` puts one sigmoid and one binary
 cross-entropy on each label (multi-label problems, gradient σ(z) − y) on
 :func:`softxent.linear_binary_cross_entropy`. With ``hidden_layer_sizes`` both become a small ReLU network

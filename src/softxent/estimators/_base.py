@@ -148,7 +148,8 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
     def _head_loss(
         self, h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, sw: Tensor | None
     ) -> Tensor:
-        """Σ_i s_i·ℓ_i over the batch (reduction "sum") through softxent's fused linear head."""
+        """Σ_i s_i·ℓ_i over the batch (reduction "sum"), differentiable (:meth:`_batch_gradient`'s autograd
+        path), through softxent's fused linear head."""
         raise NotImplementedError
 
     def _running_counts(self, counts: np.ndarray) -> np.ndarray:
@@ -230,13 +231,17 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
 
     # --- the model ---------------------------------------------------------------------------------
 
-    def _batch_loss(
-        self, params: dict[str, Tensor], X: Tensor, target: Tensor, sample_weight: Tensor | None
+    def _batch_gradient(
+        self, params: dict[str, Tensor], X: Tensor, target: Tensor, sample_weight: Tensor | None, scale: float
     ) -> Tensor:
-        """Σ_i s_i·ℓ_i over a batch: the hidden layers, then the subclass's head (the solver's BatchLoss)."""
-        return self._head_loss(
+        """Σ_i s_i·ℓ_i over a batch (no graph), adding ``scale`` times its gradient to every parameter's
+        ``.grad`` (the solvers' BatchGradient): here by autograd through the hidden layers and the
+        subclass's :meth:`_head_loss`."""
+        loss_sum = self._head_loss(
             hidden(params, X), params["head.weight"], params["head.bias"], target, sample_weight
         )
+        (loss_sum * scale).backward()
+        return loss_sum.detach()
 
     def _fitted_parameters(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         return from_arrays(
@@ -465,7 +470,7 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
                 break
             try:
                 loss, lr = solver.run_epoch(
-                    state, data, params, self._batch_loss, weight_mean, epoch, max_iter, replicas
+                    state, data, params, self._batch_gradient, weight_mean, epoch, max_iter, replicas
                 )
             finally:  # t_ counts the steps taken, those of an epoch a KeyboardInterrupt cut short too
                 self.t_ = state.t
@@ -551,10 +556,10 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
             S = n\,\bar s = \sum_i s_i,
 
         the objective SGD's steps follow in expectation, summed over chunks of rows (bounded memory)
-        through the fused head; data-parallel, each rank sums its share of the rows and one all-reduce
-        an evaluation adds the shares, so every rank takes the same L-BFGS steps. ``loss_curve_`` gets f
-        after each iteration, ``n_iter_`` the iterations, ``t_`` is 0 (no SGD steps). Warns
-        ConvergenceWarning when max_iter or a failed line search ended it before ``tol``.
+        by :meth:`_batch_gradient`; data-parallel, each rank sums its share of the rows and one
+        all-reduce an evaluation adds the shares, so every rank takes the same L-BFGS steps.
+        ``loss_curve_`` gets f after each iteration, ``n_iter_`` the iterations, ``t_`` is 0 (no SGD
+        steps). Warns ConvergenceWarning when max_iter or a failed line search ended it before ``tol``.
         """
         total_weight = data.n * weight_mean
         alpha = float(self.alpha)
@@ -567,9 +572,7 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         def value_and_grad() -> float:
             total = torch.zeros((), dtype=data.dtype, device=data.device)
             for X, target, sample_weight in data.batches(None, chunks):
-                loss_sum = self._batch_loss(params, X, target, sample_weight)
-                (loss_sum / total_weight).backward()
-                total += loss_sum.detach()
+                total += self._batch_gradient(params, X, target, sample_weight, 1.0 / total_weight)
             if replicas.size > 1:
                 (total,) = sum_gradients(params.values(), total, group=replicas.group)
             with torch.no_grad():

@@ -1,6 +1,6 @@
 """The two estimators: :class:`SoftmaxClassifier` (one softmax over the classes) and
 :class:`SigmoidClassifier` (one sigmoid per label). Each says how its targets are encoded, which weights
-its loss carries and which fused linear loss its head uses; the rest is :class:`BaseClassifier`'s."""
+its loss carries and how its head's loss and gradient are computed; the rest is :class:`BaseClassifier`'s."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from torch import Tensor
 
 from softxent.estimators._base import BaseClassifier
 from softxent.estimators._checks import balanced_weights, check_labels, check_number, classes_for, shown
+from softxent.estimators._network import hidden
 from softxent.functional import linear_binary_cross_entropy, linear_cross_entropy
-from softxent.ops.weighted import row_weighted_linear_cross_entropy
+from softxent.ops.weighted import linear_cross_entropy_with_grads
 
 
 class SoftmaxClassifier(BaseClassifier):
@@ -24,8 +25,10 @@ class SoftmaxClassifier(BaseClassifier):
     The model is z = W·h(x) + b with h the identity (``hidden_layer_sizes=()``) or a ReLU MLP, ŷ =
     softmax(z), and the loss the cross-entropy −Σ_c q_c log ŷ_c against the target distribution q (one-hot
     for class labels, optionally smoothed: q = (1 − ε)·y + ε/K, and multiplied by the class weight w_c and
-    the sample weight s). Its gradient, ∂ℓ/∂z = (Σ_c q_c)·ŷ − q = ŷ − y for plain labels, comes out of the
-    forward pass of :func:`softxent.linear_cross_entropy`; ∂ℓ/∂W = (ŷ − y)hᵀ.
+    the sample weight s). Its gradient, ∂ℓ/∂z = (Σ_c q_c)·ŷ − q = ŷ − y for plain labels, and ∂ℓ/∂W =
+    (ŷ − y)hᵀ are written down in closed form for class labels
+    (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`) and come out of the forward pass of
+    :func:`softxent.linear_cross_entropy` for probability targets.
 
     The objective is the weighted mean loss plus the penalty, (1/S)·Σ_i s_i·ℓ_i + α/2·‖W‖² (S = Σ_i s_i).
     ``LogisticRegression(C=C)`` minimizes the same for three or more classes with α = 1/(C·S); for two
@@ -235,22 +238,33 @@ class SoftmaxClassifier(BaseClassifier):
         row = (1.0 - self.label_smoothing) * hard + smooth
         return row if sample_weight is None else row * sample_weight
 
+    def _batch_gradient(
+        self, params: dict[str, Tensor], X: Tensor, target: Tensor, sample_weight: Tensor | None, scale: float
+    ) -> Tensor:
+        """Class indices: the head's loss and gradients in closed form
+        (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`: torch's weighted, smoothed
+        cross-entropy times s_i per row, no (B, K) target matrix and no autograd for the head), then
+        autograd through the hidden layers from ∂L/∂h. Probabilities: the base class's autograd path."""
+        if target.dtype != torch.int64:
+            return super()._batch_gradient(params, X, target, sample_weight, scale)
+        h = hidden(params, X)
+        weight, bias = params["head.weight"], params["head.bias"]
+        loss_sum, grad_weight, grad_bias, grad_h = linear_cross_entropy_with_grads(
+            h.detach(), weight.detach(), bias.detach(), target, sample_weight,
+            class_weight=self._loss_weight, label_smoothing=self.label_smoothing, grad_scale=scale,
+            need_dx=h.requires_grad,
+        )  # fmt: skip
+        for param, grad in ((weight, grad_weight), (bias, grad_bias)):
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
+        if grad_h is not None:
+            h.backward(grad_h)
+        return loss_sum
+
     def _head_loss(
         self, h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, sw: Tensor | None
     ) -> Tensor:
-        if target.dtype == torch.int64:
-            # class indices: torch's weighted, smoothed cross-entropy is the loss, times s_i per row
-            if sw is None:
-                return linear_cross_entropy(
-                    h, weight, target, linear_bias=bias, weight=self._loss_weight,
-                    label_smoothing=self.label_smoothing, reduction="sum",
-                )  # fmt: skip
-            return row_weighted_linear_cross_entropy(
-                h, weight, bias, target, sw,
-                class_weight=self._loss_weight, label_smoothing=self.label_smoothing,
-            )  # fmt: skip
-        # probabilities t: q = w_c·((1 − ε)·t_c + ε/K) times s_i (Σ_c q_c = the row's weight, and the fused
-        # head's gradient (Σ_c q_c)·ŷ − q carries it)
+        # probabilities t (class indices take _batch_gradient's closed form): q = w_c·((1 − ε)·t_c + ε/K)
+        # times s_i (Σ_c q_c = the row's weight, and the fused head's gradient (Σ_c q_c)·ŷ − q carries it)
         q = target
         if self.label_smoothing:
             q = q * (1.0 - self.label_smoothing) + self.label_smoothing / weight.shape[0]

@@ -3,8 +3,8 @@ the ReLU hidden layers' forward, the L2 penalty, and their numpy form (the estim
 hidden_coefs_, hidden_intercepts_).
 
 The names, in layer order: ``hidden.k.weight`` (out, in) and ``hidden.k.bias`` (out,) for each hidden
-layer k, then ``head.weight`` (n_outputs, last width) and ``head.bias`` (n_outputs,). The head itself (the
-fused linear loss, the logits) is the estimators'.
+layer k, then ``head.weight`` (n_outputs, last width) and ``head.bias`` (n_outputs,). The head itself (its
+loss and gradient, the logits) is the estimators'.
 """
 
 from __future__ import annotations

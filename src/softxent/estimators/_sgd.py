@@ -4,8 +4,9 @@ the data (data-parallel too), scikit-learn's stopping rule, and the state that c
 to the next and that a :class:`~softxent.estimators.Checkpoint` holds.
 
 The solver knows nothing of the model's head: the estimator hands :meth:`SGD.run_epoch` a
-:data:`BatchLoss`, Σ_{i ∈ B} s_i·ℓ_i over a batch B (reduction "sum"), and s̄, the mean row weight over the
-training data, and each step follows the gradient of
+:data:`BatchGradient`, which returns Σ_{i ∈ B} s_i·ℓ_i over a batch B and adds a given multiple of its
+gradient to the parameters' ``.grad`` (by autograd or in closed form, as the model sees fit), and s̄, the
+mean row weight over the training data; each step follows the gradient of
 
 .. math::
     \frac{1}{|B|\,\bar s} \sum_{i \in B} s_i\,ℓ_i
@@ -31,9 +32,9 @@ from softxent.estimators._data import Data
 
 LEARNING_RATES = ("constant", "invscaling", "cosine")
 
-BatchLoss = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor | None], Tensor]
-"""``batch_loss(params, X, target, sample_weight)``: Σ_i s_i·ℓ_i over the batch's rows, a 0-d tensor
-that backpropagates into ``params``."""
+BatchGradient = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor | None, float], Tensor]
+"""``batch_gradient(params, X, target, sample_weight, scale)``: Σ_i s_i·ℓ_i over the batch's rows as a
+0-d tensor (no graph), having added ``scale`` times its gradient to each parameter's ``.grad``."""
 
 
 @dataclasses.dataclass
@@ -153,35 +154,43 @@ class SGD:
         weight decay α on the weight matrices only, from the gradients in ``params``' ``.grad`` (cleared
         after); the momentum buffers live in ``state``.
 
-        The functional form, not the class: constructing torch.optim.SGD imports torch._dynamo, 2 s of
-        start-up for every fit in a fresh process.
+        The decay is added to the weights' gradients here, so that one call of torch's SGD updates every
+        parameter. The functional form, not the class: constructing torch.optim.SGD imports
+        torch._dynamo, 2 s of start-up for every fit in a fresh process.
         """
+        names = list(params)
         with torch.no_grad():
-            for suffix, decay in ((".weight", float(self.alpha)), (".bias", 0.0)):
-                names = [name for name in params if name.endswith(suffix)]
-                buffers = [state.momentum_buffers.get(name) for name in names]
-                sgd(
-                    [params[name] for name in names],
-                    [params[name].grad for name in names],
-                    buffers,
-                    weight_decay=decay,
-                    momentum=float(self.momentum),
-                    lr=lr,
-                    dampening=0.0,
-                    nesterov=bool(self.nesterov),
-                    maximize=False,
+            grads = [params[name].grad for name in names]
+            if self.alpha:
+                weights = [name.endswith(".weight") for name in names]
+                torch._foreach_add_(
+                    [g for g, w in zip(grads, weights, strict=True) if w],
+                    [params[name] for name, w in zip(names, weights, strict=True) if w],
+                    alpha=float(self.alpha),
                 )
-                for name, buffer in zip(names, buffers, strict=True):
-                    params[name].grad = None
-                    if buffer is not None:
-                        state.momentum_buffers[name] = buffer
+            buffers = [state.momentum_buffers.get(name) for name in names]
+            sgd(
+                [params[name] for name in names],
+                grads,
+                buffers,
+                weight_decay=0.0,
+                momentum=float(self.momentum),
+                lr=lr,
+                dampening=0.0,
+                nesterov=bool(self.nesterov),
+                maximize=False,
+            )
+            for name, buffer in zip(names, buffers, strict=True):
+                params[name].grad = None
+                if buffer is not None:
+                    state.momentum_buffers[name] = buffer
 
     def run_epoch(
         self,
         state: SGDState,
         data: Data,
         params: dict[str, Tensor],
-        batch_loss: BatchLoss,
+        batch_gradient: BatchGradient,
         weight_mean: float,
         epoch: int,
         planned_epochs: int,
@@ -208,9 +217,8 @@ class SGD:
             lr = self.learning_rate_at(state.t, (epoch + index / len(starts)) / planned_epochs)
             if batch is not None:
                 X, target, sample_weight = batch
-                loss_sum = batch_loss(params, X, target, sample_weight)
-                (loss_sum / ((stop - start) * weight_mean)).backward()
-                loss_sum = loss_sum.detach()
+                scale = 1.0 / ((stop - start) * weight_mean)
+                loss_sum = batch_gradient(params, X, target, sample_weight, scale)
             else:
                 loss_sum = torch.zeros((), dtype=data.dtype, device=data.device)
             if replicas.size > 1:

@@ -142,8 +142,6 @@ class SoftmaxHead:
 
     The linear weight is (C·d1·…·dk, D) so a row's logits reshape to (C, d1, ..., dk), as in torch's
     linear_cross_entropy. Rows whose every position is ignored are dropped before the matmul.
-    ``row_weight`` (N,), for "sum" and "none": row i's loss and gradient are multiplied by r_i (the
-    estimators' sample weights, with class-index targets; see :mod:`softxent.ops.weighted`).
     """
 
     spec: SoftmaxLoss
@@ -154,7 +152,6 @@ class SoftmaxHead:
     # one block of rows' loss and gradient (torch_blocks.softmax_xent_block's contract)
     block_fn: Callable[..., tuple[Tensor, Tensor]]
     policy: Policy
-    row_weight: Tensor | None = None
 
     def _view(self, rows: Tensor) -> Tensor:
         return class_last(rows.view(rows.shape[0], self.num_classes, *self.out_features))
@@ -172,9 +169,6 @@ class SoftmaxHead:
 
     def run(self, x, linear_weight, linear_bias, target, *, grad_scale, needs):
         need_dx, need_dw, need_db, need_target_grad = needs
-        row_weight = self.row_weight
-        if row_weight is not None and grad_scale is not None:
-            grad_scale = grad_scale * row_weight.to(grad_scale.dtype)
         kept = self._kept_rows(target)
         x_kept, target_kept = (x, target) if kept is None else (x[kept], target[kept])
         scale_kept = (
@@ -216,8 +210,6 @@ class SoftmaxHead:
             loss = loss.new_zeros((x.shape[0], *self.out_features)).index_copy_(0, kept, loss)
             if grad_x is not None:
                 grad_x = grad_x.new_zeros(x.shape).index_copy_(0, kept, grad_x)
-        if row_weight is not None:
-            loss = loss * row_weight.to(loss.dtype).view(-1, *(1,) * len(self.out_features))
         return loss, grad_x, grad_weight, grad_bias, grad_target
 
     def denominator(self, target: Tensor, ct: torch.dtype) -> tuple[Tensor, Tensor | bool]:

@@ -1,63 +1,133 @@
-r"""The softmax linear head's loss with a weight per row: what the estimators train on with sample weights.
+r"""The softmax linear head's loss and gradients in closed form, with a weight per row: the estimators' step.
 
-torch's cross-entropy weighs rows only through their class (``weight[y_i]``); a weight per sample needs
-``reduction="none"`` and a weighted sum, whose backward must recompute the logits (8·N·D·C FLOPs, not 6),
-or probability targets q = s_i·onehot(y_i), an (N, C) matrix built for every batch. Here the row weights
-ride in the head instead (:attr:`softxent.ops.chunks.SoftmaxHead.row_weight`): each row's gradient is
-scaled by its s_i where it is made, in the forward pass, so the estimators keep class-index targets and
-the fused head's 6·N·D·C FLOPs:
+An estimator's SGD step (and each chunk of an L-BFGS evaluation) needs Σ_i s_i·ℓ_i over a batch and its
+gradient, for class-index targets y_i, sample weights s_i, class weights w and label smoothing ε; with
+q_i = (1 − ε)·w_{y_i}·onehot(y_i) + (ε/C)·w the probability target that torch's smoothed, weighted
+cross-entropy amounts to, and log ŷ = log_softmax(z):
 
 .. math::
-    L = \sum_i s_i\,ℓ_i, \qquad \frac{∂L}{∂z_i} = s_i\,(ŷ_i - q_i)
+    L = \sum_i s_i\,ℓ_i = -\sum_i s_i \sum_c q_{ic} \log ŷ_{ic}, \qquad
+    G_i = \frac{∂L}{∂z_i} = s_i\,\bigl((\textstyle\sum_c q_{ic})\,ŷ_i - q_i\bigr), \qquad
+    \frac{∂L}{∂W} = G^\top X,\quad \frac{∂L}{∂b} = G^\top 1,\quad \frac{∂L}{∂X} = G\,W.
 
-with ℓ_i :func:`softxent.linear_cross_entropy`'s per-row loss (class weights and label smoothing as there).
+At an estimator's sizes (a batch of 4096 rows, tens of classes) the logits of a whole batch fit in cache,
+and the fused linear head's chunked driver and autograd cost more than the logits they save (measured on
+the 2-core CPU, 150k × 200 × 20, an SGD step: 1.19 ms through the fused head, 0.82 ms for eager torch's
+addmm, cross_entropy and backward, and 0.95 ms here; benchmarks/RESULTS.md, issue 16). Here the gradient
+is written down instead of traced: a handful of torch calls a batch, on any device, with no host
+synchronization.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import Tensor
 
-from softxent.ops import autograd, backends, chunks, eager, spec
+# A block of rows holds at most this many logits (C·rows): 64 MiB of float32. An estimator's SGD batch of
+# 4096 rows is one block up to 4096 classes.
+BLOCK_ELEMENTS = 2**24
 
 
-def row_weighted_linear_cross_entropy(
+def linear_cross_entropy_with_grads(
     x: Tensor,
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
-    row_weight: Tensor,
+    row_weight: Tensor | None = None,
     *,
     class_weight: Tensor | None = None,
     label_smoothing: float = 0.0,
-    impl: str = "auto",
-) -> Tensor:
-    """Σ_i s_i·ℓ_i for x ``(N, D)``, linear_weight ``(C, D)``, linear_bias ``(C,)`` or None, target ``(N,)``
-    class indices in [0, C) (no ignore_index), row_weight ``(N,)`` (s_i >= 0), class_weight ``(C,)``.
+    grad_scale: float = 1.0,
+    need_dx: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """L = Σ_i s_i·ℓ_i and g·∂L/∂W, g·∂L/∂b, g·∂L/∂x (module docstring), without autograd.
 
-    The gradient is made in the forward pass, as for :func:`softxent.linear_cross_entropy`; a
-    differentiable backward (``create_graph=True``) recomputes the weighted sum with torch's ops.
-    Arguments are not checked: callers pass validated tensors (the estimators do). ``impl``: as in
-    :func:`softxent.linear_cross_entropy`.
+    x ``(N, D)``, linear_weight ``(C, D)``, linear_bias ``(C,)`` or None, target ``(N,)`` int64 class
+    indices in [0, C) (no ignore_index), row_weight ``(N,)`` (s_i >= 0; None: all 1), class_weight ``(C,)``
+    (w; None: all 1), all in x's dtype (float32 or float64) and on its device; g = ``grad_scale``. Returns
+    (L as a 0-d tensor, dW ``(C, D)``, db ``(C,)`` or None without a bias, dx ``(N, D)`` or None unless
+    ``need_dx``), the same as::
+
+        L = (F.cross_entropy(x @ W.T + b, target, weight=w, label_smoothing=ε, reduction="none") * s).sum()
+        dW, db, dx = torch.autograd.grad(g * L, (W, b, x))
+
+    A block of rows' logits is held transposed, zᵀ = W·Xᵀ + b of shape (C, rows): the softmax over C then
+    runs along the long axis (on the CPU, log_softmax of a (4096, 20) block over its 20 classes takes
+    twice as long as over the first axis of its (20, 4096) transpose). Per block: the two matmuls of the
+    6·N·D·C-FLOP fused head (4·N·D·C without dx), log_softmax, one exp in place turning log ŷ into G, a
+    gather and a scatter at the true classes, and a few vector operations for the weights. A block is
+    every row unless C·N exceeds BLOCK_ELEMENTS. Arguments are not checked: callers pass validated tensors.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x, W, y = torch.randn(6, 3), torch.randn(4, 3), torch.tensor([0, 3, 1, 1, 2, 0])
+        >>> loss, dW, db, dx = linear_cross_entropy_with_grads(x, W, None, y, need_dx=True)
+        >>> torch.allclose(loss, F.cross_entropy(x @ W.T, y, reduction="sum"))
+        True
     """
-    num_classes = linear_weight.shape[0]
-    backend = backends.select(impl, x.device)
-    ct = spec.compute_dtype(x.dtype)
-    loss_spec = spec.softmax_loss(class_weight, num_classes, x.device, ct, -100, label_smoothing, 0.0, None)
-    head = chunks.SoftmaxHead(
-        loss_spec, "sum", num_classes, (), None, backend.softmax_block, backend.policy, row_weight
-    )
-    per_row = partial(eager.linear_softmax_cross_entropy, spec=loss_spec, reduction="none")
-
-    def differentiable(x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> Tensor:
-        return (per_row(x, weight, bias, target) * row_weight.to(ct)).sum()
-
-    enabled = torch.is_grad_enabled()
-    needs = (*(enabled and t is not None and t.requires_grad for t in (x, linear_weight, linear_bias)), False)
-    if any(needs):
-        return autograd.LinearHeadFunction.apply(
-            x, linear_weight, linear_bias, target, head, needs, differentiable
+    num_classes, n_rows = linear_weight.shape[0], x.shape[0]
+    rows = max(1, min(n_rows, BLOCK_ELEMENTS // max(1, num_classes)))
+    eps = float(label_smoothing)
+    # Σ_c q_ic = (1 − ε)·w_{y_i} + ε·mean(w): 1 without class weights
+    smooth_mass = eps * (1.0 if class_weight is None else class_weight.mean())
+    smooth = None  # (ε/C)·w as a (C, 1) column
+    if eps:
+        smooth = (eps / num_classes) * (
+            torch.ones(num_classes, 1, dtype=x.dtype, device=x.device)
+            if class_weight is None
+            else class_weight.unsqueeze(1)
         )
-    return autograd.linear_head_loss(head, x, linear_weight, linear_bias, target)
+    loss, grad_x = None, torch.empty_like(x) if need_dx else None
+    grad_weight = grad_bias = None
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        x_block, y = x[start:stop], target[start:stop].unsqueeze(0)
+        if linear_bias is not None:
+            shifted = torch.addmm(linear_bias.unsqueeze(1), linear_weight, x_block.t())  # zᵀ, (C, rows)
+        else:
+            shifted = torch.mm(linear_weight, x_block.t())
+        shifted.sub_(shifted.amax(0))  # z − max: every later term is shift-free
+        picked = shifted.gather(0, y)[0]  # z_y − max
+        spread = None if smooth is None else (smooth * shifted).sum(0)  # Σ_c (ε/C)·w_c·(z_c − max)
+        probs = shifted.exp_()
+        sum_exp = probs.sum(0)
+        log_sum = sum_exp.log()  # lse − max
+
+        # ℓ_i = −Σ_c q_ic·log ŷ_ic
+        #     = (Σ_c q_ic)·(lse − max) − (1 − ε)·w_y·(z_y − max) − Σ_c (ε/C)·w_c·(z_c − max)
+        hard = (1.0 - eps) if class_weight is None else (1.0 - eps) * class_weight[y[0]]  # number or (rows,)
+        mass = hard + smooth_mass
+        if class_weight is None and not eps:
+            row_loss = log_sum.sub_(picked)
+        else:
+            row_loss = log_sum.mul_(mass).sub_(picked * hard)
+            if spread is not None:
+                row_loss -= spread
+        s = None if row_weight is None else row_weight[start:stop]
+        block_loss = row_loss.sum() if s is None else row_loss @ s
+        loss = block_loss if loss is None else loss + block_loss
+
+        # G = g·s_i·((Σ_c q_ic)·ŷ − q_i), written over exp(z − max): ŷ = exp(z − max) / Σexp
+        scale = grad_scale if s is None else s * grad_scale  # a number or (rows,)
+        probs.mul_(sum_exp.reciprocal_().mul_(mass * scale))
+        if smooth is not None:
+            probs.sub_(smooth * scale)
+        true_class = -hard * scale
+        if isinstance(true_class, Tensor):
+            probs.scatter_add_(0, y, true_class.unsqueeze(0))
+        else:
+            probs.scatter_(0, y, true_class, reduce="add")
+        if grad_weight is None:
+            grad_weight = torch.mm(probs, x_block)
+            grad_bias = None if linear_bias is None else probs.sum(1)
+        else:
+            grad_weight.addmm_(probs, x_block)
+            if grad_bias is not None:
+                grad_bias += probs.sum(1)
+        if grad_x is not None:
+            torch.mm(probs.t(), linear_weight, out=grad_x[start:stop])
+    if loss is None:  # no rows
+        loss = x.new_zeros(())
+        grad_weight = torch.zeros_like(linear_weight)
+        grad_bias = None if linear_bias is None else torch.zeros_like(linear_bias)
+    return loss, grad_weight, grad_bias, grad_x
