@@ -161,13 +161,9 @@ class SGD:
         names = list(params)
         with torch.no_grad():
             grads = [params[name].grad for name in names]
-            if self.alpha:
-                weights = [name.endswith(".weight") for name in names]
-                torch._foreach_add_(
-                    [g for g, w in zip(grads, weights, strict=True) if w],
-                    [params[name] for name, w in zip(names, weights, strict=True) if w],
-                    alpha=float(self.alpha),
-                )
+            for name, grad in zip(names, grads, strict=True):
+                if self.alpha and name.endswith(".weight"):
+                    grad.add_(params[name], alpha=float(self.alpha))
             buffers = [state.momentum_buffers.get(name) for name in names]
             sgd(
                 [params[name] for name in names],
