@@ -184,6 +184,58 @@ def test_a_callback_exception_rolls_back_but_an_interrupt_keeps_the_last_epoch(b
     assert len(clf.loss_curve_) == 2
 
 
+def _interrupt_at(monkeypatch, estimator, call: int) -> None:
+    """Make the ``call``-th batch gradient (1-based) of ``estimator`` raise KeyboardInterrupt (Ctrl-C)."""
+    original = estimator._batch_gradient
+    count = 0
+
+    def interrupted(self, *args):
+        nonlocal count
+        count += 1
+        if count == call:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(estimator, "_batch_gradient", interrupted)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_an_interrupt_mid_epoch_rewinds_to_the_last_epoch_and_a_resume_ends_as_uninterrupted(
+    blobs, monkeypatch, estimator
+):
+    """Ctrl-C in the middle of epoch 3: the weights, the momentum and t_ go back to the end of epoch 2
+    (what coef_ and n_iter_ say), so checkpoint() then resume ends on the uninterrupted fit's weights."""
+    X, y = blobs
+    params = dict(solver="sgd", batch_size=16, max_iter=4, tol=None, random_state=0, hidden_layer_sizes=(7,))
+    steps = -(-len(y) // 16)
+    uninterrupted = estimator(**params).fit(X, y)
+    clf = estimator(**params)
+    _interrupt_at(monkeypatch, estimator, 2 * steps + 5)
+    with pytest.raises(KeyboardInterrupt):
+        clf.fit(X, y)
+    monkeypatch.undo()
+    assert (clf.n_iter_, clf.t_, len(clf.loss_curve_)) == (2, 2 * steps, 2)
+    checkpoint = clf.checkpoint()
+    np.testing.assert_array_equal(checkpoint.tensors["param/head.weight"].numpy(), clf.coef_)
+    resumed = estimator(**params).fit(X, y, resume=checkpoint)
+    np.testing.assert_array_equal(resumed.coef_, uninterrupted.coef_)
+    np.testing.assert_array_equal(resumed.hidden_coefs_[0], uninterrupted.hidden_coefs_[0])
+    assert resumed.t_ == uninterrupted.t_
+
+
+def test_an_interrupted_lbfgs_fit_keeps_its_last_iterate(blobs, monkeypatch):
+    """Ctrl-C during an L-BFGS line search: the parameters a later partial_fit would continue are the last
+    iterate's, which coef_ holds, not the trial point being evaluated."""
+    X, y = blobs
+    clf = SoftmaxClassifier(solver="lbfgs", random_state=0)
+    _interrupt_at(monkeypatch, SoftmaxClassifier, 6)
+    with pytest.raises(KeyboardInterrupt):
+        clf.fit(X, y)
+    assert clf.n_iter_ >= 1
+    np.testing.assert_array_equal(clf._params["head.weight"].detach().numpy(), clf.coef_)
+    np.testing.assert_array_equal(clf._params["head.bias"].detach().numpy(), clf.intercept_)
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_partial_fit_overflow_raises_and_changes_nothing(blobs, estimator):
     """A failed partial_fit call leaves weights, momentum, step counter and loss curve as they were: the

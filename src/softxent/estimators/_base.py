@@ -468,11 +468,18 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         for epoch in range(self.n_iter_, self.n_iter_ + 1 if partial else max_iter):
             if converged:
                 break
+            mark = state.mark(params)
             try:
                 loss, lr = solver.run_epoch(
                     state, data, params, self._batch_gradient, weight_mean, epoch, max_iter, replicas
                 )
-            finally:  # t_ counts the steps taken, those of an epoch a KeyboardInterrupt cut short too
+            except KeyboardInterrupt:
+                # undo the cut epoch: the parameters, momentum and step count go back to the end of the
+                # last completed epoch, which coef_, n_iter_ and checkpoint() describe, so that a resume
+                # or a later partial_fit continues as the uninterrupted fit would
+                state.rewind(params, mark)
+                raise
+            finally:
                 self.t_ = state.t
             loss += penalty(params, self.alpha)
             self._check_finite(loss, params, epoch + 1)
@@ -585,12 +592,18 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
 
         self.t_ = 0
         start = time.perf_counter()
+        # the last iterate (first the start): the line search evaluates trial points in params, and a
+        # KeyboardInterrupt puts params back here, where coef_ and n_iter_ are
+        accepted = {name: p.detach().clone() for name, p in params.items()}
 
         def on_iteration(iteration: int, loss: float) -> bool:
             self._check_finite(loss, params, iteration, "lbfgs")
             self.n_iter_ = iteration
             self.loss_curve_.append(loss)
             self._export(params)
+            with torch.no_grad():
+                for name, p in params.items():
+                    accepted[name].copy_(p)
             if self.verbose and replicas.rank == 0:
                 print(f"-- Iteration {iteration}: loss {loss:.6f}, {time.perf_counter() - start:.2f} s")
             info = {
@@ -602,13 +615,20 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
             }
             return replicas.any(callback is not None and bool(callback(self, info)))
 
-        result = _lbfgs.minimize(
-            value_and_grad,
-            params,
-            max_iter=max_iter,
-            tol=0.0 if tol is None else max(float(tol), 0.0),
-            on_iteration=on_iteration,
-        )
+        try:
+            result = _lbfgs.minimize(
+                value_and_grad,
+                params,
+                max_iter=max_iter,
+                tol=0.0 if tol is None else max(float(tol), 0.0),
+                on_iteration=on_iteration,
+            )
+        except KeyboardInterrupt:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(accepted[name])
+                    p.grad = None
+            raise
         self._check_finite(result.loss, params, result.n_iter + 1, "lbfgs")
         self.n_iter_ = result.n_iter
         self._params = params

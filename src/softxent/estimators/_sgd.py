@@ -37,6 +37,15 @@ BatchGradient = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor | None, floa
 0-d tensor (no graph), having added ``scale`` times its gradient to each parameter's ``.grad``."""
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochMark:
+    """The step count, parameters and momentum buffers at the start of an epoch (:meth:`SGDState.mark`)."""
+
+    t: int
+    params: dict[str, Tensor]
+    momentum_buffers: dict[str, Tensor]
+
+
 @dataclasses.dataclass
 class SGDState:
     """What SGD carries from one step and one epoch to the next: the step count ``t``, the momentum
@@ -55,6 +64,25 @@ class SGDState:
     def move_to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Put the momentum buffers on the device and in the dtype of this call's data."""
         self.momentum_buffers = {k: v.to(device, dtype) for k, v in self.momentum_buffers.items()}
+
+    def mark(self, params: Mapping[str, Tensor]) -> EpochMark:
+        """Copies of what an epoch changes (the parameters, the momentum buffers, the step count), to
+        :meth:`rewind` to when the epoch is cut short."""
+        with torch.no_grad():
+            return EpochMark(
+                self.t,
+                {k: v.detach().clone() for k, v in params.items()},
+                {k: v.clone() for k, v in self.momentum_buffers.items()},
+            )
+
+    def rewind(self, params: Mapping[str, Tensor], mark: EpochMark) -> None:
+        """Put ``params`` (in place) and this state back as they were at ``mark``."""
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(mark.params[name])
+                param.grad = None
+        self.t = mark.t
+        self.momentum_buffers = mark.momentum_buffers
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """``momentum/<name>`` for each buffer, ``best/<name>`` for each best weight, on the CPU."""
