@@ -232,15 +232,20 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
     # --- the model ---------------------------------------------------------------------------------
 
     def _batch_gradient(
-        self, params: dict[str, Tensor], X: Tensor, target: Tensor, sample_weight: Tensor | None, scale: float
+        self,
+        params: dict[str, Tensor],
+        X: Tensor,
+        target: Tensor,
+        sample_weight: Tensor | None,
+        denominator: float,
     ) -> Tensor:
-        """Σ_i s_i·ℓ_i over a batch (no graph), adding ``scale`` times its gradient to every parameter's
-        ``.grad`` (the solvers' BatchGradient): here by autograd through the hidden layers and the
+        """Σ_i s_i·ℓ_i over a batch (no graph), adding its gradient divided by ``denominator`` to every
+        parameter's ``.grad`` (the solvers' BatchGradient): here by autograd through the hidden layers and the
         subclass's :meth:`_head_loss`."""
         loss_sum = self._head_loss(
             hidden(params, X), params["head.weight"], params["head.bias"], target, sample_weight
         )
-        (loss_sum * scale).backward()
+        (loss_sum / denominator).backward()
         return loss_sum.detach()
 
     def _fitted_parameters(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -579,7 +584,7 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         def value_and_grad() -> float:
             total = torch.zeros((), dtype=data.dtype, device=data.device)
             for X, target, sample_weight in data.batches(None, chunks):
-                total += self._batch_gradient(params, X, target, sample_weight, 1.0 / total_weight)
+                total += self._batch_gradient(params, X, target, sample_weight, total_weight)
             if replicas.size > 1:
                 (total,) = sum_gradients(params.values(), total, group=replicas.group)
             with torch.no_grad():

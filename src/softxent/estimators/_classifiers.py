@@ -239,20 +239,25 @@ class SoftmaxClassifier(BaseClassifier):
         return row if sample_weight is None else row * sample_weight
 
     def _batch_gradient(
-        self, params: dict[str, Tensor], X: Tensor, target: Tensor, sample_weight: Tensor | None, scale: float
+        self,
+        params: dict[str, Tensor],
+        X: Tensor,
+        target: Tensor,
+        sample_weight: Tensor | None,
+        denominator: float,
     ) -> Tensor:
         """Class indices: the head's loss and gradients in closed form
         (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`: torch's weighted, smoothed
         cross-entropy times s_i per row, no (B, K) target matrix and no autograd for the head), then
         autograd through the hidden layers from ∂L/∂h. Probabilities: the base class's autograd path."""
         if target.dtype != torch.int64:
-            return super()._batch_gradient(params, X, target, sample_weight, scale)
+            return super()._batch_gradient(params, X, target, sample_weight, denominator)
         h = hidden(params, X)
         weight, bias = params["head.weight"], params["head.bias"]
         loss_sum, grad_weight, grad_bias, grad_h = linear_cross_entropy_with_grads(
             h.detach(), weight.detach(), bias.detach(), target, sample_weight,
-            class_weight=self._loss_weight, label_smoothing=self.label_smoothing, grad_scale=scale,
-            need_dx=h.requires_grad,
+            class_weight=self._loss_weight, label_smoothing=self.label_smoothing,
+            grad_scale=1.0 / denominator, need_dx=h.requires_grad,
         )  # fmt: skip
         for param, grad in ((weight, grad_weight), (bias, grad_bias)):
             param.grad = grad if param.grad is None else param.grad.add_(grad)

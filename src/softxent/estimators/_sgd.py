@@ -4,9 +4,9 @@ the data (data-parallel too), scikit-learn's stopping rule, and the state that c
 to the next and that a :class:`~softxent.estimators.Checkpoint` holds.
 
 The solver knows nothing of the model's head: the estimator hands :meth:`SGD.run_epoch` a
-:data:`BatchGradient`, which returns Σ_{i ∈ B} s_i·ℓ_i over a batch B and adds a given multiple of its
-gradient to the parameters' ``.grad`` (by autograd or in closed form, as the model sees fit), and s̄, the
-mean row weight over the training data; each step follows the gradient of
+:data:`BatchGradient`, which returns Σ_{i ∈ B} s_i·ℓ_i over a batch B and adds its gradient, divided by
+a given denominator, to the parameters' ``.grad`` (by autograd or in closed form, as the model sees
+fit), and s̄, the mean row weight over the training data; each step follows the gradient of
 
 .. math::
     \frac{1}{|B|\,\bar s} \sum_{i \in B} s_i\,ℓ_i
@@ -33,8 +33,9 @@ from softxent.estimators._data import Data
 LEARNING_RATES = ("constant", "invscaling", "cosine")
 
 BatchGradient = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor | None, float], Tensor]
-"""``batch_gradient(params, X, target, sample_weight, scale)``: Σ_i s_i·ℓ_i over the batch's rows as a
-0-d tensor (no graph), having added ``scale`` times its gradient to each parameter's ``.grad``."""
+"""``batch_gradient(params, X, target, sample_weight, denominator)``: Σ_i s_i·ℓ_i over the batch's rows
+as a 0-d tensor (no graph), having added its gradient divided by ``denominator`` to each parameter's
+``.grad``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,8 +242,8 @@ class SGD:
             lr = self.learning_rate_at(state.t, (epoch + index / len(starts)) / planned_epochs)
             if batch is not None:
                 X, target, sample_weight = batch
-                scale = 1.0 / ((stop - start) * weight_mean)
-                loss_sum = batch_gradient(params, X, target, sample_weight, scale)
+                denominator = (stop - start) * weight_mean
+                loss_sum = batch_gradient(params, X, target, sample_weight, denominator)
             else:
                 loss_sum = torch.zeros((), dtype=data.dtype, device=data.device)
             if replicas.size > 1:
