@@ -2,17 +2,18 @@
 # One time-boxed call on a GPU machine that checks and measures softxent's GPU path, so that partial results
 # come back even when a stage runs out of time. From the project root there:
 #
-#     bash benchmarks/gpu_check.sh [TESTS_S QUICK_S SWEEP_S]   (defaults 100 220 80, plus 80 + 100 s: 9.7 minutes)
+#     bash benchmarks/gpu_check.sh [TESTS_S QUICK_S SWEEP_S]   (defaults 90 200 80, plus 30 + 80 + 100 s: 9.7 minutes)
 #
-# Stages: the kernels' tests on CUDA (the GPU machines run their own torch and triton, 2.11 and 3.6 when
-# last seen: the project's pins do not apply there); benchmarks/bench_gpu.py --quick (every family, the
-# peers in the same run, the targets as pass/miss lines); then its --sweep of the row kernel's launch
-# shapes; then benchmarks/bench_hf.py (one Llama training step, unpatched and patched, eager and compiled);
-# then bench_classifier.py --scale 1000000 (SoftmaxClassifier on CUDA against 2 CPU threads, both solvers).
+# Stages: the kernels' tests on CUDA, then the estimators' GPU tests (the GPU machines run their own torch
+# and triton, 2.11 and 3.6 when last seen: the project's pins do not apply there);
+# benchmarks/bench_gpu.py --quick (every family, the peers in the same run, the targets as pass/miss
+# lines); then its --sweep of the row kernel's launch shapes; then benchmarks/bench_hf.py (one Llama
+# training step, unpatched and patched, eager and compiled); then bench_classifier.py --scale 1000000
+# (SoftmaxClassifier on CUDA against 2 CPU threads, both solvers).
 # The peers' wheels, if any, in .whl/ (see bench_gpu.py's docstring). Logs and JSON go to $OUT
 # (default /tmp/out); the tables are printed last.
 set -u
-T_TESTS=${1:-100}; T_QUICK=${2:-220}; T_SWEEP=${3:-80}
+T_TESTS=${1:-90}; T_QUICK=${2:-200}; T_SWEEP=${3:-80}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -27,6 +28,10 @@ timeout "$T_TESTS" python3 -m pytest -q -p no:cacheprovider -o addopts="" --impo
   tests/test_triton_cross_entropy.py tests/test_triton_bce.py tests/test_triton_linear.py tests/test_lean.py \
   tests/test_launches.py > "$OUT/tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | cut -c1-200 | tail -25
+stamp "estimator GPU tests (30s)"
+timeout 30 python3 -m pytest -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfEs -m gpu \
+  tests/test_weighted.py tests/test_estimators.py > "$OUT/estimator_tests.log" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/estimator_tests.log" | cut -c1-200 | tail -10
 
 stamp "bench --quick (${T_QUICK}s)"
 timeout "$T_QUICK" python3 benchmarks/bench_gpu.py --quick --json "$OUT/quick.json" > "$OUT/quick.log" 2>&1

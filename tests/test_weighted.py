@@ -156,3 +156,36 @@ def test_any_shape_matches_torch_autograd_in_float64(
         torch.testing.assert_close(got[2], db, rtol=1e-12, atol=1e-12)
     else:
         assert got[2] is None
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_runs_under_deterministic_algorithms(rng, monkeypatch, device):
+    """Estimators trained under torch.use_deterministic_algorithms(True) take this step: no op in it may
+    refuse (on CUDA, a scatter or index_add that torch has no deterministic kernel for would raise), and
+    the result is the same as without the flag. (cuBLAS asks for CUBLAS_WORKSPACE_CONFIG in that mode,
+    which torch checks on every matmul.)"""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    x = torch.randn(300, 9, generator=rng).to(device)
+    w, b = torch.randn(6, 9, generator=rng).to(device), torch.randn(6, generator=rng).to(device)
+    y, s = torch.randint(0, 6, (300,), generator=rng).to(device), torch.rand(300, generator=rng).to(device)
+    free = linear_cross_entropy_with_grads(x, w, b, y, s, label_smoothing=0.1, need_dx=True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        pinned = linear_cross_entropy_with_grads(x, w, b, y, s, label_smoothing=0.1, need_dx=True)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for got, expected in zip(pinned, free, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
