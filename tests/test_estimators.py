@@ -500,6 +500,18 @@ def test_a_linear_sgd_step_is_the_closed_form(blobs):
     assert not [key for key in calls if key.startswith("autograd::")]
 
 
+def test_a_linear_sigmoid_sgd_step_is_the_closed_form(blobs):
+    """SigmoidClassifier's step too: the logits' addmm, ∂L/∂W's addmm_, no autograd."""
+    X, y = blobs
+    clf = SigmoidClassifier(solver="sgd", batch_size=16, max_iter=1, tol=None, random_state=0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        clf.fit(X, np.eye(5)[y], sample_weight=np.ones(len(y)))
+    calls = {event.key: event.count for event in profile.key_averages()}
+    assert clf.t_ == 15
+    assert calls["aten::addmm"] == calls["aten::addmm_"] == 15
+    assert not [key for key in calls if key.startswith("autograd::")]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device: host synchronizations are a GPU's concern"

@@ -1,6 +1,6 @@
-"""softxent.ops.weighted: the softmax linear head's loss and gradients in closed form with a weight per row
-(class-index targets), against the float64 reference, where the same loss is the probability target
-q_i = s_i·((1 − ε)·onehot(y_i) + ε/C) under class weights w; in float32 no worse than torch's autograd at
+"""softxent.ops.weighted: the softmax and sigmoid linear heads' loss and gradients in closed form with a
+weight per row, against the float64 reference (for the softmax, the probability target
+q_i = s_i·((1 − ε)·onehot(y_i) + ε/C) under class weights w); in float32 no worse than torch's autograd at
 the same dtype; one block or several; odd shapes and extreme logits."""
 
 from __future__ import annotations
@@ -189,3 +189,100 @@ def test_runs_under_deterministic_algorithms(rng, monkeypatch, device):
         torch.use_deterministic_algorithms(previous)
     for got, expected in zip(pinned, free, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _binary_reference(x, w, b, y, s, pos_weight, scale):
+    """(L, g·dX, g·dW, g·db) in float64 for the sigmoid head, from softxent.reference's elementwise loss."""
+    z = to_numpy(x) @ to_numpy(w).T + (0.0 if b is None else to_numpy(b))
+    weight = None if s is None else to_numpy(s)[:, None]
+    p = None if pos_weight is None else to_numpy(pos_weight)
+    loss = reference.sigmoid_binary_cross_entropy(z, to_numpy(y), weight, p, reduction="sum")
+    grad = scale * reference.sigmoid_binary_cross_entropy_grad(z, to_numpy(y), weight, p, reduction="sum")
+    return np.asarray(loss), grad @ to_numpy(w), grad.T @ to_numpy(x), None if b is None else grad.sum(0)
+
+
+def _binary_torch_autograd(x, w, b, y, s, pos_weight, scale):
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    bs = None if b is None else b.clone().requires_grad_()
+    logits = xs @ ws.T + (0 if bs is None else bs)
+    loss = F.binary_cross_entropy_with_logits(
+        logits, y, weight=None if s is None else s[:, None], pos_weight=pos_weight, reduction="sum"
+    )
+    (loss * scale).backward()
+    return loss.detach(), xs.grad, ws.grad, None if bs is None else bs.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pos_weighted", [False, True])
+@pytest.mark.parametrize("rows_weighted", [False, True])
+@pytest.mark.parametrize("block_elements", [None, 37 * 10])
+def test_the_sigmoid_head_is_the_reference(
+    rng, monkeypatch, dtype, pos_weighted, rows_weighted, block_elements
+):
+    if block_elements is not None:  # blocks of 10 rows: 83 rows in 9 blocks
+        monkeypatch.setattr(weighted, "BLOCK_ELEMENTS", block_elements)
+    n, d, k = 83, 17, 37
+    x = torch.randn(n, d, generator=rng, dtype=torch.float64)
+    w = torch.randn(k, d, generator=rng, dtype=torch.float64) * 0.5
+    b = torch.randn(k, generator=rng, dtype=torch.float64)
+    y = torch.rand(n, k, generator=rng, dtype=torch.float64).round()
+    y[:5] = torch.rand(5, k, generator=rng, dtype=torch.float64)  # soft targets too
+    s = torch.rand(n, generator=rng, dtype=torch.float64) * 3 if rows_weighted else None
+    if s is not None:
+        s[::7] = 0.0
+    pos_weight = torch.rand(k, generator=rng, dtype=torch.float64) * 4 if pos_weighted else None
+    scale = float(torch.rand((), generator=rng, dtype=torch.float64)) + 0.1
+    expected = _binary_reference(x, w, b, y, s, pos_weight, scale)
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    loss, dW, db, dX = weighted.linear_binary_cross_entropy_with_grads(
+        cast(x),
+        cast(w),
+        cast(b),
+        cast(y),
+        cast(s),
+        pos_weight=cast(pos_weight),
+        grad_scale=scale,
+        need_dx=True,
+    )
+    got = {"loss": loss, "dX": dX, "dW": dW, "db": db}
+    if dtype == torch.float64:
+        for (name, value), reference_value in zip(got.items(), expected, strict=True):
+            assert_close(value, reference_value, 1e-12, name)
+        return
+    eager = _binary_torch_autograd(cast(x), cast(w), cast(b), cast(y), cast(s), cast(pos_weight), scale)
+    for (name, value), eager_value, reference_value in zip(got.items(), eager, expected, strict=True):
+        assert_no_worse(value, eager_value, reference_value, 2e-6, name)
+
+
+def test_the_sigmoid_head_keeps_extreme_logits_finite(rng):
+    """Logits of ±1e4: log σ(z) of the wrong sign is −|z| exactly, not −inf."""
+    x = torch.randn(29, 3, generator=rng, dtype=torch.float64)
+    w = torch.randn(5, 3, generator=rng, dtype=torch.float64) * 1e4
+    y = torch.rand(29, 5, generator=rng, dtype=torch.float64).round()
+    expected = _binary_reference(x, w, None, y, None, None, 1.0)
+    loss, dW, db, dX = weighted.linear_binary_cross_entropy_with_grads(x, w, None, y, need_dx=True)
+    assert db is None
+    assert_close(loss, expected[0], 1e-12, "loss")
+    assert_close(dX, expected[1], 1e-12, "dX")
+    assert_close(dW, expected[2], 1e-12, "dW")
+
+
+@pytest.mark.parametrize("logit", [-30.0, 30.0])
+@pytest.mark.parametrize("label", [0.0, 1.0])
+@pytest.mark.parametrize("pos_weight", [None, 3.0])
+def test_the_sigmoid_head_keeps_the_tails_digits(logit, label, pos_weight):
+    """One logit of ±30: the loss log1p(e^{−30}) ≈ 9.4e-14 (or p times it) where the prediction is right,
+    to float64's precision; no linear terms that cancel are rounded first."""
+    x, w = torch.ones(1, 1, dtype=torch.float64), torch.full((1, 1), logit, dtype=torch.float64)
+    y = torch.full((1, 1), label, dtype=torch.float64)
+    p = None if pos_weight is None else torch.full((1,), pos_weight, dtype=torch.float64)
+    expected = _binary_reference(x, w, None, y, None, p, 1.0)
+    loss, dW, _, dX = weighted.linear_binary_cross_entropy_with_grads(
+        x, w, None, y, pos_weight=p, need_dx=True
+    )
+    np.testing.assert_allclose(to_numpy(loss), expected[0], rtol=1e-14, atol=0)
+    np.testing.assert_allclose(to_numpy(dW), expected[2], rtol=1e-14, atol=0)
+    np.testing.assert_allclose(to_numpy(dX), expected[1], rtol=1e-14, atol=0)

@@ -10,9 +10,9 @@ written down in closed form for class labels (:func:`softxent.ops.weighted.linea
 a few torch calls a batch, no autograd for the head) and produced in the forward pass of
 :func:`softxent.linear_cross_entropy` for probability targets. scikit-learn's ``SGDClassifier``
 offers only one-vs-rest for several classes. :class:`SigmoidClassifier` puts one sigmoid and one binary
-cross-entropy on each label (multi-label problems, gradient σ(z) − y) on
-:func:`softxent.linear_binary_cross_entropy`. With ``hidden_layer_sizes`` both become a small ReLU network
-under the same loss.
+cross-entropy on each label (multi-label problems, gradient σ(z) − y, in closed form too:
+:func:`softxent.ops.weighted.linear_binary_cross_entropy_with_grads`). With ``hidden_layer_sizes`` both
+become a small ReLU network under the same loss.
 
 Both minimize, over minibatches B of the training set,
 

@@ -145,11 +145,19 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         """Per-output loss weights (class weights / pos_weight) as a tensor, from the training targets."""
         raise NotImplementedError
 
-    def _head_loss(
-        self, h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, sw: Tensor | None
-    ) -> Tensor:
-        """Σ_i s_i·ℓ_i over the batch (reduction "sum"), differentiable (:meth:`_batch_gradient`'s autograd
-        path), through softxent's fused linear head."""
+    def _head_gradients(
+        self,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        target: Tensor,
+        sw: Tensor | None,
+        grad_scale: float,
+        need_dh: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The head's Σ_i s_i·ℓ_i over a batch (0-d, no graph) and g·∂/∂W, g·∂/∂b and (when ``need_dh``)
+        g·∂/∂h, g = ``grad_scale``, for the batch's last hidden features h ``(B, width)`` (the inputs for the
+        linear model) and the head's ``weight`` ``(outputs, width)`` and ``bias`` (all without graphs)."""
         raise NotImplementedError
 
     def _running_counts(self, counts: np.ndarray) -> np.ndarray:
@@ -240,13 +248,19 @@ class BaseClassifier(ClassifierMixin, BaseEstimator):
         denominator: float,
     ) -> Tensor:
         """Σ_i s_i·ℓ_i over a batch (no graph), adding its gradient divided by ``denominator`` to every
-        parameter's ``.grad`` (the solvers' BatchGradient): here by autograd through the hidden layers and the
-        subclass's :meth:`_head_loss`."""
-        loss_sum = self._head_loss(
-            hidden(params, X), params["head.weight"], params["head.bias"], target, sample_weight
-        )
-        (loss_sum / denominator).backward()
-        return loss_sum.detach()
+        parameter's ``.grad`` (the solvers' BatchGradient): the head's gradients from the subclass's
+        :meth:`_head_gradients` (in closed form), then autograd through the hidden layers from ∂L/∂h."""
+        h = hidden(params, X)
+        weight, bias = params["head.weight"], params["head.bias"]
+        loss_sum, grad_weight, grad_bias, grad_h = self._head_gradients(
+            h.detach(), weight.detach(), bias.detach(), target, sample_weight, 1.0 / denominator,
+            h.requires_grad,
+        )  # fmt: skip
+        for param, grad in ((weight, grad_weight), (bias, grad_bias)):
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
+        if grad_h is not None:
+            h.backward(grad_h)
+        return loss_sum
 
     def _fitted_parameters(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         return from_arrays(

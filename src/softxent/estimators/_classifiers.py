@@ -13,9 +13,8 @@ from torch import Tensor
 
 from softxent.estimators._base import BaseClassifier
 from softxent.estimators._checks import balanced_weights, check_labels, check_number, classes_for, shown
-from softxent.estimators._network import hidden
-from softxent.functional import linear_binary_cross_entropy, linear_cross_entropy
-from softxent.ops.weighted import linear_cross_entropy_with_grads
+from softxent.functional import linear_cross_entropy
+from softxent.ops.weighted import linear_binary_cross_entropy_with_grads, linear_cross_entropy_with_grads
 
 
 class SoftmaxClassifier(BaseClassifier):
@@ -238,38 +237,25 @@ class SoftmaxClassifier(BaseClassifier):
         row = (1.0 - self.label_smoothing) * hard + smooth
         return row if sample_weight is None else row * sample_weight
 
-    def _batch_gradient(
+    def _head_gradients(
         self,
-        params: dict[str, Tensor],
-        X: Tensor,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor,
         target: Tensor,
-        sample_weight: Tensor | None,
-        denominator: float,
-    ) -> Tensor:
-        """Class indices: the head's loss and gradients in closed form
-        (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`: torch's weighted, smoothed
-        cross-entropy times s_i per row, no (B, K) target matrix and no autograd for the head), then
-        autograd through the hidden layers from ∂L/∂h. Probabilities: the base class's autograd path."""
-        if target.dtype != torch.int64:
-            return super()._batch_gradient(params, X, target, sample_weight, denominator)
-        h = hidden(params, X)
-        weight, bias = params["head.weight"], params["head.bias"]
-        loss_sum, grad_weight, grad_bias, grad_h = linear_cross_entropy_with_grads(
-            h.detach(), weight.detach(), bias.detach(), target, sample_weight,
-            class_weight=self._loss_weight, label_smoothing=self.label_smoothing,
-            grad_scale=1.0 / denominator, need_dx=h.requires_grad,
-        )  # fmt: skip
-        for param, grad in ((weight, grad_weight), (bias, grad_bias)):
-            param.grad = grad if param.grad is None else param.grad.add_(grad)
-        if grad_h is not None:
-            h.backward(grad_h)
-        return loss_sum
-
-    def _head_loss(
-        self, h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, sw: Tensor | None
-    ) -> Tensor:
-        # probabilities t (class indices take _batch_gradient's closed form): q = w_c·((1 − ε)·t_c + ε/K)
-        # times s_i (Σ_c q_c = the row's weight, and the fused head's gradient (Σ_c q_c)·ŷ − q carries it)
+        sw: Tensor | None,
+        grad_scale: float,
+        need_dh: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Class indices: in closed form (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`:
+        torch's weighted, smoothed cross-entropy times s_i per row, no (B, K) target matrix). Probabilities
+        t: the fused head on q = w_c·((1 − ε)·t_c + ε/K) times s_i (Σ_c q_c = the row's weight, and the
+        fused head's gradient (Σ_c q_c)·ŷ − q carries it), made in its forward pass and read by autograd."""
+        if target.dtype == torch.int64:
+            return linear_cross_entropy_with_grads(
+                h, weight, bias, target, sw, class_weight=self._loss_weight,
+                label_smoothing=self.label_smoothing, grad_scale=grad_scale, need_dx=need_dh,
+            )  # fmt: skip
         q = target
         if self.label_smoothing:
             q = q * (1.0 - self.label_smoothing) + self.label_smoothing / weight.shape[0]
@@ -277,7 +263,11 @@ class SoftmaxClassifier(BaseClassifier):
             q = q * self._loss_weight
         if sw is not None:
             q = q * sw[:, None]
-        return linear_cross_entropy(h, weight, q, linear_bias=bias, reduction="sum")
+        leaves = [weight.requires_grad_(), bias.requires_grad_(), *([h.requires_grad_()] if need_dh else [])]
+        with torch.enable_grad():
+            loss_sum = linear_cross_entropy(h, weight, q, linear_bias=bias, reduction="sum")
+            grads = torch.autograd.grad(loss_sum * grad_scale, leaves)
+        return loss_sum.detach(), grads[0], grads[1], grads[2] if need_dh else None
 
     def _validation_labels(self, target: np.ndarray) -> np.ndarray:
         return self.classes_[target if target.ndim == 1 else target.argmax(axis=1)]
@@ -315,7 +305,8 @@ class SigmoidClassifier(BaseClassifier):
 
     The model is z = W·h(x) + b (h the identity or a ReLU MLP), P(label j) = σ(z_j), and the loss
     Σ_j w·[p_j·y_j·(−log σ(z_j)) + (1 − y_j)·(−log(1 − σ(z_j)))] (p: pos_weight, w: sample weight), whose
-    gradient σ(z) − y (without weights) comes from :func:`softxent.linear_binary_cross_entropy`'s forward.
+    gradient σ(z) − y (without weights) is written down in closed form
+    (:func:`softxent.ops.weighted.linear_binary_cross_entropy_with_grads`).
 
     Targets: an ``(n_samples, n_labels)`` indicator matrix (values in [0, 1]; classes_ is 0..L−1; predict
     returns the 0/1 matrix σ(z) > 1/2), or 1-D class labels: binary (one sigmoid for classes_[1]) or
@@ -442,17 +433,20 @@ class SigmoidClassifier(BaseClassifier):
             )
         return torch.from_numpy(weights)
 
-    def _head_loss(
-        self, h: Tensor, weight: Tensor, bias: Tensor, target: Tensor, sw: Tensor | None
-    ) -> Tensor:
-        return linear_binary_cross_entropy(
-            h,
-            weight,
-            target,
-            linear_bias=bias,
-            weight=None if sw is None else sw[:, None],
-            pos_weight=self._loss_weight,
-            reduction="sum",
+    def _head_gradients(
+        self,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        target: Tensor,
+        sw: Tensor | None,
+        grad_scale: float,
+        need_dh: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """In closed form (:func:`softxent.ops.weighted.linear_binary_cross_entropy_with_grads`): torch's
+        binary cross-entropy with pos_weight, times s_i per row."""
+        return linear_binary_cross_entropy_with_grads(
+            h, weight, bias, target, sw, pos_weight=self._loss_weight, grad_scale=grad_scale, need_dx=need_dh
         )
 
     def _strictly_right(self, logits: Tensor, target: Tensor) -> bool:

@@ -1,21 +1,26 @@
-r"""The softmax linear head's loss and gradients in closed form, with a weight per row: the estimators' step.
+r"""The linear heads' loss and gradients in closed form, with a weight per row: the estimators' step.
 
 An estimator's SGD step (and each chunk of an L-BFGS evaluation) needs Σ_i s_i·ℓ_i over a batch and its
-gradient, for class-index targets y_i, sample weights s_i, class weights w and label smoothing ε; with
-q_i = (1 − ε)·w_{y_i}·onehot(y_i) + (ε/C)·w the probability target that torch's smoothed, weighted
-cross-entropy amounts to, and log ŷ = log_softmax(z):
+gradient, s_i the row's sample weight. For the softmax head (:func:`linear_cross_entropy_with_grads`),
+with class-index targets y_i, class weights w and label smoothing ε, q_i = (1 − ε)·w_{y_i}·onehot(y_i) +
+(ε/C)·w is the probability target that torch's smoothed, weighted cross-entropy amounts to, and with
+log ŷ = log_softmax(z):
 
 .. math::
     L = \sum_i s_i\,ℓ_i = -\sum_i s_i \sum_c q_{ic} \log ŷ_{ic}, \qquad
     G_i = \frac{∂L}{∂z_i} = s_i\,\bigl((\textstyle\sum_c q_{ic})\,ŷ_i - q_i\bigr), \qquad
     \frac{∂L}{∂W} = G^\top X,\quad \frac{∂L}{∂b} = G^\top 1,\quad \frac{∂L}{∂X} = G\,W.
 
+For the sigmoid head (:func:`linear_binary_cross_entropy_with_grads`, one binary cross-entropy per label
+with positive weights p), G_ij = s_i·((1 + (p_j − 1)·y_ij)·σ(z_ij) − p_j·y_ij), σ(z) − y without weights,
+and the same three matmuls.
+
 At an estimator's sizes (a batch of 4096 rows, tens of classes) the logits of a whole batch fit in cache,
-and the fused linear head's chunked driver and autograd cost more than the logits they save: about 60 small
-torch calls a step. Here the gradient is written down instead of traced: 26 torch calls a step, on any
-device, with no host synchronization (measured on the 2-core CPU, 150k × 200 float32 rows, 20 classes: an
-SGD epoch of 37 steps 0.048 s against 0.064–0.080 s through the fused head; benchmarks/RESULTS.md, issue
-16).
+and the fused linear heads' chunked drivers and autograd cost more than the logits they save: about 60
+small torch calls a step. Here the gradient is written down instead of traced: 26 torch calls a softmax
+step, on any device, with no host synchronization (measured on the 2-core CPU, 150k × 200 float32 rows,
+20 classes: an SGD epoch of 37 steps 0.048 s against 0.064–0.080 s through the fused head;
+benchmarks/RESULTS.md, issue 16).
 """
 
 from __future__ import annotations
@@ -133,3 +138,90 @@ def linear_cross_entropy_with_grads(
         grad_weight = torch.zeros_like(linear_weight)
         grad_bias = None if linear_bias is None else torch.zeros_like(linear_bias)
     return loss, grad_weight, grad_bias, grad_x
+
+
+def linear_binary_cross_entropy_with_grads(
+    x: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    row_weight: Tensor | None = None,
+    *,
+    pos_weight: Tensor | None = None,
+    grad_scale: float = 1.0,
+    need_dx: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """L = Σ_i s_i·Σ_j ℓ_ij and g·∂L/∂W, g·∂L/∂b, g·∂L/∂x for a sigmoid head (module docstring), without
+    autograd.
+
+    x ``(N, D)``, linear_weight ``(K, D)``, linear_bias ``(K,)`` or None, target ``(N, K)`` in [0, 1],
+    row_weight ``(N,)`` (s_i >= 0; None: all 1), pos_weight ``(K,)`` (p; None: all 1), all in x's dtype
+    and on its device; g = ``grad_scale``. Returns (L as a 0-d tensor, dW ``(K, D)``, db ``(K,)`` or None
+    without a bias, dx ``(N, D)`` or None unless ``need_dx``), the same as::
+
+        L = F.binary_cross_entropy_with_logits(x @ W.T + b, target, weight=s[:, None], pos_weight=p,
+                                               reduction="sum")
+        dW, db, dx = torch.autograd.grad(g * L, (W, b, x))
+
+    Per block of rows: the logits' addmm, the elementwise loss and gradient in about a dozen torch calls
+    (three transcendental passes: exp, log1p, sigmoid) with G written over the logits, and the matmuls for
+    dW (and dx). A block is every row unless K·N exceeds BLOCK_ELEMENTS. Arguments are not checked:
+    callers pass validated tensors.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x, W, y = torch.randn(6, 3), torch.randn(4, 3), torch.randint(0, 2, (6, 4)).float()
+        >>> loss, dW, db, dx = linear_binary_cross_entropy_with_grads(x, W, None, y)
+        >>> torch.allclose(loss, F.binary_cross_entropy_with_logits(x @ W.T, y, reduction="sum"))
+        True
+    """
+    num_outputs, n_rows = linear_weight.shape[0], x.shape[0]
+    rows = max(1, min(n_rows, BLOCK_ELEMENTS // max(1, num_outputs)))
+    loss = x.new_zeros(())
+    grad_weight = torch.zeros_like(linear_weight)
+    grad_bias = None if linear_bias is None else torch.zeros_like(linear_bias)
+    grad_x = torch.empty_like(x) if need_dx else None
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        x_block = x[start:stop]
+        if linear_bias is not None:
+            logits = torch.addmm(linear_bias, x_block, linear_weight.t())  # (rows, K)
+        else:
+            logits = torch.mm(x_block, linear_weight.t())
+        s = None if row_weight is None else row_weight[start:stop]
+        loss += _sigmoid_block(logits, target[start:stop], s, pos_weight, grad_scale)
+        grad_weight.addmm_(logits.t(), x_block)  # the logits now hold G
+        if grad_bias is not None:
+            grad_bias += logits.sum(0)
+        if grad_x is not None:
+            torch.mm(logits, linear_weight, out=grad_x[start:stop])
+    return loss, grad_weight, grad_bias, grad_x
+
+
+def _sigmoid_block(
+    logits: Tensor, target: Tensor, row_weight: Tensor | None, pos_weight: Tensor | None, grad_scale: float
+) -> Tensor:
+    """Σ_i s_i·Σ_j ℓ_ij of a (rows, K) block, writing G = g·s_i·(L_ij·σ(z_ij) − p_j·y_ij) over ``logits``.
+
+    With L = 1 + (p − 1)·y and softplus(−z) = log1p(e^{−|z|}) + max(−z, 0) (e^{−|z|} <= 1: no overflow),
+    ℓ = L·softplus(−z) + (1 − y)·z = L·log1p(e^{−|z|}) + [L·max(−z, 0) + (1 − y)·z]. The bracket, which
+    is max(z, 0) − y·z without pos_weight, is formed first: for a 0/1 target in the tail where it
+    vanishes its two terms are equal floats and cancel exactly, so log1p(e^{−|z|}) keeps all its digits
+    (softxent.reference folds it the same way).
+    """
+    z, y = logits, target
+    log1p_exp = z.abs().neg_().exp_().log1p_()  # log1p(e^{−|z|})
+    if pos_weight is None:
+        loss = log1p_exp.add_(z.clamp_min(0.0).sub_(y * z))
+    else:
+        log_weight = (pos_weight - 1.0) * y + 1.0  # L
+        linear = z.neg().clamp_min_(0.0).mul_(log_weight).add_((1.0 - y) * z)
+        loss = log1p_exp.mul_(log_weight).add_(linear)
+    total = loss.sum() if row_weight is None else loss.sum(1) @ row_weight
+    grad = z.sigmoid_()  # the logits are not needed again
+    if pos_weight is None:
+        grad.sub_(y)
+    else:
+        grad.mul_(log_weight).sub_(pos_weight * y)
+    grad.mul_(grad_scale if row_weight is None else (row_weight * grad_scale).unsqueeze(1))
+    return total
