@@ -9,6 +9,7 @@ Models, all with random_state=0 where they take one:
   softxent      SoftmaxClassifier() with its defaults (solver="auto": full-batch L-BFGS for the linear model)
   softxent-sgd  SoftmaxClassifier(solver="sgd") (minibatch SGD, 20 epochs at most)
   softxent-mlp  SoftmaxClassifier(hidden_layer_sizes=(100,)) (one ReLU layer, SGD; not a linear model)
+  softxent-ovr  SigmoidClassifier(solver="sgd") (one-vs-rest sigmoids, the multi-label model's step)
   lr            LogisticRegression(max_iter=1000) (lbfgs, multinomial)
   sgd           SGDClassifier(loss="log_loss") (one-vs-rest)
 
@@ -61,11 +62,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from bench_cpu import _reset_peak_rss, _status_mib
-from softxent import SoftmaxClassifier
+from softxent import SigmoidClassifier, SoftmaxClassifier
 
 BUNDLED = {"iris": load_iris, "wine": load_wine, "breast_cancer": load_breast_cancer, "digits": load_digits}
 DATASETS = (*BUNDLED, "synthetic")
-MODELS = ("softxent", "softxent-sgd", "softxent-mlp", "lr", "sgd")
+MODELS = ("softxent", "softxent-sgd", "softxent-mlp", "softxent-ovr", "lr", "sgd")
 
 
 def load(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -89,6 +90,8 @@ def make_model(model: str) -> object:
         return SoftmaxClassifier(random_state=0)
     if model == "softxent-sgd":
         return SoftmaxClassifier(solver="sgd", random_state=0)
+    if model == "softxent-ovr":
+        return SigmoidClassifier(solver="sgd", random_state=0)
     if model == "softxent-mlp":
         return SoftmaxClassifier(hidden_layer_sizes=(100,), random_state=0)
     if model == "lr":
