@@ -472,42 +472,35 @@ def test_bad_data_raises_with_the_name(blobs):
             SoftmaxClassifier(device="cuda").fit(X, y)
 
 
+def _one_epoch_calls(estimator, X, target) -> dict[str, int]:
+    """The torch ops, by count, of a one-epoch SGD fit of 15 steps (batches of 16, sample weights given)."""
+    clf = estimator(solver="sgd", batch_size=16, max_iter=1, tol=None, random_state=0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        clf.fit(X, target, sample_weight=np.ones(len(X)))
+    assert clf.t_ == 15
+    return {event.key: event.count for event in profile.key_averages()}
+
+
 def test_an_sgd_epoch_gathers_its_rows_once(blobs):
     """Shuffled rows are gathered a segment of steps at a time (here all 15 steps in one segment): one
     index_select each for X, the targets and the sample weights an epoch, and one index upload, instead
     of one of each a step (on CUDA, a host-to-device copy between steps)."""
     X, y = blobs
-    clf = SoftmaxClassifier(solver="sgd", batch_size=16, max_iter=1, tol=None, random_state=0)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        clf.fit(X, y, sample_weight=np.ones(len(y)))
-    calls = {event.key: event.count for event in profile.key_averages()}
-    assert clf.t_ == 15
+    calls = _one_epoch_calls(SoftmaxClassifier, X, y)
     assert calls["aten::index_select"] == 3
     assert "aten::one_hot" not in calls  # class-index targets: no (B, C) target matrix a step
 
 
 def test_a_linear_sgd_step_is_the_closed_form(blobs):
     """Class indices, linear model: each of the 15 steps is the two matmuls of the gradient (logits and
-    ∂L/∂W, no recompute), one exp over the logits and no autograd (softxent.ops.weighted)."""
+    ∂L/∂W, no recompute), one exp over the logits and no autograd (softxent.ops.weighted); the same for
+    SigmoidClassifier with its logits' addmm and ∂L/∂W's addmm_."""
     X, y = blobs
-    clf = SoftmaxClassifier(solver="sgd", batch_size=16, max_iter=1, tol=None, random_state=0)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        clf.fit(X, y, sample_weight=np.ones(len(y)))
-    calls = {event.key: event.count for event in profile.key_averages()}
-    assert clf.t_ == 15
+    calls = _one_epoch_calls(SoftmaxClassifier, X, y)
     assert calls["aten::addmm"] == calls["aten::mm"] == calls["aten::exp_"] == 15
     assert "aten::exp" not in calls
     assert not [key for key in calls if key.startswith("autograd::")]
-
-
-def test_a_linear_sigmoid_sgd_step_is_the_closed_form(blobs):
-    """SigmoidClassifier's step too: the logits' addmm, ∂L/∂W's addmm_, no autograd."""
-    X, y = blobs
-    clf = SigmoidClassifier(solver="sgd", batch_size=16, max_iter=1, tol=None, random_state=0)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        clf.fit(X, np.eye(5)[y], sample_weight=np.ones(len(y)))
-    calls = {event.key: event.count for event in profile.key_averages()}
-    assert clf.t_ == 15
+    calls = _one_epoch_calls(SigmoidClassifier, X, np.eye(5)[y])
     assert calls["aten::addmm"] == calls["aten::addmm_"] == 15
     assert not [key for key in calls if key.startswith("autograd::")]
 
