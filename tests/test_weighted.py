@@ -19,10 +19,12 @@ from softxent.ops.weighted import linear_cross_entropy_with_grads
 
 
 def _reference(x, w, b, y, s, class_weight, smoothing, scale):
-    """(L, g·dX, g·dW, g·db) in float64 from softxent.reference, q_i = s_i·((1 − ε)·onehot(y_i) + ε/C)."""
+    """(L, g·dX, g·dW, g·db) in float64 from softxent.reference, q_i = s_i·((1 − ε)·t_i + ε/C), t_i the
+    one-hot row of class index y_i or the probability row y_i."""
     c = w.shape[0]
     rows = np.ones(len(y)) if s is None else to_numpy(s)
-    q = rows[:, None] * ((1 - smoothing) * np.eye(c)[y.numpy()] + smoothing / c)
+    t = to_numpy(y) if y.is_floating_point() else np.eye(c)[y.numpy()]
+    q = rows[:, None] * ((1 - smoothing) * t + smoothing / c)
     loss, dX, dW, db = reference.linear_cross_entropy(
         to_numpy(x), to_numpy(w), q, None if b is None else to_numpy(b),
         weight=None if class_weight is None else to_numpy(class_weight), reduction="sum",
@@ -46,8 +48,9 @@ def _torch_autograd(x, w, b, y, s, class_weight, smoothing, scale):
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("rows_weighted", [False, True])
 @pytest.mark.parametrize("block_elements", [None, 129 * 10])
+@pytest.mark.parametrize("probabilities", [False, True])
 def test_the_loss_and_gradients_are_the_references(
-    rng, monkeypatch, dtype, weighted_classes, smoothing, rows_weighted, block_elements
+    rng, monkeypatch, dtype, weighted_classes, smoothing, rows_weighted, block_elements, probabilities
 ):
     if block_elements is not None:  # blocks of 10 rows: 83 rows in 9 blocks, the last of 3
         monkeypatch.setattr(weighted, "BLOCK_ELEMENTS", block_elements)
@@ -56,6 +59,9 @@ def test_the_loss_and_gradients_are_the_references(
     w = torch.randn(c, d, generator=rng, dtype=torch.float64) * 0.5
     b = torch.randn(c, generator=rng, dtype=torch.float64)
     y = torch.randint(0, c, (n,), generator=rng)
+    if probabilities:  # soft rows, a few of them one-hot
+        y = torch.softmax(torch.randn(n, c, generator=rng, dtype=torch.float64) * 2, dim=1)
+        y[:4] = torch.eye(c, dtype=torch.float64)[:4]
     s = None
     if rows_weighted:
         s = torch.rand(n, generator=rng, dtype=torch.float64) * 3
@@ -67,9 +73,10 @@ def test_the_loss_and_gradients_are_the_references(
     def cast(t):
         return None if t is None else t.to(dtype)
 
+    target = cast(y) if probabilities else y
     got_loss, got_dW, got_db, got_dX = linear_cross_entropy_with_grads(
-        cast(x), cast(w), cast(b), y, cast(s), class_weight=cast(class_weight), label_smoothing=smoothing,
-        grad_scale=scale, need_dx=True,
+        cast(x), cast(w), cast(b), target, cast(s), class_weight=cast(class_weight),
+        label_smoothing=smoothing, grad_scale=scale, need_dx=True,
     )  # fmt: skip
     assert got_loss.dtype == got_dW.dtype == got_db.dtype == got_dX.dtype == dtype
     got = {"loss": got_loss, "dX": got_dX, "dW": got_dW, "db": got_db}
@@ -77,7 +84,7 @@ def test_the_loss_and_gradients_are_the_references(
         for (name, value), reference_value in zip(got.items(), expected, strict=True):
             assert_close(value, reference_value, 1e-12, name)
         return
-    eager = _torch_autograd(cast(x), cast(w), cast(b), y, cast(s), cast(class_weight), smoothing, scale)
+    eager = _torch_autograd(cast(x), cast(w), cast(b), target, cast(s), cast(class_weight), smoothing, scale)
     for (name, value), eager_value, reference_value in zip(got.items(), eager, expected, strict=True):
         assert_no_worse(value, eager_value, reference_value, 2e-6, name)
 
@@ -128,16 +135,19 @@ def test_no_rows_give_zeros_and_no_dx_unless_asked(rng):
     rows_weighted=st.booleans(),
     bias=st.booleans(),
     block_rows=st.integers(1, 50),
+    probabilities=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_any_shape_matches_torch_autograd_in_float64(
-    n, c, d, smoothing, weighted_classes, rows_weighted, bias, block_rows, seed
+    n, c, d, smoothing, weighted_classes, rows_weighted, bias, block_rows, probabilities, seed
 ):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=generator, dtype=torch.float64) * 3
     w = torch.randn(c, d, generator=generator, dtype=torch.float64)
     b = torch.randn(c, generator=generator, dtype=torch.float64) if bias else None
     y = torch.randint(0, c, (n,), generator=generator)
+    if probabilities:
+        y = torch.rand(n, c, generator=generator, dtype=torch.float64)  # rows need not sum to 1
     s = torch.rand(n, generator=generator, dtype=torch.float64) if rows_weighted else None
     class_weight = torch.rand(c, generator=generator, dtype=torch.float64) if weighted_classes else None
     previous = weighted.BLOCK_ELEMENTS
@@ -286,3 +296,28 @@ def test_the_sigmoid_head_keeps_the_tails_digits(logit, label, pos_weight):
     np.testing.assert_allclose(to_numpy(loss), expected[0], rtol=1e-14, atol=0)
     np.testing.assert_allclose(to_numpy(dW), expected[2], rtol=1e-14, atol=0)
     np.testing.assert_allclose(to_numpy(dX), expected[1], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("head", ["softmax-indices", "softmax-probabilities", "sigmoid"])
+def test_the_inputs_are_left_as_they_were(rng, n, head):
+    """Every argument comes back unchanged, a one-row batch too (whose transposed target block is a view
+    that torch calls contiguous: in-place work on it once scaled the caller's targets)."""
+    x, w = torch.randn(n, 4, generator=rng), torch.randn(3, 4, generator=rng)
+    b = torch.randn(3, generator=rng)
+    s, class_weight = torch.rand(n, generator=rng), torch.rand(3, generator=rng) + 0.5
+    if head == "softmax-indices":
+        target = torch.randint(0, 3, (n,), generator=rng)
+    else:
+        target = torch.rand(n, 3, generator=rng)
+    before = [t.clone() for t in (x, w, b, target, s, class_weight)]
+    if head == "sigmoid":
+        weighted.linear_binary_cross_entropy_with_grads(
+            x, w, b, target, s, pos_weight=class_weight, grad_scale=0.3, need_dx=True
+        )
+    else:
+        linear_cross_entropy_with_grads(
+            x, w, b, target, s, class_weight=class_weight, label_smoothing=0.1, grad_scale=0.3, need_dx=True
+        )
+    for after, saved in zip((x, w, b, target, s, class_weight), before, strict=True):
+        torch.testing.assert_close(after, saved, rtol=0, atol=0)

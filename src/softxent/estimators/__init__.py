@@ -6,9 +6,8 @@ classes at once, ŷ = softmax(z), trained on the cross-entropy with the gradient
 .. math::
     \frac{∂ℓ}{∂W} = (ŷ - y)\,x^\top, \qquad \frac{∂ℓ}{∂b} = ŷ - y,
 
-written down in closed form for class labels (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`:
-a few torch calls a batch, no autograd for the head) and produced in the forward pass of
-:func:`softxent.linear_cross_entropy` for probability targets. scikit-learn's ``SGDClassifier``
+written down in closed form (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`: a few torch
+calls a batch, no autograd for the head). scikit-learn's ``SGDClassifier``
 offers only one-vs-rest for several classes. :class:`SigmoidClassifier` puts one sigmoid and one binary
 cross-entropy on each label (multi-label problems, gradient σ(z) − y, in closed form too:
 :func:`softxent.ops.weighted.linear_binary_cross_entropy_with_grads`). With ``hidden_layer_sizes`` both

@@ -13,7 +13,6 @@ from torch import Tensor
 
 from softxent.estimators._base import BaseClassifier
 from softxent.estimators._checks import balanced_weights, check_labels, check_number, classes_for, shown
-from softxent.functional import linear_cross_entropy
 from softxent.ops.weighted import linear_binary_cross_entropy_with_grads, linear_cross_entropy_with_grads
 
 
@@ -25,9 +24,8 @@ class SoftmaxClassifier(BaseClassifier):
     softmax(z), and the loss the cross-entropy −Σ_c q_c log ŷ_c against the target distribution q (one-hot
     for class labels, optionally smoothed: q = (1 − ε)·y + ε/K, and multiplied by the class weight w_c and
     the sample weight s). Its gradient, ∂ℓ/∂z = (Σ_c q_c)·ŷ − q = ŷ − y for plain labels, and ∂ℓ/∂W =
-    (ŷ − y)hᵀ are written down in closed form for class labels
-    (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`) and come out of the forward pass of
-    :func:`softxent.linear_cross_entropy` for probability targets.
+    (ŷ − y)hᵀ are written down in closed form
+    (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`).
 
     The objective is the weighted mean loss plus the penalty, (1/S)·Σ_i s_i·ℓ_i + α/2·‖W‖² (S = Σ_i s_i).
     ``LogisticRegression(C=C)`` minimizes the same for three or more classes with α = 1/(C·S); for two
@@ -247,27 +245,13 @@ class SoftmaxClassifier(BaseClassifier):
         grad_scale: float,
         need_dh: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Class indices: in closed form (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`:
-        torch's weighted, smoothed cross-entropy times s_i per row, no (B, K) target matrix). Probabilities
-        t: the fused head on q = w_c·((1 − ε)·t_c + ε/K) times s_i (Σ_c q_c = the row's weight, and the
-        fused head's gradient (Σ_c q_c)·ŷ − q carries it), made in its forward pass and read by autograd."""
-        if target.dtype == torch.int64:
-            return linear_cross_entropy_with_grads(
-                h, weight, bias, target, sw, class_weight=self._loss_weight,
-                label_smoothing=self.label_smoothing, grad_scale=grad_scale, need_dx=need_dh,
-            )  # fmt: skip
-        q = target
-        if self.label_smoothing:
-            q = q * (1.0 - self.label_smoothing) + self.label_smoothing / weight.shape[0]
-        if self._loss_weight is not None:
-            q = q * self._loss_weight
-        if sw is not None:
-            q = q * sw[:, None]
-        leaves = [weight.requires_grad_(), bias.requires_grad_(), *([h.requires_grad_()] if need_dh else [])]
-        with torch.enable_grad():
-            loss_sum = linear_cross_entropy(h, weight, q, linear_bias=bias, reduction="sum")
-            grads = torch.autograd.grad(loss_sum * grad_scale, leaves)
-        return loss_sum.detach(), grads[0], grads[1], grads[2] if need_dh else None
+        """In closed form (:func:`softxent.ops.weighted.linear_cross_entropy_with_grads`): torch's weighted,
+        smoothed cross-entropy on class indices or probabilities, times s_i per row, with no (B, K)
+        target matrix for class indices."""
+        return linear_cross_entropy_with_grads(
+            h, weight, bias, target, sw, class_weight=self._loss_weight,
+            label_smoothing=self.label_smoothing, grad_scale=grad_scale, need_dx=need_dh,
+        )  # fmt: skip
 
     def _validation_labels(self, target: np.ndarray) -> np.ndarray:
         return self.classes_[target if target.ndim == 1 else target.argmax(axis=1)]

@@ -3,8 +3,8 @@ r"""The linear heads' loss and gradients in closed form, with a weight per row: 
 An estimator's SGD step (and each chunk of an L-BFGS evaluation) needs Σ_i s_i·ℓ_i over a batch and its
 gradient, s_i the row's sample weight. For the softmax head (:func:`linear_cross_entropy_with_grads`),
 with class-index targets y_i, class weights w and label smoothing ε, q_i = (1 − ε)·w_{y_i}·onehot(y_i) +
-(ε/C)·w is the probability target that torch's smoothed, weighted cross-entropy amounts to, and with
-log ŷ = log_softmax(z):
+(ε/C)·w is the probability target that torch's smoothed, weighted cross-entropy amounts to (for
+probability targets t_i, q_i = w ⊙ ((1 − ε)·t_i + ε/C)), and with log ŷ = log_softmax(z):
 
 .. math::
     L = \sum_i s_i\,ℓ_i = -\sum_i s_i \sum_c q_{ic} \log ŷ_{ic}, \qquad
@@ -48,8 +48,9 @@ def linear_cross_entropy_with_grads(
     """L = Σ_i s_i·ℓ_i and g·∂L/∂W, g·∂L/∂b, g·∂L/∂x (module docstring), without autograd.
 
     x ``(N, D)``, linear_weight ``(C, D)``, linear_bias ``(C,)`` or None, target ``(N,)`` int64 class
-    indices in [0, C) (no ignore_index), row_weight ``(N,)`` (s_i >= 0; None: all 1), class_weight ``(C,)``
-    (w; None: all 1), all in x's dtype (float32 or float64) and on its device; g = ``grad_scale``. Returns
+    indices in [0, C) (no ignore_index) or ``(N, C)`` probabilities t (then q_i = w ⊙ ((1 − ε)·t_i + ε/C)),
+    row_weight ``(N,)`` (s_i >= 0; None: all 1), class_weight ``(C,)`` (w; None: all 1), all in x's dtype
+    (float32 or float64) and on its device; g = ``grad_scale``. Returns
     (L as a 0-d tensor, dW ``(C, D)``, db ``(C,)`` or None without a bias, dx ``(N, D)`` or None unless
     ``need_dx``), the same as::
 
@@ -74,10 +75,11 @@ def linear_cross_entropy_with_grads(
     num_classes, n_rows = linear_weight.shape[0], x.shape[0]
     rows = max(1, min(n_rows, BLOCK_ELEMENTS // max(1, num_classes)))
     eps = float(label_smoothing)
-    # Σ_c q_ic = (1 − ε)·w_{y_i} + ε·mean(w): 1 without class weights
+    probabilities = target.is_floating_point()
+    # class indices: Σ_c q_ic = (1 − ε)·w_{y_i} + ε·mean(w), 1 without class weights
     smooth_mass = eps * (1.0 if class_weight is None else class_weight.mean())
     smooth = None  # (ε/C)·w as a (C, 1) column
-    if eps:
+    if eps and not probabilities:
         smooth = (eps / num_classes) * (
             torch.ones(num_classes, 1, dtype=x.dtype, device=x.device)
             if class_weight is None
@@ -87,28 +89,41 @@ def linear_cross_entropy_with_grads(
     grad_weight = grad_bias = None
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
-        x_block, y = x[start:stop], target[start:stop].unsqueeze(0)
+        x_block, y = x[start:stop], None if probabilities else target[start:stop].unsqueeze(0)
         if linear_bias is not None:
             shifted = torch.addmm(linear_bias.unsqueeze(1), linear_weight, x_block.t())  # zᵀ, (C, rows)
         else:
             shifted = torch.mm(linear_weight, x_block.t())
         shifted.sub_(shifted.amax(0))  # z − max: every later term is shift-free
-        picked = shifted.gather(0, y)[0]  # z_y − max
-        spread = None if smooth is None else (smooth * shifted).sum(0)  # Σ_c (ε/C)·w_c·(z_c − max)
+        if probabilities:  # q as a (C, rows) block, Σ_c q_ic and Σ_c q_ic·(z_ic − max)
+            # a copy, always: .contiguous() of a one-row block's transpose would be the caller's target
+            q = target[start:stop].t().clone(memory_format=torch.contiguous_format)
+            if eps:
+                q.mul_(1.0 - eps).add_(eps / num_classes)
+            if class_weight is not None:
+                q.mul_(class_weight.unsqueeze(1))
+            mass, dot = q.sum(0), (q * shifted).sum(0)
+        else:
+            picked = shifted.gather(0, y)[0]  # z_y − max
+            spread = None if smooth is None else (smooth * shifted).sum(0)  # Σ_c (ε/C)·w_c·(z_c − max)
         probs = shifted.exp_()
         sum_exp = probs.sum(0)
         log_sum = sum_exp.log()  # lse − max
 
-        # ℓ_i = −Σ_c q_ic·log ŷ_ic
+        # ℓ_i = −Σ_c q_ic·log ŷ_ic = (Σ_c q_ic)·(lse − max) − Σ_c q_ic·(z_ic − max), for class indices
         #     = (Σ_c q_ic)·(lse − max) − (1 − ε)·w_y·(z_y − max) − Σ_c (ε/C)·w_c·(z_c − max)
-        hard = (1.0 - eps) if class_weight is None else (1.0 - eps) * class_weight[y[0]]  # number or (rows,)
-        mass = hard + smooth_mass
-        if class_weight is None and not eps:
-            row_loss = log_sum.sub_(picked)
+        if probabilities:
+            row_loss = log_sum.mul_(mass).sub_(dot)
         else:
-            row_loss = log_sum.mul_(mass).sub_(picked * hard)
-            if spread is not None:
-                row_loss -= spread
+            # (1 − ε)·w_y: a number or (rows,)
+            hard = (1.0 - eps) if class_weight is None else (1.0 - eps) * class_weight[y[0]]
+            mass = hard + smooth_mass
+            if class_weight is None and not eps:
+                row_loss = log_sum.sub_(picked)
+            else:
+                row_loss = log_sum.mul_(mass).sub_(picked * hard)
+                if spread is not None:
+                    row_loss -= spread
         s = None if row_weight is None else row_weight[start:stop]
         block_loss = row_loss.sum() if s is None else row_loss @ s
         loss = block_loss if loss is None else loss + block_loss
@@ -116,14 +131,17 @@ def linear_cross_entropy_with_grads(
         # G = g·s_i·((Σ_c q_ic)·ŷ − q_i), written over exp(z − max): ŷ = exp(z − max) / Σexp
         scale = grad_scale if s is None else s * grad_scale  # a number or (rows,)
         probs.mul_(sum_exp.reciprocal_().mul_(mass * scale))
-        if smooth is not None:
-            probs.sub_(smooth * scale)
-        # − g·s_i·(1 − ε)·w_{y_i} at each row's true class, by scatter_add_ (deterministic on CUDA too
-        # under torch.use_deterministic_algorithms, as torch documents)
-        true_class = -hard * scale
-        if not isinstance(true_class, Tensor):
-            true_class = torch.full((stop - start,), true_class, dtype=x.dtype, device=x.device)
-        probs.scatter_add_(0, y, true_class.unsqueeze(0))
+        if probabilities:
+            probs.sub_(q.mul_(scale))
+        else:
+            if smooth is not None:
+                probs.sub_(smooth * scale)
+            # − g·s_i·(1 − ε)·w_{y_i} at each row's true class, by scatter_add_ (deterministic on CUDA
+            # too under torch.use_deterministic_algorithms, as torch documents)
+            true_class = -hard * scale
+            if not isinstance(true_class, Tensor):
+                true_class = torch.full((stop - start,), true_class, dtype=x.dtype, device=x.device)
+            probs.scatter_add_(0, y, true_class.unsqueeze(0))
         if grad_weight is None:
             grad_weight = torch.mm(probs, x_block)
             grad_bias = None if linear_bias is None else probs.sum(1)
