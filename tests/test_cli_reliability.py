@@ -389,7 +389,8 @@ def test_diverged_fit_writes_no_model(tmp_path: Path, capsys: pytest.CaptureFixt
     data = tmp_path / "data.csv"
     make_frame().to_csv(data, index=False)
     argv = ["train", str(data), "--target", "label", "--lr", "1e6", "--out", str(tmp_path / "out"), *FAST]
-    fails_cleanly([*argv, "--checkpoint-every", "1"], "diverged", tmp_path, capsys)
+    _, stderr = fails_cleanly([*argv, "--checkpoint-every", "1"], "diverged", tmp_path, capsys)
+    assert "a smaller --lr (now 1000000.0)" in stderr  # the option, not the estimator's eta0
 
 
 def test_failed_fit_removes_its_checkpoints(
@@ -604,8 +605,11 @@ def test_pos_weight_and_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[s
     status, _, stderr = run([*argv, "--out", str(out), *FAST], capsys)
     assert status == 0, stderr
     assert list(load_model(out / "model.safetensors")[0].pos_weight) == [1.0, 3.0]
-    # max_iter reached under a constant rate: scikit-learn's ConvergenceWarning as one line
-    assert "softxent: warning: SigmoidClassifier: max_iter=3 epochs reached" in stderr
+    # max_iter reached under a constant rate: scikit-learn's ConvergenceWarning as one line, naming the
+    # option that sets it
+    assert "softxent: warning: SigmoidClassifier: --epochs=3 epochs reached" in stderr
+    assert "consider raising --epochs" in stderr
+    assert "max_iter" not in stderr
     assert "warnings.warn" not in stderr
 
 

@@ -87,6 +87,9 @@ ESTIMATOR_DEFAULTS: dict[str, Any] = {
 # What max_iter=None and tol="auto" mean for each solver (the estimators' MAX_ITER and TOL), for --help; the
 # same test checks them.
 SOLVER_DEFAULTS = {"sgd": {"max_iter": 20, "tol": 1e-3}, "lbfgs": {"max_iter": 500, "tol": 1e-4}}
+# The estimators' parameters that their warnings and errors name, as the train options that set them: a
+# command-line user is told to raise --epochs, not max_iter.
+OPTION_OF_PARAMETER = {"max_iter": "--epochs", "eta0": "--lr", "alpha": "--alpha", "tol": "--tol"}
 DEFAULTS = {
     "test_size": 0.25,
     "solver": ESTIMATOR_DEFAULTS["solver"],
@@ -1294,17 +1297,27 @@ def _check_standardized(names: Sequence[str], mean: np.ndarray, scale: np.ndarra
         )
 
 
+def _in_option_terms(message: str) -> str:
+    """An estimator's message with the parameters it names (OPTION_OF_PARAMETER) as train's options; a
+    quoted word (a label or feature named 'alpha') stays as it is."""
+    import re
+
+    names = "|".join(OPTION_OF_PARAMETER)
+    return re.sub(rf"(?<![\w'\"])({names})(?![\w'\"])", lambda name: OPTION_OF_PARAMETER[name[1]], message)
+
+
 def _passed_on(caught: list[warnings.WarningMessage]) -> str | None:
-    """Warn again the warnings recorded during a fit, except the estimator's DivergenceWarning, whose
-    message is returned instead (None when there is none)."""
+    """Warn again the warnings recorded during a fit, in option terms, except the estimator's
+    DivergenceWarning, whose message is returned instead (None when there is none)."""
     from softxent.estimators import DivergenceWarning
 
     diverged = None
     for warning in caught:
+        message = _in_option_terms(str(warning.message))
         if issubclass(warning.category, DivergenceWarning):
-            diverged = diverged or str(warning.message)
+            diverged = diverged or message
         else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            warnings.warn_explicit(message, warning.category, warning.filename, warning.lineno)
     return diverged
 
 
@@ -1465,7 +1478,7 @@ def _train(args: argparse.Namespace) -> int:
         fitted = True
     except ValueError as error:  # bad data or options, or a loss that diverged
         discard_checkpoints()
-        raise InputError(first_line(error)) from None
+        raise InputError(_in_option_terms(first_line(error))) from None
     except KeyboardInterrupt:
         if progress:
             progress[0].close()
