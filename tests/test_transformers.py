@@ -8,6 +8,7 @@ training (fused, no logits) and evaluation (the logits, as unpatched), under Tra
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import subprocess
@@ -384,6 +385,34 @@ class _ShiftedLogits(transformers.LlamaForCausalLM):
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_patched_model_copies_and_pickles_patched(how: str, rng: torch.Generator, tmp_path: Path) -> None:
+    """copy.deepcopy (TRL's reference models) and torch.save of the whole model (pickle) keep the patch:
+    the copy's loss forms no logits and equals the original's, and revert works on it."""
+    model = make_model("llama", rng)
+    batch = make_batch(rng)
+    sx.apply(model)
+    expected, expected_grads = loss_and_grads(model, **batch)
+    if how == "deepcopy":
+        copied = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        copied = torch.load(tmp_path / "model.pt", weights_only=False)
+    head_outputs: list[torch.Size] = []
+    copied.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: head_outputs.append(output.shape)
+    )
+    got, grads = loss_and_grads(copied, **batch)
+    assert head_outputs == [head_outputs[0]]
+    assert head_outputs[0][-2] == 0
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0)
+    sx.revert(copied)
+    assert copied(**batch).logits is not None
 
 
 def test_errors_name_the_argument(rng: torch.Generator) -> None:

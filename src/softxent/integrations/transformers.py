@@ -307,9 +307,24 @@ def _capturing_class(head_class: type) -> type:
             input = input[..., :0, :]
         return super(capturing, self).forward(input, *args, **kwargs)
 
-    capturing = type(f"SoftxentCapturing{head_class.__name__}", (head_class,), {"forward": forward})
+    def __reduce_ex__(self: torch.nn.Module, protocol: int) -> tuple[Any, ...]:
+        # made at run time, the class has no importable name: pickle (torch.save of a whole model) rebuilds
+        # it from the head's own class instead
+        return _unpickle_capturing, (head_class,), self.__getstate__()
+
+    capturing = type(
+        f"SoftxentCapturing{head_class.__name__}",
+        (head_class,),
+        {"forward": forward, "__reduce_ex__": __reduce_ex__},
+    )
     _CAPTURING[head_class] = capturing
     return capturing
+
+
+def _unpickle_capturing(head_class: type) -> torch.nn.Module:
+    """An empty capturing head of ``head_class`` for pickle to restore its state into."""
+    capturing = _capturing_class(head_class)
+    return capturing.__new__(capturing)
 
 
 def _lora_parts(head: torch.nn.Module) -> list[tuple[Tensor, Tensor, float, Tensor | None]] | None:
