@@ -76,10 +76,11 @@ def linear_cross_entropy_with_grads(
     rows = max(1, min(n_rows, BLOCK_ELEMENTS // max(1, num_classes)))
     eps = float(label_smoothing)
     probabilities = target.is_floating_point()
-    # class indices: Σ_c q_ic = (1 − ε)·w_{y_i} + ε·mean(w), 1 without class weights
-    smooth_mass = eps * (1.0 if class_weight is None else class_weight.mean())
-    smooth = None  # (ε/C)·w as a (C, 1) column
+    # class indices: Σ_c q_ic = (1 − ε)·w_{y_i} + ε·mean(w) (1 without class weights), and (ε/C)·w as a
+    # (C, 1) column
+    smooth_mass, smooth = 0.0, None
     if eps and not probabilities:
+        smooth_mass = eps if class_weight is None else eps * class_weight.mean()
         smooth = (eps / num_classes) * (
             torch.ones(num_classes, 1, dtype=x.dtype, device=x.device)
             if class_weight is None
