@@ -113,6 +113,21 @@ def test_extreme_logits_keep_the_loss_finite_and_exact(rng, dtype):
         assert_no_worse(value, eager_value, reference_value, 1e-5, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (20, 4096), (3, 70001), (1000, 33), (37, 1031)])
+def test_torchs_cpu_log_softmax_is_exact_in_place(rng, dtype, shape):
+    """The softmax head takes log_softmax over the logits in place on the CPU (out= the input): torch's
+    kernel must give what it gives out of place, bit for bit, at every layout it picks (few and many
+    classes, one row, wide rows), with logits of ±1e4 and −inf among them."""
+    z = torch.randn(shape, generator=rng, dtype=dtype) * 30
+    z[0, 0], z[-1, -1] = 1e4, -1e4
+    if shape[0] > 1:
+        z[1, 0] = float("-inf")
+    expected = torch.log_softmax(z, 0)
+    torch.log_softmax(z, 0, out=z)
+    assert torch.equal(z, expected)
+
+
 def test_no_rows_give_zeros_and_no_dx_unless_asked(rng):
     w, b = torch.randn(5, 3, generator=rng), torch.randn(5, generator=rng)
     loss, dW, db, dX = linear_cross_entropy_with_grads(

@@ -17,10 +17,10 @@ and the same three matmuls.
 
 At an estimator's sizes (a batch of 4096 rows, tens of classes) the logits of a whole batch fit in cache,
 and the fused linear heads' chunked drivers and autograd cost more than the logits they save: about 60
-small torch calls a step. Here the gradient is written down instead of traced: 26 torch calls a softmax
-step, on any device, with no host synchronization (measured on the 2-core CPU, 150k × 200 float32 rows,
-20 classes: an SGD epoch of 37 steps 0.048 s against 0.064–0.080 s through the fused head;
-benchmarks/RESULTS.md, issue 16).
+small torch calls a step. Here the gradient is written down instead of traced: about 20 torch calls a
+softmax step, on any device, with no host synchronization (measured on the 2-core CPU, 150k × 200 float32
+rows, 20 classes: an SGD epoch of 37 steps 0.048 s, since 0.043 s, against 0.064–0.080 s through the fused
+head; benchmarks/RESULTS.md, issue 16).
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ def linear_cross_entropy_with_grads(
     A block of rows' logits is held transposed, zᵀ = W·Xᵀ + b of shape (C, rows): the reductions over C
     then run along the long axis (on the CPU, torch's softmax of a (4096, 20) block over its 20 classes
     took 70 µs, over the first axis of its (20, 4096) transpose 46 µs). Per block: the matmuls of the
-    fused head (4·N·D·C FLOPs, 6·N·D·C with dx), the row maxima, one exp, sums, a gather and a scatter_add_ at
-    the true classes, and a few vector operations for the weights; the loss is (lse − max) − (z_y − max),
-    exact where ŷ_y underflows. A block is every row unless C·N exceeds BLOCK_ELEMENTS. Arguments are not
-    checked: callers pass validated tensors.
+    fused head (4·N·D·C FLOPs, 6·N·D·C with dx), one log_softmax (max, Σ exp and log in one pass), one exp
+    for ŷ, a gather and a scatter_add_ at the true classes, sums, and a few vector operations for the
+    weights; the loss is read off log ŷ, finite where ŷ_y underflows. Without class or row weights (and
+    without dx) g scales the (C, D) product rather than the (C, rows) block. A block is every row unless
+    C·N exceeds BLOCK_ELEMENTS. Arguments are not checked: callers pass validated tensors.
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -86,52 +87,51 @@ def linear_cross_entropy_with_grads(
             if class_weight is None
             else class_weight.unsqueeze(1)
         )
+    # Class indices with neither class nor row weights: G = g·(ŷ − (1 − ε)·onehot(y) − ε/C), so g is applied
+    # to the (C, D) product instead of the (C, rows) block
+    plain = not probabilities and class_weight is None and row_weight is None and not need_dx
     loss, grad_x = None, torch.empty_like(x) if need_dx else None
     grad_weight = grad_bias = None
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         x_block, y = x[start:stop], None if probabilities else target[start:stop].unsqueeze(0)
+        logits = torch.mm(linear_weight, x_block.t())  # zᵀ, (C, rows)
         if linear_bias is not None:
-            shifted = torch.addmm(linear_bias.unsqueeze(1), linear_weight, x_block.t())  # zᵀ, (C, rows)
-        else:
-            shifted = torch.mm(linear_weight, x_block.t())
-        shifted.sub_(shifted.amax(0))  # z − max: every later term is shift-free
-        if probabilities:  # q as a (C, rows) block, Σ_c q_ic and Σ_c q_ic·(z_ic − max)
+            logits.add_(linear_bias.unsqueeze(1))
+        # log ŷ = z − lse in one pass (max, Σ exp, log): finite where ŷ underflows (logits of 1e4). On the
+        # CPU over the logits in place: a fresh (C, rows) block is written through cold cache lines (in an
+        # SGD step, 70 µs against 94 µs at 20 x 4096); torch's CPU kernel reads each element before it
+        # writes it, which test_weighted's reference comparisons check. CUDA's caching allocator gives
+        # no cold block, and its kernels' order is not ours to rely on.
+        log_probs = torch.log_softmax(logits, 0, out=logits if logits.device.type == "cpu" else None)
+        del logits
+        s = None if row_weight is None else row_weight[start:stop]
+        # −ℓ_i = Σ_c q_ic·log ŷ_ic; for class indices (1 − ε)·w_{y_i}·log ŷ_{i,y_i} + Σ_c (ε/C)·w_c·log ŷ_ic
+        if probabilities:
             # a copy, always: .contiguous() of a one-row block's transpose would be the caller's target
             q = target[start:stop].t().clone(memory_format=torch.contiguous_format)
             if eps:
                 q.mul_(1.0 - eps).add_(eps / num_classes)
             if class_weight is not None:
                 q.mul_(class_weight.unsqueeze(1))
-            mass, dot = q.sum(0), (q * shifted).sum(0)
+            mass, neg_loss = q.sum(0), (q * log_probs).sum(0)
         else:
-            picked = shifted.gather(0, y)[0]  # z_y − max
-            spread = None if smooth is None else (smooth * shifted).sum(0)  # Σ_c (ε/C)·w_c·(z_c − max)
-        probs = shifted.exp_()
-        sum_exp = probs.sum(0)
-        log_sum = sum_exp.log()  # lse − max
-
-        # ℓ_i = −Σ_c q_ic·log ŷ_ic = (Σ_c q_ic)·(lse − max) − Σ_c q_ic·(z_ic − max), for class indices
-        #     = (Σ_c q_ic)·(lse − max) − (1 − ε)·w_y·(z_y − max) − Σ_c (ε/C)·w_c·(z_c − max)
-        if probabilities:
-            row_loss = log_sum.mul_(mass).sub_(dot)
-        else:
+            picked = log_probs.gather(0, y)[0]  # log ŷ_y
             # (1 − ε)·w_y: a number or (rows,)
             hard = (1.0 - eps) if class_weight is None else (1.0 - eps) * class_weight[y[0]]
             mass = hard + smooth_mass
-            if class_weight is None and not eps:
-                row_loss = log_sum.sub_(picked)
-            else:
-                row_loss = log_sum.mul_(mass).sub_(picked * hard)
-                if spread is not None:
-                    row_loss -= spread
-        s = None if row_weight is None else row_weight[start:stop]
-        block_loss = row_loss.sum() if s is None else row_loss @ s
+            neg_loss = picked if isinstance(hard, float) and hard == 1.0 else picked * hard
+            if smooth is not None:
+                neg_loss = neg_loss + (smooth * log_probs).sum(0)
+        block_loss = -(neg_loss.sum() if s is None else neg_loss @ s)
         loss = block_loss if loss is None else loss + block_loss
 
-        # G = g·s_i·((Σ_c q_ic)·ŷ − q_i), written over exp(z − max): ŷ = exp(z − max) / Σexp
-        scale = grad_scale if s is None else s * grad_scale  # a number or (rows,)
-        probs.mul_(sum_exp.reciprocal_().mul_(mass * scale))
+        # G = g·s_i·((Σ_c q_ic)·ŷ − q_i); in the plain case G/g = ŷ − (1 − ε)·onehot − ε/C
+        probs = log_probs.exp_()
+        after = grad_scale if plain else 1.0  # the factor the products still need
+        scale = 1.0 if plain else (grad_scale if s is None else s * grad_scale)  # a number or (rows,)
+        if not plain:
+            probs.mul_(mass * scale)
         if probabilities:
             probs.sub_(q.mul_(scale))
         else:
@@ -141,15 +141,20 @@ def linear_cross_entropy_with_grads(
             # too under torch.use_deterministic_algorithms, as torch documents)
             true_class = -hard * scale
             if not isinstance(true_class, Tensor):
-                true_class = torch.full((stop - start,), true_class, dtype=x.dtype, device=x.device)
-            probs.scatter_add_(0, y, true_class.unsqueeze(0))
+                true_class = torch.full((1, stop - start), true_class, dtype=x.dtype, device=x.device)
+            else:
+                true_class = true_class.unsqueeze(0)
+            probs.scatter_add_(0, y, true_class)
+        # ∂L/∂W = after·(block)·X: alpha pays the g owed in the plain case; beta = 0: W only lends a shape
         if grad_weight is None:
-            grad_weight = torch.mm(probs, x_block)
+            grad_weight = torch.addmm(linear_weight, probs, x_block, beta=0.0, alpha=after)
             grad_bias = None if linear_bias is None else probs.sum(1)
+            if grad_bias is not None and after != 1.0:
+                grad_bias.mul_(after)
         else:
-            grad_weight.addmm_(probs, x_block)
+            grad_weight.addmm_(probs, x_block, alpha=after)
             if grad_bias is not None:
-                grad_bias += probs.sum(1)
+                grad_bias.add_(probs.sum(1), alpha=after)
         if grad_x is not None:
             torch.mm(probs.t(), linear_weight, out=grad_x[start:stop])
     if loss is None:  # no rows
