@@ -472,6 +472,43 @@ def test_bad_data_raises_with_the_name(blobs):
             SoftmaxClassifier(device="cuda").fit(X, y)
 
 
+@pytest.mark.parametrize(
+    ("momentum", "nesterov", "alpha"), [(0.0, False, 0.0), (0.9, False, 1e-3), (0.7, True, 0.1)]
+)
+def test_the_sgd_step_is_torchs_sgd(momentum, nesterov, alpha):
+    """SGD.step is torch.optim.SGD bit for bit over several steps: momentum (the first step's buffer a copy
+    of the gradient), Nesterov, and weight decay α on the weight matrices only (biases in a group without
+    it)."""
+    from softxent.estimators._sgd import SGD, SGDState
+
+    generator = torch.Generator().manual_seed(7)
+    shapes = {"hidden.0.weight": (6, 4), "hidden.0.bias": (6,), "head.weight": (3, 6), "head.bias": (3,)}
+    params = {
+        name: torch.randn(shape, generator=generator).requires_grad_() for name, shape in shapes.items()
+    }
+    theirs = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [p for n, p in theirs.items() if n.endswith(".weight")], "weight_decay": alpha},
+            {"params": [p for n, p in theirs.items() if n.endswith(".bias")], "weight_decay": 0.0},
+        ],
+        lr=0.1, momentum=momentum, nesterov=nesterov,
+    )  # fmt: skip
+    solver = SGD("constant", 0.1, 0.5, momentum, nesterov, alpha, 8, True, None, 5)
+    state = SGDState(seed=0)
+    for step in range(4):
+        for name in shapes:
+            grad = torch.randn(shapes[name], generator=generator, dtype=torch.float32)
+            params[name].grad, theirs[name].grad = grad.clone(), grad.clone()
+        solver.step(params, state, lr=0.1)
+        optimizer.step()
+        for name in shapes:
+            assert torch.equal(params[name].detach(), theirs[name].detach()), (step, name)
+            assert params[name].grad is None  # cleared for the next batch
+            assert params[name].is_leaf  # updated in place, outside autograd
+    assert (len(state.momentum_buffers) == 4) == bool(momentum)
+
+
 def _one_epoch_calls(estimator, X, target) -> dict[str, int]:
     """The torch ops, by count, of a one-epoch SGD fit of 15 steps (batches of 16, sample weights given)."""
     clf = estimator(solver="sgd", batch_size=16, max_iter=1, tol=None, random_state=0)
@@ -492,12 +529,13 @@ def test_an_sgd_epoch_gathers_its_rows_once(blobs):
 
 
 def test_a_linear_sgd_step_is_the_closed_form(blobs):
-    """Class indices, linear model: each of the 15 steps is the two matmuls of the gradient (logits and
-    ∂L/∂W, no recompute), one exp over the logits and no autograd (softxent.ops.weighted); the same for
-    SigmoidClassifier with its logits' addmm and ∂L/∂W's addmm_."""
+    """Class indices, linear model: each of the 15 steps is the two matmuls of the gradient (the logits'
+    mm and ∂L/∂W's addmm, no recompute), one log-softmax and one exp over the logits and no autograd
+    (softxent.ops.weighted); the same for SigmoidClassifier with its logits' addmm and ∂L/∂W's addmm_."""
     X, y = blobs
     calls = _one_epoch_calls(SoftmaxClassifier, X, y)
-    assert calls["aten::addmm"] == calls["aten::mm"] == calls["aten::exp_"] == 15
+    assert calls["aten::mm"] == calls["aten::addmm"] == 15
+    assert calls["aten::_log_softmax"] == calls["aten::exp_"] == 15
     assert "aten::exp" not in calls
     assert not [key for key in calls if key.startswith("autograd::")]
     calls = _one_epoch_calls(SigmoidClassifier, X, np.eye(5)[y])

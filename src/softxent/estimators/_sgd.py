@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.optim.sgd import sgd
 
 from softxent.distributed._data_parallel import ReplicaGroup, sum_gradients
 from softxent.estimators._data import Data
@@ -123,6 +122,19 @@ class SGDState:
         self.done = bool(info["done"])
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the rows in epoch ``epoch``: a permutation of range(n) drawn from (``seed``, ``epoch``)
+    alone, so a resumed fit and every data-parallel rank draw the same one.
+
+    torch's randperm on the CPU, seeded through NumPy's SeedSequence: 0.6-0.9 ms for 150k rows against
+    1.4 ms for NumPy's Generator.permutation (about 3% of an SGD epoch of the 150k x 200, 20-class
+    benchmark).
+    """
+    (key,) = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)
+    generator = torch.Generator().manual_seed(int(key))
+    return torch.randperm(n, generator=generator).numpy()
+
+
 def checkpoint_tensor_shapes(
     shapes: Mapping[str, tuple[int, ...]], names: object
 ) -> dict[str, tuple[int, ...]]:
@@ -179,36 +191,33 @@ class SGD:
         return min(int(self.batch_size), n_samples)
 
     def step(self, params: dict[str, Tensor], state: SGDState, lr: float) -> None:
-        """One step of torch's SGD (torch.optim.sgd.sgd, the functional form of torch.optim.SGD) with
-        weight decay α on the weight matrices only, from the gradients in ``params``' ``.grad`` (cleared
-        after); the momentum buffers live in ``state``.
+        """One step of SGD with momentum μ (torch.optim.SGD's update, in its order of operations, so the
+        numbers are torch's bit for bit) and weight decay α on the weight matrices only, from the gradients
+        in ``params``' ``.grad`` (cleared after); the momentum buffers live in ``state``:
 
-        The decay is added to the weights' gradients here, so that one call of torch's SGD updates every
-        parameter. The functional form, not the class: constructing torch.optim.SGD imports
-        torch._dynamo, 2 s of start-up for every fit in a fresh process.
+            g ← ∇ + α·w (weights only),  v ← g (first step) or μ·v + g,  d ← g + μ·v (Nesterov) or v,
+            w ← w − η·d.
+
+        Written out rather than calling torch.optim.sgd.sgd: its per-call dispatch (device and foreach
+        checks, list handling) and torch.no_grad's context took 66 µs of a 1.3 ms step inside an epoch on
+        the 2-core CPU, these few in-place calls on detached views about 30 µs. The class torch.optim.SGD
+        would also import torch._dynamo, 2 s of start-up for every fit in a fresh process.
         """
-        names = list(params)
-        with torch.no_grad():
-            grads = [params[name].grad for name in names]
-            for name, grad in zip(names, grads, strict=True):
-                if self.alpha and name.endswith(".weight"):
-                    grad.add_(params[name], alpha=float(self.alpha))
-            buffers = [state.momentum_buffers.get(name) for name in names]
-            sgd(
-                [params[name] for name in names],
-                grads,
-                buffers,
-                weight_decay=0.0,
-                momentum=float(self.momentum),
-                lr=lr,
-                dampening=0.0,
-                nesterov=bool(self.nesterov),
-                maximize=False,
-            )
-            for name, buffer in zip(names, buffers, strict=True):
-                params[name].grad = None
-                if buffer is not None:
-                    state.momentum_buffers[name] = buffer
+        momentum, alpha = float(self.momentum), float(self.alpha)
+        buffers = state.momentum_buffers
+        for name, param in params.items():
+            grad, param.grad = param.grad, None
+            weight = param.detach()  # updated in place, outside autograd (no_grad's context costs more)
+            if alpha and name.endswith(".weight"):
+                grad.add_(weight, alpha=alpha)
+            if momentum:
+                buffer = buffers.get(name)
+                if buffer is None:
+                    buffer = buffers[name] = torch.clone(grad).detach()
+                else:
+                    buffer.mul_(momentum).add_(grad)
+                grad = grad.add(buffer, alpha=momentum) if self.nesterov else buffer
+            weight.add_(grad, alpha=-lr)
 
     def run_epoch(
         self,
@@ -233,7 +242,7 @@ class SGD:
         """
         n = data.n
         batch_size = self.batch_rows(n)
-        order = np.random.default_rng([state.seed, epoch]).permutation(n) if self.shuffle else None
+        order = epoch_order(state.seed, epoch, n) if self.shuffle else None
         starts = range(0, n, batch_size)
         shares = [replicas.share(start, min(start + batch_size, n)) for start in starts]
         total = torch.zeros((), dtype=data.dtype, device=data.device)
