@@ -226,6 +226,14 @@ def _binary_reference(x, w, b, y, s, pos_weight, scale):
     return np.asarray(loss), grad @ to_numpy(w), grad.T @ to_numpy(x), None if b is None else grad.sum(0)
 
 
+def _binary_gradient_terms(x, w, b, y, s, pos_weight, scale):
+    """g·∂L/∂z in float64, (N, K): g·s_i·((1 + (p_j − 1)·y_ij)·σ(z_ij) − p_j·y_ij)."""
+    z = x @ w.T + (0.0 if b is None else b)
+    p = torch.ones(w.shape[0], dtype=x.dtype) if pos_weight is None else pos_weight
+    G = ((1 + (p - 1) * y) * torch.sigmoid(z) - p * y) * scale
+    return G if s is None else G * s[:, None]
+
+
 def _binary_torch_autograd(x, w, b, y, s, pos_weight, scale):
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
     bs = None if b is None else b.clone().requires_grad_()
@@ -278,8 +286,20 @@ def test_the_sigmoid_head_is_the_reference(
             assert_close(value, reference_value, 1e-12, name)
         return
     eager = _binary_torch_autograd(cast(x), cast(w), cast(b), cast(y), cast(s), cast(pos_weight), scale)
+    # The gradients are sums of products with G; two float32 evaluations of the same sum differ by rounding
+    # noise of about sqrt(terms)·u·Σ|G||x| (a random walk of roundings), relative to 1 + |the sum|. With
+    # pos_weight up to 4 and row weights up to 3, G reaches 12 and the noise passes a fixed 2e-6 (found by
+    # fresh seeds: dW 5.8e-6 against eager's 3.4e-6); ours exceeded eager's error by at
+    # most 0.13 of this bound (400 seeds of each case).
+    G = _binary_gradient_terms(x, w, b, y, s, pos_weight, scale).abs()
+    sums = {"dX": (G @ w.abs(), k), "dW": (G.T @ x.abs(), n), "db": (G.sum(0), n)}
     for (name, value), eager_value, reference_value in zip(got.items(), eager, expected, strict=True):
-        assert_no_worse(value, eager_value, reference_value, 2e-6, name)
+        slack = 2e-6
+        if name in sums:
+            total, terms = sums[name]
+            noise = terms**0.5 * 2.0**-24 * to_numpy(total) / (1.0 + np.abs(np.asarray(reference_value)))
+            slack = float(noise.max())
+        assert_no_worse(value, eager_value, reference_value, slack, name)
 
 
 def test_the_sigmoid_head_keeps_extreme_logits_finite(rng):
