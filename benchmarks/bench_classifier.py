@@ -33,6 +33,7 @@ thread as softxent's L-BFGS-B holds its own).
     python benchmarks/bench_classifier.py --case synthetic:softxent --repeats 3
     python benchmarks/bench_classifier.py --parity
     python benchmarks/bench_classifier.py --scale 1000000    # GPU against 2 CPU threads, both solvers
+    python benchmarks/bench_classifier.py --epochs 12        # SGD epoch times against their floor
 
 --scale N makes the synthetic problem with N samples (float32, cached in $TMPDIR) and fits
 SoftmaxClassifier with each solver on the CPU with 2 torch threads and on CUDA (where there is one), each in
@@ -142,6 +143,44 @@ def run_case(dataset: str, model: str, repeats: int) -> dict[str, object]:
         flops = estimator.n_iter_ * 4 * n * width * k
         result["floor_s"] = flops / matmul_rate(min(batch, 4096), width, k, dtype)
     return result
+
+
+def epoch_case(model: str, epochs: int) -> dict[str, object]:
+    """SGD epochs of ``model`` (softxent-sgd or softxent-ovr) on the synthetic training data, each timed
+    (stamps from the fit's per-epoch callback; the first epoch, which holds the fit's set-up, left out),
+    against the floor of one epoch: 4·N·D·K FLOPs at the best of 5 measurements of the step's
+    (4096, D)×(D, K) matmul rate (issue 16's CPU target: at most 2×)."""
+    X_train, _, y_train, _ = load("synthetic")
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    make_model(model).fit(X_train[:1000], y_train[:1000])  # warm-up
+    estimator = make_model(model).set_params(max_iter=epochs, tol=None)
+    stamps = [time.perf_counter()]
+    estimator.fit(X_train, y_train, callback=lambda *_: stamps.append(time.perf_counter()))
+    seconds = np.diff(stamps)[1:]
+    n, d = X_train.shape
+    k = len(estimator.classes_)
+    floor = 4 * n * d * k / max(matmul_rate(4096, d, k, torch.float32) for _ in range(5))
+    return {
+        "model": model,
+        "epochs": len(seconds),
+        "epoch_min_s": float(seconds.min()),
+        "epoch_median_s": float(np.median(seconds)),
+        "floor_s": floor,
+    }
+
+
+def _epoch_table(results: list[dict[str, object]]) -> list[str]:
+    lines = [
+        "| model | epochs timed | epoch s (min / median) | floor s | × floor (min / median) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        low, mid, floor = r["epoch_min_s"], r["epoch_median_s"], r["floor_s"]
+        lines.append(
+            f"| {r['model']} | {r['epochs']} | {low:.4f} / {mid:.4f} | {floor:.4f} | "
+            f"{low / floor:.2f}× / {mid / floor:.2f}× |"
+        )
+    return lines
 
 
 def _scaled(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -303,6 +342,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the case's result as JSON (with --case)")
     parser.add_argument("--parity", action="store_true", help="only the table against LogisticRegression")
     parser.add_argument("--scale", type=int, metavar="N", help="only GPU against 2 CPU threads at N samples")
+    parser.add_argument(
+        "--epochs", type=int, metavar="E", help="only SGD epoch times against the floor, over E epochs"
+    )
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)  # a --scale case's
     parser.add_argument("--solver", default="lbfgs", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -317,6 +359,10 @@ def main() -> None:
             for device in devices
         ]
         print("\n".join(_scale_table(args.scale, results)))
+        return
+    if args.epochs:
+        results = [epoch_case(model, args.epochs) for model in ("softxent-sgd", "softxent-ovr")]
+        print(json.dumps(results) if args.json else "\n".join(_epoch_table(results)))
         return
     if args.parity:
         results = parity()
