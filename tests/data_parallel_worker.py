@@ -185,11 +185,14 @@ def softmax_lbfgs_weighted(seed: int, device: str, group: Any = None) -> State:
 
 
 def sigmoid_lbfgs_sparse(seed: int, device: str, group: Any = None) -> State:
-    """Full-batch L-BFGS on sparse CSR multi-label rows, 37 of them (ranks of 12 or 13), float32."""
+    """Full-batch L-BFGS on sparse CSR multi-label rows, 37 of them (ranks of 12 or 13), float32, 6
+    iterations: still descending, where the ranks' differently grouped float32 sums stay a few ulps apart
+    (worst 2.2e-7 relative over 64 seeds on 2 and 3 ranks). By 10 iterations the loss moves by 5e-5 an
+    iteration, L-BFGS amplifies the rounding, and some seeds drift 4e-6 to 1.3e-5 apart: the float32 RTOL."""
     rng = np.random.default_rng([seed, 10])
     X = sp.csr_matrix((rng.normal(size=(37, 8)) * (rng.random((37, 8)) < 0.5)).astype(np.float32))
     Y = (X[:, :3].toarray() + 0.5 * rng.normal(size=(37, 3)) > 0.2).astype(np.int64)
-    model = SigmoidClassifier(solver="lbfgs", max_iter=10, tol=None, alpha=1e-2, device=device)
+    model = SigmoidClassifier(solver="lbfgs", max_iter=6, tol=None, alpha=1e-2, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return state(model.fit(X, Y, process_group=group))
