@@ -43,6 +43,10 @@ most 1.05× the matmul floor with at most a float32 (V, D) buffer + 0.25 GiB bey
 in lean mode at most 1.40× with at most a float32 (N, D) buffer + 0.1 GiB, gradients within 5% of eager's
 error.
 
+`--breakdown` (instead of the tables) times the speed-mode head's parts on one chunk (logits matmul, row
+kernel, dX, dW as one bf16 matmul and accumulated in float32) and the whole head at chunk sizes of 128 MiB
+to 2 GiB, each with dW on the main stream and on a second one, beside the floor and the memory target.
+
 `--quick` fits the whole comparison in a few minutes (one warm-up, a 40 ms budget a measurement, torch.compile
 timed forward+backward only, so compiled once a shape). `--sweep` times softxent's cross-entropy on the
 cross-entropy shapes with other launch shapes of its row kernel (columns a block, warps, the widest row
@@ -64,7 +68,7 @@ On the GPU machine (no internet): the peers' wheels are fetched here, into .whl/
 About 5–8 minutes on an H100, most of it torch.compile (two compilations a shape) and Triton's first
 compilations; the largest shape of each family runs last. Where a command may take 10 minutes at most and
 that is too tight, `--quick`, or `--only linear`, `--only ce` and `--only bce` (each with its own --json).
-`benchmarks/gpu_check.sh` runs the GPU tests, `--quick` and `--sweep` in one time-boxed call.
+`benchmarks/gpu_check.sh` runs the GPU tests, `--quick`, `--sweep` and `--breakdown` in one time-boxed call.
 
 End to end on a CPU at tiny shapes (peers that need CUDA are skipped, with the reason):
 
@@ -130,6 +134,11 @@ ERROR_RATIO = 1.05
 # widest row held in registers (its block and warps)
 SWEEP_STREAM = ((4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32))
 SWEEP_IN_REGISTERS = ((16384, 32), (32768, 32))
+
+# --breakdown: chunk sizes (bytes of bf16 logits; with dW on a second stream, of its two slots together)
+# at which the speed-mode head is timed, with and without the second stream
+BREAKDOWN_CHUNK_BYTES = (1 << 27, 1 << 28, 1 << 29, 1 << 30, 1 << 31)
+SMOKE_BREAKDOWN_CHUNK_BYTES = (1 << 20, 1 << 22)
 
 MIN_REPEATS, MAX_REPEATS = 3, 25
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the references and the error sums (256 MiB in float32)
@@ -836,6 +845,155 @@ def measure_machine(device: torch.device, smoke: bool, budget_ms: float, warmups
     }
 
 
+# ------------------------------------------------------------------------------------------- breakdown
+
+
+def breakdown(
+    shapes: Sequence[tuple[int, int, int]],
+    device: torch.device,
+    machine: dict[str, float],
+    budget_ms: float,
+    warmups: int,
+    chunk_sizes: Sequence[int] = BREAKDOWN_CHUNK_BYTES,
+) -> list[dict[str, object]]:
+    """Where the speed-mode head's time goes, and its levers (issue 13), at each linear shape.
+
+    Parts of one chunk of the policy's rows R, each timed alone: the logits matmul (R, D)·(D, V), the row
+    kernel (loss and G over the logits, in place), dX = G·W, dW = Gᵀ·X as one bf16 matmul, and dW
+    accumulated into a float32 (V, D) buffer (what several chunks need); each beside its floor (a matmul at
+    the measured rate; the row kernel's read + write at the copy rate; the accumulation's V·D·8 bytes
+    beside its matmul). Then the whole head, forward+backward, under its policy and at each of
+    ``chunk_sizes`` (not weight-sized: :attr:`softxent.ops.policy.Policy.weight_sized_chunks`) with dW on the
+    main stream and on a second one (:attr:`softxent.ops.policy.Policy.dw_stream`), beside the 3-matmul
+    floor, with its peak memory beyond inputs and gradients.
+    """
+    from softxent.ops import backends, chunks
+    from softxent.ops.spec import SoftmaxLoss
+
+    tflops, gbps = machine["matmul_tflops"], machine["copy_gbps"]
+    results: list[dict[str, object]] = []
+    for shape in shapes:
+        n, d, v = shape
+        x, weight, target = linear_inputs(shape, device)
+        logits = torch.empty(n, v, device=device, dtype=DTYPE)
+        floor_ms = 3 * median_ms(partial(torch.mm, x, weight.T, out=logits), device, budget_ms, warmups)
+        del logits
+        backend = backends.select("auto", device)
+        rows = min(n, backend.policy.chunk_rows(v, x.element_size(), d))
+        x_chunk, target_chunk = x[:rows], target[:rows]
+        logits = torch.empty(rows, v, device=device, dtype=DTYPE)
+        grad = logits if backend.policy.grad_in_input_dtype else torch.empty(rows, v, device=device)
+        grad_low = grad if grad.dtype == DTYPE else grad.to(DTYPE)
+        grad_x = torch.empty(rows, d, device=device, dtype=DTYPE)
+        grad_w = torch.empty(v, d, device=device, dtype=DTYPE)
+        accumulator = torch.zeros(v, d, device=device)
+        spec = SoftmaxLoss(None, IGNORE_INDEX, 0.0, 0.0, None)
+        scale = torch.tensor(1.0 / n, device=device)
+        matmul_floor = 2 * rows * d * v / tflops / 1e9
+        parts = (
+            ("logits matmul", partial(torch.mm, x_chunk, weight.T, out=logits), matmul_floor),
+            (
+                "row kernel (loss and G)",
+                partial(backend.softmax_block, logits, target_chunk, spec, grad_scale=scale, grad_out=grad),
+                2 * rows * v * x.element_size() / gbps / 1e6,
+            ),
+            ("dX matmul", partial(torch.mm, grad_low, weight, out=grad_x), matmul_floor),
+            ("dW matmul, bf16 out", partial(torch.mm, grad_low.t(), x_chunk, out=grad_w), matmul_floor),
+            ("dW into float32", partial(chunks.accumulate_dw, accumulator, grad, x_chunk), matmul_floor),
+        )
+        chunk_count = -(-n // rows)
+        for part, fn, part_floor in parts:
+            ms = median_ms(fn, device, budget_ms, warmups)
+            results.append(
+                {"shape": list(shape), "kind": "part", "name": part, "rows": rows, "chunks": chunk_count,
+                 "ms": ms, "floor_ms": part_floor, "head_floor_ms": floor_ms}
+            )  # fmt: skip
+            print(f"breakdown {_shape_name(shape)} {part} ({rows} rows): {ms:.3f} ms", flush=True)
+        results.append(
+            {"shape": list(shape), "kind": "accumulator bytes", "name": "V·D·8 bytes at the copy rate",
+             "rows": rows, "chunks": chunk_count, "ms": 8 * v * d / gbps / 1e6, "floor_ms": None,
+             "head_floor_ms": floor_ms}
+        )  # fmt: skip
+        del x_chunk, target_chunk, logits, grad, grad_low, grad_x, grad_w, accumulator
+        _free(device)
+        make_inputs = partial(linear_inputs, shape, device)
+        choices: list[tuple[str, dict[str, object]]] = [("policy", {})]
+        for size in chunk_sizes:
+            choices.append((_bytes_name(size), {"chunk_bytes": size, "weight_sized_chunks": False}))
+        for name, fields in choices:
+            for stream in (False, True):
+                with policy.overridden(**fields, dw_stream=stream):
+                    chunk_rows = min(n, policy.for_device(device, backend.name).chunk_rows(v, 2, d))
+                    if stream and chunk_rows >= n:
+                        continue  # one chunk: nothing to overlap
+                    try:
+                        row = _train(
+                            softxent.linear_cross_entropy, make_inputs, lambda loss, grads: {}, device,
+                            budget_ms, warmups, DIFFERENTIABLE["linear"],
+                        )  # fmt: skip
+                        failure = None
+                    except Exception as error:
+                        row, failure = {"ms": None, "peak_gib": None}, _describe(error)
+                _free(device)
+                results.append(
+                    {"shape": list(shape), "kind": "head", "name": name,
+                     "dw_stream": stream, "rows": chunk_rows, "chunks": -(-n // chunk_rows),
+                     "ms": row["ms"], "peak_gib": row["peak_gib"], "failure": failure,
+                     "floor_ms": floor_ms, "head_floor_ms": floor_ms}
+                )  # fmt: skip
+                print(
+                    f"breakdown {_shape_name(shape)} head, chunks: {name} "
+                    f"({chunk_rows} rows), dW stream {stream}: {_ms(row['ms'])} ms {failure or ''}",
+                    flush=True,
+                )
+        del x, weight, target
+        _free(device)
+    return results
+
+
+def _bytes_name(size: int) -> str:
+    return f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
+
+
+def breakdown_tables(results: list[dict[str, object]]) -> list[str]:
+    """The parts' table (per chunk, and times the chunks beside the head's floor) and the head's table (per
+    chunk size and stream choice, with the memory target's allowance)."""
+    lines = [
+        "### speed-mode breakdown: one chunk's parts, bf16",
+        "",
+        "| N×D×V | part (R rows, chunks) | ms a chunk | × its floor | all chunks / the head's floor |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for result in results:
+        if result["kind"] == "head":
+            continue
+        share = result["ms"] * result["chunks"] / result["head_floor_ms"]
+        own = "-" if result["floor_ms"] is None else f"{result['ms'] / result['floor_ms']:.2f}"
+        lines.append(
+            f"| {_shape_name(result['shape'])} | {result['name']} ({result['rows']}, {result['chunks']}) | "
+            f"{result['ms']:.3f} | {own} | {share:.3f} |"
+        )
+    lines += [
+        "",
+        "### speed-mode head by chunk size and dW stream: forward+backward, bf16",
+        "",
+        "| N×D×V | chunk (rows, chunks) | dW stream | ms | × floor | peak GiB | allowed GiB |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        if result["kind"] != "head":
+            continue
+        _, d, v = result["shape"]
+        allowed = v * d * 4 / 2**30 + HEAD_TARGETS["softxent"][1]
+        ms = result["failure"] or _ms(result["ms"])
+        lines.append(
+            f"| {_shape_name(result['shape'])} | {result['name']} ({result['rows']}, {result['chunks']}) | "
+            f"{'yes' if result['dw_stream'] else 'no'} | {ms} | {_ratio(result['ms'], result['floor_ms'])} | "
+            f"{_gib(result['peak_gib'])} | {allowed:.2f} |"
+        )
+    return [*lines, ""]
+
+
 # ------------------------------------------------------------------------------------------- reporting
 
 
@@ -1053,6 +1211,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="also time softxent's cross-entropy under other launch shapes"
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead of the tables: the speed-mode linear head's parts, and the head at several chunk sizes "
+        "with and without dW on a second stream (issue 13's levers), at the linear shapes",
+    )
     parser.add_argument("--methods", type=_parse_methods, help="comma-separated methods to run (default all)")
     parser.add_argument(
         "--linear-shapes", type=partial(_parse_shapes, size=3), help="e.g. 8192x4096x128256,4096x2048x32000"
@@ -1086,6 +1250,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     info = machine_info(device, measure_machine(device, args.smoke, budget_ms, warmups))
     print("\n".join(header(info)), flush=True)
+    if args.breakdown:
+        sizes = SMOKE_BREAKDOWN_CHUNK_BYTES if args.smoke else BREAKDOWN_CHUNK_BYTES
+        results = breakdown(shapes["linear"], device, info, budget_ms, warmups, sizes)
+        lines = ["", *header(info), *breakdown_tables(results)]
+        print("\n".join([*lines, f"Total time: {time.perf_counter() - started:.0f} s."]), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, "breakdown": results}, indent=2) + "\n")
+        return
     rows: list[dict[str, object]] = []
     floors: list[dict[str, object]] = []
     for family in ("linear", "linear-bce"):

@@ -2,18 +2,21 @@
 # One time-boxed call on a GPU machine that checks and measures softxent's GPU path, so that partial results
 # come back even when a stage runs out of time. From the project root there:
 #
-#     bash benchmarks/gpu_check.sh [TESTS_S QUICK_S SWEEP_S]   (defaults 90 200 80, plus 30 + 80 + 100 s: 9.7 minutes)
+#     bash benchmarks/gpu_check.sh [all|kernels|apps]   (all: 9.2 minutes at most; kernels 7.2, apps 2.2)
 #
-# Stages: the kernels' tests on CUDA, then the estimators' GPU tests (the GPU machines run their own torch
-# and triton, 2.11 and 3.6 when last seen: the project's pins do not apply there);
-# benchmarks/bench_gpu.py --quick (every family, the peers in the same run, the targets as pass/miss
-# lines); then its --sweep of the row kernel's launch shapes; then benchmarks/bench_hf.py (one Llama
-# training step, unpatched and patched, eager and compiled); then bench_classifier.py --scale 1000000
-# (SoftmaxClassifier on CUDA against 2 CPU threads, both solvers).
-# The peers' wheels, if any, in .whl/ (see bench_gpu.py's docstring). Logs and JSON go to $OUT
+# kernels: the kernels' tests on CUDA (80 s); benchmarks/bench_gpu.py --quick (170 s: every family, the
+# peers in the same run, the targets as pass/miss lines); its --sweep of the row kernel's launch shapes
+# (50 s); its --breakdown of the speed-mode linear head (50 s: the parts of a chunk, and the head at chunk
+# sizes of 128 MiB to 2 GiB with and without dW on a second stream, issue 13's levers).
+# apps: the estimators' GPU tests (30 s); benchmarks/bench_hf.py (80 s: one Llama training step, unpatched
+# and patched, eager and compiled); bench_classifier.py --scale 1000000 (90 s: SoftmaxClassifier on CUDA
+# against 2 CPU threads, both solvers, issue 16's GPU target).
+# The GPU machines run their own torch and triton (2.11 and 3.6 when last seen): the project's pins do not
+# apply there. The peers' wheels, if any, in .whl/ (see bench_gpu.py's docstring). Logs and JSON go to $OUT
 # (default /tmp/out); the tables are printed last.
 set -u
-T_TESTS=${1:-90}; T_QUICK=${2:-200}; T_SWEEP=${3:-80}
+STAGES=${1:-all}
+case "$STAGES" in all|kernels|apps) ;; *) echo "gpu_check.sh: expected all, kernels or apps, got '$STAGES'"; exit 2;; esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -23,30 +26,41 @@ stamp() { echo "=== [$(date +%T)] $*"; }
 stamp env; nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-stamp "GPU tests (${T_TESTS}s)"
-timeout "$T_TESTS" python3 -m pytest -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfEs -n 8 \
-  tests/test_triton_cross_entropy.py tests/test_triton_bce.py tests/test_triton_linear.py tests/test_lean.py \
-  tests/test_launches.py > "$OUT/tests.log" 2>&1
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | cut -c1-200 | tail -25
-stamp "estimator GPU tests (30s)"
-timeout 30 python3 -m pytest -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfEs -m gpu \
-  tests/test_weighted.py tests/test_estimators.py > "$OUT/estimator_tests.log" 2>&1
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/estimator_tests.log" | cut -c1-200 | tail -10
-
-stamp "bench --quick (${T_QUICK}s)"
-timeout "$T_QUICK" python3 benchmarks/bench_gpu.py --quick --json "$OUT/quick.json" > "$OUT/quick.log" 2>&1
-stamp "bench --sweep (${T_SWEEP}s)"
-timeout "$T_SWEEP" python3 benchmarks/bench_gpu.py --quick --only ce --methods softxent --sweep \
-  --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
-
-stamp "bench_hf (80s)"
-timeout 80 python3 benchmarks/bench_hf.py --json "$OUT/hf.json" > "$OUT/hf.log" 2>&1
-stamp "bench_classifier --scale (100s)"
-(cd benchmarks && timeout 100 python3 bench_classifier.py --scale 1000000) > "$OUT/scale.log" 2>&1
+if [ "$STAGES" != apps ]; then
+  stamp "GPU tests (80s)"
+  timeout 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfEs -n 8 \
+    tests/test_triton_cross_entropy.py tests/test_triton_bce.py tests/test_triton_linear.py tests/test_lean.py \
+    tests/test_launches.py > "$OUT/tests.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | cut -c1-200 | tail -25
+  stamp "bench --quick (170s)"
+  timeout 170 python3 benchmarks/bench_gpu.py --quick --json "$OUT/quick.json" > "$OUT/quick.log" 2>&1
+  stamp "bench --sweep (50s)"
+  timeout 50 python3 benchmarks/bench_gpu.py --quick --only ce --methods softxent --sweep \
+    --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+  stamp "bench --breakdown (50s)"
+  timeout 50 python3 benchmarks/bench_gpu.py --quick --breakdown --json "$OUT/breakdown.json" \
+    > "$OUT/breakdown.log" 2>&1
+fi
+if [ "$STAGES" != kernels ]; then
+  stamp "estimator GPU tests (30s)"
+  timeout 30 python3 -m pytest -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfEs -m gpu \
+    tests/test_weighted.py tests/test_estimators.py > "$OUT/estimator_tests.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/estimator_tests.log" | cut -c1-200 | tail -10
+  stamp "bench_hf (80s)"
+  timeout 80 python3 benchmarks/bench_hf.py --json "$OUT/hf.json" > "$OUT/hf.log" 2>&1
+  stamp "bench_classifier --scale (90s)"
+  (cd benchmarks && timeout 90 python3 bench_classifier.py --scale 1000000) > "$OUT/scale.log" 2>&1
+fi
 
 stamp tables
-grep -E "^\||^- " "$OUT/quick.log" | tail -80
-grep -E "^\| .*(stream|registers|policy)" "$OUT/sweep.log" | tail -40
-grep -E "^\||^##" "$OUT/hf.log" | tail -8
-grep -E "^\|" "$OUT/scale.log" | tail -8
+for log in quick sweep breakdown hf scale; do
+  [ -f "$OUT/$log.log" ] || continue
+  case $log in
+    quick) grep -E "^\||^- " "$OUT/quick.log" | tail -80 ;;
+    sweep) grep -E "^\| .*(stream|registers|policy)" "$OUT/sweep.log" | tail -40 ;;
+    breakdown) grep -E "^\||^###|^breakdown .*(Error|error)" "$OUT/breakdown.log" | tail -60 ;;
+    hf) grep -E "^\||^##" "$OUT/hf.log" | tail -8 ;;
+    scale) grep -E "^\|" "$OUT/scale.log" | tail -8 ;;
+  esac
+done
 stamp done

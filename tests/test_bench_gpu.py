@@ -72,3 +72,39 @@ def test_smoke_run_reports_softxent_close_to_the_reference(tmp_path: Path) -> No
     assert "- target ce 37×1031 inplace_backward:" in result.stdout
     assert len(report["sweep"]) == 2 * 9, report["sweep"]  # the policy, 6 streaming shapes, 2 in registers
     assert "### launch-shape sweep" in result.stdout
+
+
+def test_breakdown_times_the_parts_and_each_chunk_size_with_and_without_the_dw_stream(tmp_path: Path) -> None:
+    """--breakdown (issue 13's levers) end to end on a CPU: 600 rows under the policy (one chunk), in chunks
+    of 1 MiB (262 rows of float32 G, 3 chunks; with the second stream 256, the fewest allowed, 3 chunks) and
+    of 4 MiB (one chunk; with the second stream two slots of 524 rows, 2 chunks)."""
+    output = tmp_path / "breakdown.json"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+    }
+    command = [sys.executable, str(SCRIPT), "--smoke", "--breakdown", "--linear-shapes", "600x32x1000"]
+    command += ["--device", "cpu", "--json", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(output.read_text())["breakdown"]
+    parts = [(entry["name"], entry["rows"], entry["chunks"]) for entry in report if entry["kind"] == "part"]
+    assert [name for name, _, _ in parts] == [
+        "logits matmul", "row kernel (loss and G)", "dX matmul", "dW matmul, bf16 out", "dW into float32"
+    ]  # fmt: skip
+    assert {(rows, chunks) for _, rows, chunks in parts} == {(600, 1)}  # the default policy: one chunk
+    heads = [
+        (entry["name"], entry["dw_stream"], entry["rows"], entry["chunks"])
+        for entry in report
+        if entry["kind"] == "head"
+    ]
+    assert heads == [
+        ("policy", False, 600, 1),
+        ("1 MiB", False, 262, 3), ("1 MiB", True, 256, 3), ("4 MiB", False, 600, 1), ("4 MiB", True, 524, 2),
+    ]  # fmt: skip
+    for entry in report:
+        assert entry.get("failure") is None, entry
+        assert entry["ms"] > 0, entry
+    assert "### speed-mode head by chunk size and dW stream" in result.stdout
+    assert "| eager |" not in result.stdout  # the breakdown alone

@@ -5,6 +5,7 @@ against the torch backend on every loss feature."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -85,6 +86,37 @@ def test_the_cpu_policy_keeps_cache_sized_blocks():
     assert not cpu.grad_in_input_dtype
     assert triton.chunk_rows(128256, 2) == 2048  # 512 MiB of bf16 logits
     assert cpu.chunk_rows(128256, 4) == policy.MIN_CHUNK_ROWS
+
+
+def test_dw_stream_splits_the_chunk_between_two_slots():
+    """With dw_stream the two slots together hold the default chunk's bytes: half the rows each, the same
+    speed-mode memory; one chunk needs no second slot. overridden() changes the policy within its block
+    only, and names what it accepts."""
+    triton = policy.policy(policy.H200, "triton")
+    overlapped = dataclasses.replace(triton, dw_stream=True)
+    assert overlapped.chunk_rows(128256, 2) == triton.chunk_rows(128256, 2) // 2 == 1024
+    big = (8192, 4096, 128256, torch.bfloat16)
+    assert overlapped.speed_mode_bytes(*big) == triton.speed_mode_bytes(*big)
+    one_chunk = (512, 4096, 128256, torch.bfloat16)
+    assert overlapped.speed_mode_bytes(*one_chunk) == triton.speed_mode_bytes(*one_chunk)
+    device = torch.device("cpu")
+    with policy.simulated(policy.H200), policy.overridden(dw_stream=True, chunk_bytes=2**28):
+        inside = policy.for_device(device, "triton")
+    assert inside.dw_stream
+    assert inside.chunk_bytes == 2**28
+    with policy.simulated(policy.H200):
+        assert policy.for_device(device, "triton") == triton
+    # weight-sized chunks: where dW is summed (features given), a chunk holds at least the bf16 weight's
+    # bytes: 4096 rows at 128256×4096 (1 GiB), 2304 at 256000×2304; none where dW is not wanted
+    assert triton.weight_sized_chunks
+    assert triton.chunk_rows(128256, 2, 4096) == 4096
+    assert triton.chunk_rows(256000, 2, 2304) == 2304
+    assert triton.chunk_rows(128256, 2, 64) == triton.chunk_rows(128256, 2) == 2048  # a small weight
+    assert overlapped.chunk_rows(128256, 2, 4096) == 2048  # two slots of half
+    assert not policy.policy(policy.H200, "torch").weight_sized_chunks
+    expected = r"fields: expected some of .*got \['chunk_size'\]"
+    with pytest.raises(ValueError, match=expected), policy.overridden(chunk_size=1):
+        pass
 
 
 @pytest.mark.parametrize(

@@ -343,9 +343,10 @@ def test_memory_auto_runs_speed_where_it_fits_else_lean(monkeypatch, rng):
     from softxent.ops import policy, slices
 
     gpu = policy.policy(policy.H200, "triton")
-    # 8192×4096×128256 bf16: chunks of 2048 rows (512 MiB of logits) and a float32 (C, D) dW buffer
+    # 8192×4096×128256 bf16: weight-sized chunks of 4096 rows (1 GiB of logits, the bf16 weight's bytes)
+    # and a float32 (C, D) dW buffer
     speed = gpu.speed_mode_bytes(8192, 4096, 128256, torch.bfloat16)
-    assert speed == 2048 * 128256 * 2 + 128256 * 4096 * 4
+    assert speed == 4096 * 128256 * 2 + 128256 * 4096 * 4
     assert gpu.speed_mode_bytes(2048, 4096, 128256, torch.bfloat16) == 2048 * 128256 * 2  # one chunk
     cuda = torch.device("cuda")
     monkeypatch.setattr(policy, "available_bytes", lambda device: int(speed / 0.8) + 1)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import softxent
 from helpers import assert_close, assert_no_worse, logit_rounding_slack, to_numpy
 from softxent import reference
+from softxent.ops import chunks, policy
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,3 +128,63 @@ def test_linear_cross_entropy_is_bit_identical_run_to_run(memory, rng):
         for first, again in zip(runs[0], other, strict=True):
             assert torch.equal(first, again)
     assert_close(runs[0][0], to_numpy(F.cross_entropy(F.linear(x, w, b).float(), target)), 2e-2, "loss")
+
+
+class _LateStream(chunks.DwStream):
+    """A stand-in side stream on the CPU that runs its work in order (a stream is a queue) but as late as
+    DwStream's protocol allows: when a slot is claimed again (that slot's work and what was queued before
+    it), or at join. Reading the wrong slot, or a missing claim or join, then reads a G that the next chunks
+    overwrote, as an unsynchronized GPU stream could."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.queue = []
+        self.submitted = []
+
+    def submit(self, slot, work):
+        assert slot not in [queued for queued, _ in self.queue], "a slot was reused before it was claimed"
+        self.queue.append((slot, work))
+        self.submitted.append(slot)
+
+    def claim(self, slot):
+        while slot in [queued for queued, _ in self.queue]:
+            self.queue.pop(0)[1]()
+
+    def join(self):
+        while self.queue:
+            self.queue.pop(0)[1]()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])  # G in bf16 over the logits; G in a float32 buffer
+@pytest.mark.parametrize("head", ["softmax", "sigmoid"])
+def test_dw_on_a_second_stream_gives_the_same_bits(head, impl, rng, monkeypatch):
+    """Policy.dw_stream: the chunks alternate between two slots and dW accumulates on a side stream. The
+    kernels and their order of accumulation are the default's, so every output equals the default
+    schedule's bit for bit, over six chunks with a partial last one. On a CPU the side stream is
+    _LateStream (every accumulation as late as allowed); on a GPU, a real CUDA stream."""
+    x, w, b, target = _problem(83, 40, 211, rng, torch.bfloat16)
+    if head == "sigmoid":
+        target = torch.rand(83, 211, generator=rng).to(DEVICE)
+    loss_fn = softxent.linear_cross_entropy if head == "softmax" else softxent.linear_binary_cross_entropy
+
+    def run():
+        loss = loss_fn(x, w, target, linear_bias=b, chunk_size=16, memory="speed", impl=impl)
+        return (loss, *torch.autograd.grad(loss, [x, w, b]))
+
+    default = run()
+    streams = []
+    if DEVICE == "cpu":
+
+        def late(device):
+            streams.append(_LateStream(device))
+            return streams[-1]
+
+        monkeypatch.setattr(chunks, "DwStream", late)
+    with policy.overridden(dw_stream=True):
+        overlapped = run()
+    if DEVICE == "cpu":
+        # one pass, one accumulation a chunk of 16 (softmax drops the rows whose target is ignored)
+        rows = 83 if head == "sigmoid" else int((target != -100).sum())
+        assert [stream.submitted for stream in streams] == [[0, 1, 0, 1, 0, 1][: -(-rows // 16)]]
+    for name, first, second in zip(["loss", "dX", "dW", "db"], default, overlapped, strict=True):
+        assert torch.equal(first, second), name

@@ -9,6 +9,7 @@ the gradient's dtype come from the backend's :class:`~softxent.ops.policy.Policy
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,47 @@ from softxent.ops.rows import sigmoid_bce_rows
 from softxent.ops.spec import SigmoidLoss, SoftmaxLoss, class_last, compute_dtype, mean_denominator
 
 ACCUMULATE_BLOCK_ROWS = 8192
+
+
+class DwStream:
+    """dW's accumulation on a second CUDA stream (:attr:`Policy.dw_stream`): chunk k's dW += Gₖᵀ·Xₖ runs
+    beside chunk k+1's logits matmul, row kernel and dX, with the chunks' logits in two alternating slots.
+
+    An accumulation waits for the main stream's work so far (G is written: :meth:`submit`); the main
+    stream's next work on a slot waits for that slot's last accumulation (:meth:`claim`), and dW is read
+    only after every accumulation (:meth:`join`). Tensors the side stream reads were allocated on the main
+    stream and are freed only after :meth:`join`, so the caching allocator cannot hand their memory out
+    while they are read. Without CUDA (the interpreter) :meth:`submit` runs the work at once; tests defer
+    it to the latest moment this protocol allows, which a wrong slot or a missing wait would expose.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.done: dict[int, torch.cuda.Event] = {}
+
+    def submit(self, slot: int, work: Callable[[], None]) -> None:
+        """Run ``work`` (reading ``slot``'s G) on the side stream, after the main stream's work so far."""
+        if self.side is None:
+            work()
+            return
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            work()
+        event = torch.cuda.Event()
+        event.record(self.side)
+        self.done[slot] = event
+
+    def claim(self, slot: int) -> None:
+        """Make the main stream wait until ``slot``'s last accumulation has read its G."""
+        event = self.done.pop(slot, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def join(self) -> None:
+        """Make the main stream wait for every accumulation."""
+        if self.side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
 
 
 def accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -40,6 +82,14 @@ def accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
     for start in range(0, acc.shape[0], ACCUMULATE_BLOCK_ROWS):
         stop = min(start + ACCUMULATE_BLOCK_ROWS, acc.shape[0])
         acc[start:stop].addmm_(a[start:stop].to(acc.dtype), b_wide)
+
+
+def accumulate_dw(grad_weight: Tensor, grad: Tensor, x_chunk: Tensor) -> None:
+    """dW += Gᵀ·X for one chunk: G (B, R), X (B, D), dW (R, D)."""
+    if grad.dtype == grad_weight.dtype:
+        grad_weight.addmm_(grad.t(), x_chunk.to(grad.dtype))  # no copy when the dtypes agree
+    else:
+        accumulate_matmul(grad_weight, grad.t(), x_chunk)
 
 
 def linear_head_pass(
@@ -66,7 +116,8 @@ def linear_head_pass(
 
     FLOPs: 2·N·D·R for the logits, plus 2·N·D·R each for dX and dW when asked: 6·N·D·R, no recompute.
     Memory: one (B, R) chunk of logits (plus a float32 copy for low-precision inputs), dW in the compute
-    dtype and dX; never the (N, R) logits.
+    dtype and dX; never the (N, R) logits. With ``policy.weight_sized_chunks`` and dW asked for, a chunk
+    takes at least the bytes of the input-dtype weight: no more than dW's own input-dtype copy at the end.
 
     ``policy.grad_in_input_dtype`` (the Triton path, for bf16/fp16 inputs): the block writes G in the input
     dtype over
@@ -74,6 +125,10 @@ def linear_head_pass(
     inside each, as eager autograd does). With one chunk dW is written in the input dtype; with several it
     is summed over chunks in float32 (:func:`accumulate_matmul`): an (R, D) float32 buffer, where summing
     in the input dtype would add one rounding per chunk (measured: 2.3× eager's dW error over five chunks).
+
+    ``policy.dw_stream`` (several chunks, dW asked for): chunks alternate between two slots, and each
+    chunk's dW accumulation runs on a second CUDA stream (:class:`DwStream`); the same numbers, in the same
+    order of accumulation.
     Returns (loss with ``loss_shape``, dX, dW, db, d_target), the gradients None when not asked for.
     """
     n_rows = x.shape[0]
@@ -82,12 +137,20 @@ def linear_head_pass(
     num_columns = linear_weight.shape[0]
     grad_in_input_dtype = policy.grad_in_input_dtype
     in_place = x.dtype == ct or grad_in_input_dtype
-    rows = max(1, min(chunk_rows or policy.chunk_rows(num_columns, x.element_size()), n_rows))
     want_grad = grad_scale is not None
-    logits_buffer = torch.empty(rows, num_columns, dtype=x.dtype, device=device)
-    grad_buffer = None
+    features = x.shape[1] if want_grad and need_dw else None  # weight-sized chunks only where dW is summed
+    rows = max(1, min(chunk_rows or policy.chunk_rows(num_columns, x.element_size(), features), n_rows))
+    # with dw_stream, chunk k's dW accumulation runs beside chunk k+1's work, so the chunks alternate
+    # between two buffers
+    side = DwStream(device) if policy.dw_stream and want_grad and need_dw and rows < n_rows else None
+    buffers = 2 if side is not None else 1
+    logits_buffers = [torch.empty(rows, num_columns, dtype=x.dtype, device=device) for _ in range(buffers)]
+    grad_buffers: list[Tensor | None] = [None] * buffers
     if want_grad:
-        grad_buffer = logits_buffer if in_place else torch.empty(rows, num_columns, dtype=ct, device=device)
+        grad_buffers = [
+            logits if in_place else torch.empty(rows, num_columns, dtype=ct, device=device)
+            for logits in logits_buffers
+        ]
     loss = torch.empty(loss_shape, dtype=ct, device=device)
     grad_x = torch.empty_like(x) if want_grad and need_dx else None
     # one chunk: dW = Gᵀ·X is a single matmul, written in the input dtype (eager's rounding); several
@@ -99,14 +162,18 @@ def linear_head_pass(
     grad_bias = torch.zeros(num_columns, dtype=ct, device=device) if want_grad and need_db else None
     grad_target = torch.empty_like(target_grad_like) if want_grad and target_grad_like is not None else None
     weight_t = linear_weight.t()
-    for start in range(0, n_rows, rows):
+    for chunk, start in enumerate(range(0, n_rows, rows)):
         stop = min(start + rows, n_rows)
+        slot = chunk % buffers
+        if side is not None:
+            side.claim(slot)  # the slot's previous dW accumulation has read its G
         x_chunk = x[start:stop]
-        logits = logits_buffer[: stop - start]
+        logits = logits_buffers[slot][: stop - start]
         if linear_bias is not None:
             torch.addmm(linear_bias, x_chunk, weight_t, out=logits)
         else:
             torch.mm(x_chunk, weight_t, out=logits)
+        grad_buffer = grad_buffers[slot]
         grad = grad_buffer[: stop - start] if grad_buffer is not None else None
         chunk_scale = None
         if grad_scale is not None:
@@ -121,18 +188,21 @@ def linear_head_pass(
         )
         if grad is None:
             continue
-        # dX = G·W and dW += Gᵀ·X for this chunk: G = grad_scale·(ŷ − y), the logits' gradient
+        # dW += Gᵀ·X and dX = G·W for this chunk: G = grad_scale·(ŷ − y), the logits' gradient. dW first, so
+        # that on a side stream it waits for the row kernel only
+        if grad_weight is not None:
+            if side is None:
+                accumulate_dw(grad_weight, grad, x_chunk)
+            else:
+                side.submit(slot, functools.partial(accumulate_dw, grad_weight, grad, x_chunk))
         if grad_x is not None:
             torch.mm(
                 grad if grad.dtype == x.dtype else grad.to(x.dtype), linear_weight, out=grad_x[start:stop]
             )
-        if grad_weight is not None:
-            if grad.dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad.t(), x_chunk.to(grad.dtype))  # no copy when the dtypes agree
-            else:
-                accumulate_matmul(grad_weight, grad.t(), x_chunk)
         if grad_bias is not None:
             grad_bias += grad.sum(0, dtype=ct)
+    if side is not None:
+        side.join()
     return loss, grad_x, grad_weight, grad_bias, grad_target
 
 

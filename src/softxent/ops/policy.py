@@ -19,6 +19,7 @@ Triton's interpreter on a CPU; the benchmark can try other launch shapes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections.abc import Iterator
@@ -113,7 +114,17 @@ class Policy:
     block_elements: logits per block of the row drivers (None: all rows in one block, one launch).
     grad_in_input_dtype: the linear heads write G in the input dtype over a chunk's logits and run
         input-dtype matmuls (the Triton path) instead of keeping G in the compute dtype.
-    chunk_bytes: bytes of logits per chunk of the speed-mode linear heads.
+    chunk_bytes: bytes of logits per chunk of the speed-mode linear heads (with ``dw_stream``, of its two
+        chunk buffers together).
+    dw_stream: on a GPU, the speed-mode heads accumulate dW = Σ Gᵀ·X on a second CUDA stream, so that
+        chunk k's accumulation (a GEMM whose float32 (V, D) accumulator is read and written, V·D·8 bytes a
+        chunk) overlaps chunk k+1's logits matmul and row kernel; the chunks' logits alternate between two
+        buffers of half ``chunk_bytes`` each. Off by default until a GPU measures it (issue 13's lever;
+        ``bench_gpu.py --breakdown`` times both).
+    weight_sized_chunks: where dW is summed over chunks in float32, a chunk takes at least the bytes of the
+        (V, D) weight in the input dtype. dW's input-dtype copy takes that much at the end of the pass
+        anyway (beside the float32 sum), so the peak does not grow, while the float32 sum, read and written
+        once a chunk (V·D·8 bytes), is updated over fewer chunks: 2 instead of 4 at 8192×4096×128256.
     """
 
     hardware: Hardware
@@ -121,6 +132,8 @@ class Policy:
     block_elements: int | None
     grad_in_input_dtype: bool
     chunk_bytes: int
+    dw_stream: bool = False
+    weight_sized_chunks: bool = False
 
     def row_blocks(self, rows: int, per_row: int) -> list[tuple[int, int]]:
         """(start, stop) of each block of rows, ``per_row`` logits a row."""
@@ -129,15 +142,26 @@ class Policy:
         step = max(1, self.block_elements // max(per_row, 1))
         return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
-    def chunk_rows(self, columns: int, element_size: int) -> int:
+    def chunk_rows(self, columns: int, element_size: int, features: int | None = None) -> int:
         """Rows per chunk of a linear head with ``columns`` logits a row: ``chunk_bytes`` of logits (of
         ``element_size`` bytes where the gradient is kept in the input dtype, else of float32), at least
-        MIN_CHUNK_ROWS rows (in multiples of them on the Triton path)."""
+        MIN_CHUNK_ROWS rows (in multiples of them on the Triton path); with ``dw_stream`` half as many, as
+        two chunks are in flight. ``features``: D where dW is wanted (None: it is not), for
+        ``weight_sized_chunks``."""
         columns = max(columns, 1)
+        chunk_bytes = self.chunk_bytes
+        if self.weight_sized_chunks and features and self.grad_in_input_dtype:
+            chunk_bytes = max(chunk_bytes, columns * features * element_size)
+        chunk_bytes //= self.chunk_buffers
         if not self.grad_in_input_dtype:
-            return max(MIN_CHUNK_ROWS, self.chunk_bytes // (4 * columns))
-        rows = self.chunk_bytes // (columns * element_size)
+            return max(MIN_CHUNK_ROWS, chunk_bytes // (4 * columns))
+        rows = chunk_bytes // (columns * element_size)
         return max(MIN_CHUNK_ROWS, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
+
+    @property
+    def chunk_buffers(self) -> int:
+        """Chunks of logits a speed-mode head holds at once: two where dW accumulates on a second stream."""
+        return 2 if self.dw_stream else 1
 
     def slice_columns(self, rows: int, dtype: torch.dtype) -> int:
         """Classes per vocabulary slice over ``rows`` rows: SLICE_BYTES of logits (and of their float32 copy
@@ -154,11 +178,13 @@ class Policy:
         compute dtype), and dW's float32 buffer where the gradients are low precision and it is summed over
         chunks (on the Triton path with a single chunk dW is written in the input dtype)."""
         element_size = torch.finfo(dtype).bits // 8
-        chunk = min(rows, self.chunk_rows(columns, element_size))
+        chunk = min(rows, self.chunk_rows(columns, element_size, features))
         low_precision = dtype not in (torch.float32, torch.float64)
         logits = chunk * columns * element_size
         if low_precision and not self.grad_in_input_dtype:
             logits += chunk * columns * 4
+        if chunk < rows:
+            logits *= self.chunk_buffers
         summed = low_precision and (chunk < rows or not self.grad_in_input_dtype)
         return logits + (columns * features * 4 if summed else 0)
 
@@ -197,14 +223,33 @@ def policy(stand: Hardware, backend: str) -> Policy:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
-        return Policy(stand, backend, None, True, TRITON_CHUNK_BYTES)
+        return Policy(stand, backend, None, True, TRITON_CHUNK_BYTES, weight_sized_chunks=True)
     block = CPU_BLOCK_ELEMENTS if stand.kind == "cpu" else GPU_TORCH_BLOCK_ELEMENTS
     return Policy(stand, backend, block, False, 4 * CHUNK_ELEMENTS)
 
 
+_OVERRIDES: ContextVar[dict[str, object] | None] = ContextVar("softxent_policy_overrides", default=None)
+
+
+@contextlib.contextmanager
+def overridden(**fields: object) -> Iterator[None]:
+    """Within the block, every policy has ``fields`` (e.g. ``chunk_bytes=2**28, dw_stream=True``) in place
+    of its own: how the benchmark tries the levers it has no default for yet, and how tests run them."""
+    allowed = set(Policy.__dataclass_fields__) - {"hardware", "backend"}
+    if not set(fields) <= allowed:
+        raise ValueError(f"fields: expected some of {sorted(allowed)}, got {sorted(fields)}")
+    token = _OVERRIDES.set({**(_OVERRIDES.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
 def for_device(device: torch.device, backend: str) -> Policy:
-    """The policy of ``backend`` for tensors on ``device``."""
-    return policy(hardware(device), backend)
+    """The policy of ``backend`` for tensors on ``device`` (with :func:`overridden`'s fields, if any)."""
+    chosen = policy(hardware(device), backend)
+    fields = _OVERRIDES.get()
+    return dataclasses.replace(chosen, **fields) if fields else chosen
 
 
 @functools.cache
