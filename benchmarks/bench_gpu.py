@@ -864,7 +864,8 @@ def breakdown(
     the measured rate; the row kernel's read + write at the copy rate; the accumulation's V·D·8 bytes
     beside its matmul). Then the whole head, forward+backward, under its policy and at each of
     ``chunk_sizes`` (not weight-sized: :attr:`softxent.ops.policy.Policy.weight_sized_chunks`) with dW on the
-    main stream and on a second one (:attr:`softxent.ops.policy.Policy.dw_stream`), beside the 3-matmul
+    main stream and on a second one (:attr:`softxent.ops.policy.Policy.dw_stream`); and the lean head under
+    its policy and with 64 MiB slices (not dX-sized: ``Policy.dx_sized_slices``); each beside the 3-matmul
     floor, with its peak memory beyond inputs and gradients.
     """
     from softxent.ops import backends, chunks
@@ -917,33 +918,41 @@ def breakdown(
         del x_chunk, target_chunk, logits, grad, grad_low, grad_x, grad_w, accumulator
         _free(device)
         make_inputs = partial(linear_inputs, shape, device)
-        choices: list[tuple[str, dict[str, object]]] = [("policy", {})]
+        choices: list[tuple[str, str, dict[str, object]]] = [("speed", "policy", {})]
         for size in chunk_sizes:
-            choices.append((_bytes_name(size), {"chunk_bytes": size, "weight_sized_chunks": False}))
-        for name, fields in choices:
-            for stream in (False, True):
+            fields = {"chunk_bytes": size, "weight_sized_chunks": False}
+            choices.append(("speed", _bytes_name(size), fields))
+        choices += [("lean", "policy", {}), ("lean", "64 MiB slices", {"dx_sized_slices": False})]
+        for memory, name, fields in choices:
+            for stream in (False, True) if memory == "speed" else (False,):
                 with policy.overridden(**fields, dw_stream=stream):
-                    chunk_rows = min(n, policy.for_device(device, backend.name).chunk_rows(v, 2, d))
-                    if stream and chunk_rows >= n:
+                    chosen = policy.for_device(device, backend.name)
+                    if memory == "speed":
+                        size = min(n, chosen.chunk_rows(v, x.element_size(), d))
+                        count = -(-n // size)
+                    else:
+                        size = min(v, chosen.slice_columns(n, x.dtype, d))
+                        count = -(-v // size)
+                    if stream and count == 1:
                         continue  # one chunk: nothing to overlap
                     try:
                         row = _train(
-                            softxent.linear_cross_entropy, make_inputs, lambda loss, grads: {}, device,
-                            budget_ms, warmups, DIFFERENTIABLE["linear"],
+                            partial(softxent.linear_cross_entropy, memory=memory), make_inputs,
+                            lambda loss, grads: {}, device, budget_ms, warmups, DIFFERENTIABLE["linear"],
                         )  # fmt: skip
                         failure = None
                     except Exception as error:
                         row, failure = {"ms": None, "peak_gib": None}, _describe(error)
                 _free(device)
                 results.append(
-                    {"shape": list(shape), "kind": "head", "name": name,
-                     "dw_stream": stream, "rows": chunk_rows, "chunks": -(-n // chunk_rows),
+                    {"shape": list(shape), "kind": "head", "memory": memory, "name": name,
+                     "dw_stream": stream, "size": size, "count": count,
                      "ms": row["ms"], "peak_gib": row["peak_gib"], "failure": failure,
                      "floor_ms": floor_ms, "head_floor_ms": floor_ms}
                 )  # fmt: skip
                 print(
-                    f"breakdown {_shape_name(shape)} head, chunks: {name} "
-                    f"({chunk_rows} rows), dW stream {stream}: {_ms(row['ms'])} ms {failure or ''}",
+                    f"breakdown {_shape_name(shape)} {memory} head, {name} ({size} × {count}), "
+                    f"dW stream {stream}: {_ms(row['ms'])} ms {failure or ''}",
                     flush=True,
                 )
         del x, weight, target
@@ -975,21 +984,23 @@ def breakdown_tables(results: list[dict[str, object]]) -> list[str]:
         )
     lines += [
         "",
-        "### speed-mode head by chunk size and dW stream: forward+backward, bf16",
+        "### the head by chunk size and dW stream (speed) and slice size (lean): forward+backward, bf16",
         "",
-        "| N×D×V | chunk (rows, chunks) | dW stream | ms | × floor | peak GiB | allowed GiB |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| N×D×V | mode | cut (rows or classes × count) | dW stream | ms | × floor | peak GiB | allowed |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for result in results:
         if result["kind"] != "head":
             continue
-        _, d, v = result["shape"]
-        allowed = v * d * 4 / 2**30 + HEAD_TARGETS["softxent"][1]
+        n, d, v = result["shape"]
+        memory = result["memory"]
+        _, extra_gib, buffer = HEAD_TARGETS["softxent" if memory == "speed" else "softxent-lean"]
+        allowed = (v * d if buffer == "VD" else n * d) * 4 / 2**30 + extra_gib
         ms = result["failure"] or _ms(result["ms"])
         lines.append(
-            f"| {_shape_name(result['shape'])} | {result['name']} ({result['rows']}, {result['chunks']}) | "
-            f"{'yes' if result['dw_stream'] else 'no'} | {ms} | {_ratio(result['ms'], result['floor_ms'])} | "
-            f"{_gib(result['peak_gib'])} | {allowed:.2f} |"
+            f"| {_shape_name(result['shape'])} | {memory} | {result['name']} ({result['size']} × "
+            f"{result['count']}) | {'yes' if result['dw_stream'] else 'no'} | {ms} | "
+            f"{_ratio(result['ms'], result['floor_ms'])} | {_gib(result['peak_gib'])} | {allowed:.2f} |"
         )
     return [*lines, ""]
 

@@ -95,16 +95,21 @@ def test_breakdown_times_the_parts_and_each_chunk_size_with_and_without_the_dw_s
     ]  # fmt: skip
     assert {(rows, chunks) for _, rows, chunks in parts} == {(600, 1)}  # the default policy: one chunk
     heads = [
-        (entry["name"], entry["dw_stream"], entry["rows"], entry["chunks"])
+        (entry["memory"], entry["name"], entry["dw_stream"], entry["size"], entry["count"])
         for entry in report
         if entry["kind"] == "head"
     ]
     assert heads == [
-        ("policy", False, 600, 1),
-        ("1 MiB", False, 262, 3), ("1 MiB", True, 256, 3), ("4 MiB", False, 600, 1), ("4 MiB", True, 524, 2),
-    ]  # fmt: skip
+        ("speed", "policy", False, 600, 1),
+        ("speed", "1 MiB", False, 262, 3),
+        ("speed", "1 MiB", True, 256, 3),
+        ("speed", "4 MiB", False, 600, 1),
+        ("speed", "4 MiB", True, 524, 2),
+        ("lean", "policy", False, 1000, 1),  # 64 MiB slices: every class in one
+        ("lean", "64 MiB slices", False, 1000, 1),
+    ]
     for entry in report:
         assert entry.get("failure") is None, entry
         assert entry["ms"] > 0, entry
-    assert "### speed-mode head by chunk size and dW stream" in result.stdout
+    assert "### the head by chunk size and dW stream (speed) and slice size (lean)" in result.stdout
     assert "| eager |" not in result.stdout  # the breakdown alone

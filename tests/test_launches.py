@@ -114,6 +114,16 @@ def test_dw_stream_splits_the_chunk_between_two_slots():
     assert triton.chunk_rows(128256, 2, 64) == triton.chunk_rows(128256, 2) == 2048  # a small weight
     assert overlapped.chunk_rows(128256, 2, 4096) == 2048  # two slots of half
     assert not policy.policy(policy.H200, "torch").weight_sized_chunks
+    # dX-sized slices (lean): where dX is summed (features given) over bf16 slices, a slice holds at least
+    # x's bytes: 4096 classes at 32768×4096 (256 MiB) instead of 1024 (64 MiB); no change where x is
+    # smaller than the 64 MiB slice, for float32 inputs (dX is the float32 sum itself) or without dX
+    bf16 = torch.bfloat16
+    assert triton.dx_sized_slices
+    assert triton.slice_columns(32768, bf16, 4096) == 4096
+    assert triton.slice_columns(32768, bf16) == 1024
+    assert triton.slice_columns(8192, bf16, 2304) == triton.slice_columns(8192, bf16) == 4096
+    assert triton.slice_columns(32768, torch.float32, 4096) == triton.slice_columns(32768, torch.float32)
+    assert not policy.policy(policy.H200, "torch").dx_sized_slices
     expected = r"fields: expected some of .*got \['chunk_size'\]"
     with pytest.raises(ValueError, match=expected), policy.overridden(chunk_size=1):
         pass

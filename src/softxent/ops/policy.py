@@ -119,12 +119,16 @@ class Policy:
     dw_stream: on a GPU, the speed-mode heads accumulate dW = Σ Gᵀ·X on a second CUDA stream, so that
         chunk k's accumulation (a GEMM whose float32 (V, D) accumulator is read and written, V·D·8 bytes a
         chunk) overlaps chunk k+1's logits matmul and row kernel; the chunks' logits alternate between two
-        buffers of half ``chunk_bytes`` each. Off by default until a GPU measures it (issue 13's lever;
-        ``bench_gpu.py --breakdown`` times both).
+        buffers of half ``chunk_bytes`` each (an explicit ``chunk_size`` is each buffer's rows). Off by
+        default until a GPU measures it (issue 13's lever; ``bench_gpu.py --breakdown`` times both).
     weight_sized_chunks: where dW is summed over chunks in float32, a chunk takes at least the bytes of the
         (V, D) weight in the input dtype. dW's input-dtype copy takes that much at the end of the pass
         anyway (beside the float32 sum), so the peak does not grow, while the float32 sum, read and written
         once a chunk (V·D·8 bytes), is updated over fewer chunks: 2 instead of 4 at 8192×4096×128256.
+    dx_sized_slices: the lean heads' counterpart. Where dX is summed over vocabulary slices in float32 for
+        low-precision inputs, a slice takes at least the bytes of the (N, D) input: dX's input-dtype copy
+        takes that much at the end, beside the float32 sum (N·D·8 bytes read and written a slice), which is
+        then updated over fewer slices: 32 instead of 126 at 32768×4096×128256.
     """
 
     hardware: Hardware
@@ -134,6 +138,7 @@ class Policy:
     chunk_bytes: int
     dw_stream: bool = False
     weight_sized_chunks: bool = False
+    dx_sized_slices: bool = False
 
     def row_blocks(self, rows: int, per_row: int) -> list[tuple[int, int]]:
         """(start, stop) of each block of rows, ``per_row`` logits a row."""
@@ -163,13 +168,18 @@ class Policy:
         """Chunks of logits a speed-mode head holds at once: two where dW accumulates on a second stream."""
         return 2 if self.dw_stream else 1
 
-    def slice_columns(self, rows: int, dtype: torch.dtype) -> int:
+    def slice_columns(self, rows: int, dtype: torch.dtype, features: int | None = None) -> int:
         """Classes per vocabulary slice over ``rows`` rows: SLICE_BYTES of logits (and of their float32 copy
-        where the gradient is kept in the compute dtype), in multiples of MIN_SLICE_COLUMNS."""
+        where the gradient is kept in the compute dtype), in multiples of MIN_SLICE_COLUMNS. ``features``: D
+        where dX is wanted (None: it is not), for ``dx_sized_slices``."""
         element_bytes = torch.finfo(dtype).bits // 8
-        if not self.grad_in_input_dtype and dtype not in (torch.float32, torch.float64):
+        low_precision = dtype not in (torch.float32, torch.float64)
+        slice_bytes = SLICE_BYTES
+        if self.dx_sized_slices and features and low_precision and self.grad_in_input_dtype:
+            slice_bytes = max(slice_bytes, rows * features * element_bytes)
+        if not self.grad_in_input_dtype and low_precision:
             element_bytes += 4
-        columns = SLICE_BYTES // max(rows * element_bytes, 1)
+        columns = slice_bytes // max(rows * element_bytes, 1)
         return max(MIN_SLICE_COLUMNS, columns // MIN_SLICE_COLUMNS * MIN_SLICE_COLUMNS)
 
     def speed_mode_bytes(self, rows: int, features: int, columns: int, dtype: torch.dtype) -> int:
@@ -223,7 +233,9 @@ def policy(stand: Hardware, backend: str) -> Policy:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
-        return Policy(stand, backend, None, True, TRITON_CHUNK_BYTES, weight_sized_chunks=True)
+        return Policy(
+            stand, backend, None, True, TRITON_CHUNK_BYTES, weight_sized_chunks=True, dx_sized_slices=True
+        )
     block = CPU_BLOCK_ELEMENTS if stand.kind == "cpu" else GPU_TORCH_BLOCK_ELEMENTS
     return Policy(stand, backend, block, False, 4 * CHUNK_ELEMENTS)
 

@@ -19,6 +19,9 @@ without keeping any (rows × C) block of logits. The classes are cut into slices
 
 Memory beyond inputs and gradients: one (N, S) slice of logits (plus a float32 copy where the backend keeps
 the gradient in float32), the (N, D) float32 dX accumulator for low-precision inputs, and O(N) statistics.
+Where that accumulator is kept, the policy's ``dx_sized_slices`` lets the gradient pass's slice take as many
+bytes as x itself (dX's input-dtype copy needs that much at the end anyway), so the float32 sum is read and
+written over fewer slices.
 FLOPs: 8·N·D·C for forward and backward together (one recompute), 2·N·D·C for the loss alone.
 
 The per-slice work is a pair of functions, the backend's ``slice_stats`` and ``slice_grad``
@@ -53,12 +56,15 @@ from softxent.ops.spec import (
 )
 
 
-def vocabulary_slices(x: Tensor, num_classes: int, slice_columns: int | None, policy: Policy):
+def vocabulary_slices(
+    x: Tensor, num_classes: int, slice_columns: int | None, policy: Policy, summing_dx: bool = False
+):
     """(start, stop, logits buffer view (N, stop − start)) for each slice of the classes, with one reused
-    (N, S) buffer: S = ``slice_columns``, or by default :meth:`Policy.slice_columns`."""
+    (N, S) buffer: S = ``slice_columns``, or by default :meth:`Policy.slice_columns` (``summing_dx``: dX is
+    summed over the slices, for the policy's ``dx_sized_slices``)."""
     rows = x.shape[0]
     if slice_columns is None:
-        slice_columns = policy.slice_columns(rows, x.dtype)
+        slice_columns = policy.slice_columns(rows, x.dtype, x.shape[1] if summing_dx else None)
     columns = max(1, min(slice_columns, num_classes))
     buffer = torch.empty(rows, columns, dtype=x.dtype, device=x.device)
     for start in range(0, num_classes, columns):
@@ -157,7 +163,8 @@ class LeanSoftmaxHead:
             if grad_bias is not None:
                 grad_bias.zero_()
             return grad_x, grad_weight, grad_bias, grad_target
-        for start, stop, logits in vocabulary_slices(x, self.num_classes, self.slice_columns, self.policy):
+        slices = vocabulary_slices(x, self.num_classes, self.slice_columns, self.policy, need_dx)
+        for start, stop, logits in slices:
             slice_logits(x, weight, bias, start, stop, logits)
             grad = logits if low or x.dtype == ct else torch.empty(logits.shape, dtype=ct, device=x.device)
             self.grad_fn(
@@ -217,7 +224,8 @@ class LeanSigmoidHead:
         weight = None if self.spec.weight is None else self.spec.weight.expand(target.shape)
         pos_weight = None if self.spec.pos_weight is None else self.spec.pos_weight.expand(self.num_classes)
         x_ct = x if x.dtype == ct or low else x.to(ct)
-        for start, stop, logits in vocabulary_slices(x, self.num_classes, self.slice_columns, self.policy):
+        slices = vocabulary_slices(x, self.num_classes, self.slice_columns, self.policy, grad_x is not None)
+        for start, stop, logits in slices:
             slice_logits(x, linear_weight, linear_bias, start, stop, logits)
             grad = None
             if need_grad:
