@@ -44,8 +44,9 @@ in lean mode at most 1.40× with at most a float32 (N, D) buffer + 0.1 GiB, grad
 error.
 
 `--breakdown` (instead of the tables) times the speed-mode head's parts on one chunk (logits matmul, row
-kernel, dX, dW as one bf16 matmul and accumulated in float32) and the whole head at chunk sizes of 128 MiB
-to 2 GiB, each with dW on the main stream and on a second one, beside the floor and the memory target.
+kernel, dX, dW as one bf16 matmul and accumulated in float32), the whole head under its policy and at
+chunk sizes of 128 MiB to 2 GiB, and the lean head with dX-sized and 64 MiB slices, each with its float32
+sum on the main stream and on a second one, beside the floor and the memory target.
 
 `--quick` fits the whole comparison in a few minutes (one warm-up, a 40 ms budget a measurement, torch.compile
 timed forward+backward only, so compiled once a shape). `--sweep` times softxent's cross-entropy on the
@@ -864,9 +865,10 @@ def breakdown(
     the measured rate; the row kernel's read + write at the copy rate; the accumulation's V·D·8 bytes
     beside its matmul). Then the whole head, forward+backward, under its policy and at each of
     ``chunk_sizes`` (not weight-sized: :attr:`softxent.ops.policy.Policy.weight_sized_chunks`) with dW on the
-    main stream and on a second one (:attr:`softxent.ops.policy.Policy.dw_stream`); and the lean head under
-    its policy and with 64 MiB slices (not dX-sized: ``Policy.dx_sized_slices``); each beside the 3-matmul
-    floor, with its peak memory beyond inputs and gradients.
+    main stream and on a second one (:attr:`softxent.ops.policy.Policy.side_stream`); and the lean head under
+    its policy and with 64 MiB slices (not dX-sized: ``Policy.dx_sized_slices``), with dX on the main
+    stream and on a second one; each beside the 3-matmul floor, with its peak memory beyond inputs and
+    gradients.
     """
     from softxent.ops import backends, chunks
     from softxent.ops.spec import SoftmaxLoss
@@ -924,8 +926,8 @@ def breakdown(
             choices.append(("speed", _bytes_name(size), fields))
         choices += [("lean", "policy", {}), ("lean", "64 MiB slices", {"dx_sized_slices": False})]
         for memory, name, fields in choices:
-            for stream in (False, True) if memory == "speed" else (False,):
-                with policy.overridden(**fields, dw_stream=stream):
+            for stream in (False, True):
+                with policy.overridden(**fields, side_stream=stream):
                     chosen = policy.for_device(device, backend.name)
                     if memory == "speed":
                         size = min(n, chosen.chunk_rows(v, x.element_size(), d))
@@ -934,7 +936,7 @@ def breakdown(
                         size = min(v, chosen.slice_columns(n, x.dtype, d))
                         count = -(-v // size)
                     if stream and count == 1:
-                        continue  # one chunk: nothing to overlap
+                        continue  # one chunk or slice: nothing to overlap
                     try:
                         row = _train(
                             partial(softxent.linear_cross_entropy, memory=memory), make_inputs,
@@ -946,13 +948,13 @@ def breakdown(
                 _free(device)
                 results.append(
                     {"shape": list(shape), "kind": "head", "memory": memory, "name": name,
-                     "dw_stream": stream, "size": size, "count": count,
+                     "side_stream": stream, "size": size, "count": count,
                      "ms": row["ms"], "peak_gib": row["peak_gib"], "failure": failure,
                      "floor_ms": floor_ms, "head_floor_ms": floor_ms}
                 )  # fmt: skip
                 print(
                     f"breakdown {_shape_name(shape)} {memory} head, {name} ({size} × {count}), "
-                    f"dW stream {stream}: {_ms(row['ms'])} ms {failure or ''}",
+                    f"side stream {stream}: {_ms(row['ms'])} ms {failure or ''}",
                     flush=True,
                 )
         del x, weight, target
@@ -984,9 +986,9 @@ def breakdown_tables(results: list[dict[str, object]]) -> list[str]:
         )
     lines += [
         "",
-        "### the head by chunk size and dW stream (speed) and slice size (lean): forward+backward, bf16",
+        "### the head by chunk (speed) and slice (lean) size, sums on a second stream or not: fwd+bwd, bf16",
         "",
-        "| N×D×V | mode | cut (rows or classes × count) | dW stream | ms | × floor | peak GiB | allowed |",
+        "| N×D×V | mode | cut (rows or classes × count) | side stream | ms | × floor | peak GiB | allowed |",
         "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for result in results:
@@ -999,7 +1001,7 @@ def breakdown_tables(results: list[dict[str, object]]) -> list[str]:
         ms = result["failure"] or _ms(result["ms"])
         lines.append(
             f"| {_shape_name(result['shape'])} | {memory} | {result['name']} ({result['size']} × "
-            f"{result['count']}) | {'yes' if result['dw_stream'] else 'no'} | {ms} | "
+            f"{result['count']}) | {'yes' if result['side_stream'] else 'no'} | {ms} | "
             f"{_ratio(result['ms'], result['floor_ms'])} | {_gib(result['peak_gib'])} | {allowed:.2f} |"
         )
     return [*lines, ""]

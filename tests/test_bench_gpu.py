@@ -74,7 +74,7 @@ def test_smoke_run_reports_softxent_close_to_the_reference(tmp_path: Path) -> No
     assert "### launch-shape sweep" in result.stdout
 
 
-def test_breakdown_times_the_parts_and_each_chunk_size_with_and_without_the_dw_stream(tmp_path: Path) -> None:
+def test_breakdown_times_the_parts_and_the_head_per_chunk_and_slice_size(tmp_path: Path) -> None:
     """--breakdown (issue 13's levers) end to end on a CPU: 600 rows under the policy (one chunk), in chunks
     of 1 MiB (262 rows of float32 G, 3 chunks; with the second stream 256, the fewest allowed, 3 chunks) and
     of 4 MiB (one chunk; with the second stream two slots of 524 rows, 2 chunks)."""
@@ -95,7 +95,7 @@ def test_breakdown_times_the_parts_and_each_chunk_size_with_and_without_the_dw_s
     ]  # fmt: skip
     assert {(rows, chunks) for _, rows, chunks in parts} == {(600, 1)}  # the default policy: one chunk
     heads = [
-        (entry["memory"], entry["name"], entry["dw_stream"], entry["size"], entry["count"])
+        (entry["memory"], entry["name"], entry["side_stream"], entry["size"], entry["count"])
         for entry in report
         if entry["kind"] == "head"
     ]
@@ -111,5 +111,5 @@ def test_breakdown_times_the_parts_and_each_chunk_size_with_and_without_the_dw_s
     for entry in report:
         assert entry.get("failure") is None, entry
         assert entry["ms"] > 0, entry
-    assert "### the head by chunk size and dW stream (speed) and slice size (lean)" in result.stdout
+    assert "### the head by chunk (speed) and slice (lean) size, sums on a second stream" in result.stdout
     assert "| eager |" not in result.stdout  # the breakdown alone

@@ -88,21 +88,21 @@ def test_the_cpu_policy_keeps_cache_sized_blocks():
     assert cpu.chunk_rows(128256, 4) == policy.MIN_CHUNK_ROWS
 
 
-def test_dw_stream_splits_the_chunk_between_two_slots():
-    """With dw_stream the two slots together hold the default chunk's bytes: half the rows each, the same
+def test_side_stream_splits_the_chunk_between_two_slots():
+    """With side_stream the two slots together hold the default chunk's bytes: half the rows each, the same
     speed-mode memory; one chunk needs no second slot. overridden() changes the policy within its block
     only, and names what it accepts."""
     triton = policy.policy(policy.H200, "triton")
-    overlapped = dataclasses.replace(triton, dw_stream=True)
+    overlapped = dataclasses.replace(triton, side_stream=True)
     assert overlapped.chunk_rows(128256, 2) == triton.chunk_rows(128256, 2) // 2 == 1024
     big = (8192, 4096, 128256, torch.bfloat16)
     assert overlapped.speed_mode_bytes(*big) == triton.speed_mode_bytes(*big)
     one_chunk = (512, 4096, 128256, torch.bfloat16)
     assert overlapped.speed_mode_bytes(*one_chunk) == triton.speed_mode_bytes(*one_chunk)
     device = torch.device("cpu")
-    with policy.simulated(policy.H200), policy.overridden(dw_stream=True, chunk_bytes=2**28):
+    with policy.simulated(policy.H200), policy.overridden(side_stream=True, chunk_bytes=2**28):
         inside = policy.for_device(device, "triton")
-    assert inside.dw_stream
+    assert inside.side_stream
     assert inside.chunk_bytes == 2**28
     with policy.simulated(policy.H200):
         assert policy.for_device(device, "triton") == triton

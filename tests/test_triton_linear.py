@@ -130,9 +130,9 @@ def test_linear_cross_entropy_is_bit_identical_run_to_run(memory, rng):
     assert_close(runs[0][0], to_numpy(F.cross_entropy(F.linear(x, w, b).float(), target)), 2e-2, "loss")
 
 
-class _LateStream(chunks.DwStream):
+class _LateStream(chunks.SideStream):
     """A stand-in side stream on the CPU that runs its work in order (a stream is a queue) but as late as
-    DwStream's protocol allows: when a slot is claimed again (that slot's work and what was queued before
+    SideStream's protocol allows: when a slot is claimed again (that slot's work and what was queued before
     it), or at join. Reading the wrong slot, or a missing claim or join, then reads a G that the next chunks
     overwrote, as an unsynchronized GPU stream could."""
 
@@ -141,7 +141,7 @@ class _LateStream(chunks.DwStream):
         self.queue = []
         self.submitted = []
 
-    def submit(self, slot, work):
+    def submit(self, slot, work, keep=()):
         assert slot not in [queued for queued, _ in self.queue], "a slot was reused before it was claimed"
         self.queue.append((slot, work))
         self.submitted.append(slot)
@@ -155,20 +155,23 @@ class _LateStream(chunks.DwStream):
             self.queue.pop(0)[1]()
 
 
+@pytest.mark.parametrize("memory", ["speed", "lean"])
 @pytest.mark.parametrize("impl", ["triton", "torch"])  # G in bf16 over the logits; G in a float32 buffer
 @pytest.mark.parametrize("head", ["softmax", "sigmoid"])
-def test_dw_on_a_second_stream_gives_the_same_bits(head, impl, rng, monkeypatch):
-    """Policy.dw_stream: the chunks alternate between two slots and dW accumulates on a side stream. The
-    kernels and their order of accumulation are the default's, so every output equals the default
-    schedule's bit for bit, over six chunks with a partial last one. On a CPU the side stream is
-    _LateStream (every accumulation as late as allowed); on a GPU, a real CUDA stream."""
+def test_sums_on_a_second_stream_give_the_same_bits(head, impl, memory, rng, monkeypatch):
+    """Policy.side_stream: the chunks (speed) or vocabulary slices (lean) alternate between two slots and the
+    float32 sum (dW, or dX) accumulates on a side stream. The kernels and their order of accumulation are
+    the default's, so every output equals the default schedule's bit for bit, over several chunks or slices
+    with a partial last one. On a CPU the side stream is _LateStream (every accumulation as late as
+    allowed); on a GPU, a real CUDA stream."""
     x, w, b, target = _problem(83, 40, 211, rng, torch.bfloat16)
     if head == "sigmoid":
         target = torch.rand(83, 211, generator=rng).to(DEVICE)
     loss_fn = softxent.linear_cross_entropy if head == "softmax" else softxent.linear_binary_cross_entropy
+    size = 16 if memory == "speed" else 48  # rows a chunk, or classes a slice
 
     def run():
-        loss = loss_fn(x, w, target, linear_bias=b, chunk_size=16, memory="speed", impl=impl)
+        loss = loss_fn(x, w, target, linear_bias=b, chunk_size=size, memory=memory, impl=impl)
         return (loss, *torch.autograd.grad(loss, [x, w, b]))
 
     default = run()
@@ -179,12 +182,16 @@ def test_dw_on_a_second_stream_gives_the_same_bits(head, impl, rng, monkeypatch)
             streams.append(_LateStream(device))
             return streams[-1]
 
-        monkeypatch.setattr(chunks, "DwStream", late)
-    with policy.overridden(dw_stream=True):
+        monkeypatch.setattr(chunks, "SideStream", late)
+    with policy.overridden(side_stream=True):
         overlapped = run()
     if DEVICE == "cpu":
-        # one pass, one accumulation a chunk of 16 (softmax drops the rows whose target is ignored)
-        rows = 83 if head == "sigmoid" else int((target != -100).sum())
-        assert [stream.submitted for stream in streams] == [[0, 1, 0, 1, 0, 1][: -(-rows // 16)]]
+        # one pass with gradients; one accumulation a chunk of 16 rows (softmax drops the rows whose target
+        # is ignored) or a slice of 48 classes
+        if memory == "lean":
+            blocks = -(-211 // 48)
+        else:
+            blocks = -(-(83 if head == "sigmoid" else int((target != -100).sum())) // 16)
+        assert [stream.submitted for stream in streams] == [[0, 1, 0, 1, 0, 1][:blocks]]
     for name, first, second in zip(["loss", "dX", "dW", "db"], default, overlapped, strict=True):
         assert torch.equal(first, second), name

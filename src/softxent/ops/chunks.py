@@ -25,24 +25,26 @@ from softxent.ops.spec import SigmoidLoss, SoftmaxLoss, class_last, compute_dtyp
 ACCUMULATE_BLOCK_ROWS = 8192
 
 
-class DwStream:
-    """dW's accumulation on a second CUDA stream (:attr:`Policy.dw_stream`): chunk k's dW += Gₖᵀ·Xₖ runs
-    beside chunk k+1's logits matmul, row kernel and dX, with the chunks' logits in two alternating slots.
+class SideStream:
+    """A float32 accumulation on a second CUDA stream (:attr:`Policy.side_stream`), beside the next block's
+    work: the speed mode's dW += Gₖᵀ·Xₖ beside chunk k+1's logits matmul, row kernel and dX; the lean mode's
+    dX += G_v·W_v beside slice v+1's logits and kernels. The blocks' logits alternate between two slots.
 
     An accumulation waits for the main stream's work so far (G is written: :meth:`submit`); the main
-    stream's next work on a slot waits for that slot's last accumulation (:meth:`claim`), and dW is read
-    only after every accumulation (:meth:`join`). Tensors the side stream reads were allocated on the main
-    stream and are freed only after :meth:`join`, so the caching allocator cannot hand their memory out
-    while they are read. Without CUDA (the interpreter) :meth:`submit` runs the work at once; tests defer
+    stream's next work on a slot waits for that slot's last accumulation (:meth:`claim`), and the sum is
+    read only after every accumulation (:meth:`join`). Tensors the side stream reads were allocated on the
+    main stream: the slots and the sums live until after :meth:`join`, and anything else it reads is
+    passed as ``keep`` and held until its slot is claimed, so the caching allocator cannot hand that memory
+    out while it is read. Without CUDA (the interpreter) :meth:`submit` runs the work at once; tests defer
     it to the latest moment this protocol allows, which a wrong slot or a missing wait would expose.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.done: dict[int, torch.cuda.Event] = {}
+        self.done: dict[int, tuple[torch.cuda.Event, tuple[Tensor, ...]]] = {}
 
-    def submit(self, slot: int, work: Callable[[], None]) -> None:
+    def submit(self, slot: int, work: Callable[[], None], keep: tuple[Tensor, ...] = ()) -> None:
         """Run ``work`` (reading ``slot``'s G) on the side stream, after the main stream's work so far."""
         if self.side is None:
             work()
@@ -52,11 +54,11 @@ class DwStream:
             work()
         event = torch.cuda.Event()
         event.record(self.side)
-        self.done[slot] = event
+        self.done[slot] = (event, keep)
 
     def claim(self, slot: int) -> None:
         """Make the main stream wait until ``slot``'s last accumulation has read its G."""
-        event = self.done.pop(slot, None)
+        event, _ = self.done.pop(slot, (None, ()))
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
@@ -64,6 +66,7 @@ class DwStream:
         """Make the main stream wait for every accumulation."""
         if self.side is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.side)
+            self.done.clear()
 
 
 def accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -126,9 +129,9 @@ def linear_head_pass(
     is summed over chunks in float32 (:func:`accumulate_matmul`): an (R, D) float32 buffer, where summing
     in the input dtype would add one rounding per chunk (measured: 2.3× eager's dW error over five chunks).
 
-    ``policy.dw_stream`` (several chunks, dW asked for): chunks alternate between two slots, and each
-    chunk's dW accumulation runs on a second CUDA stream (:class:`DwStream`); the same numbers, in the same
-    order of accumulation.
+    ``policy.side_stream`` (several chunks, dW asked for): chunks alternate between two slots, and each
+    chunk's dW accumulation runs on a second CUDA stream (:class:`SideStream`); the same numbers, in the
+    same order of accumulation.
     Returns (loss with ``loss_shape``, dX, dW, db, d_target), the gradients None when not asked for.
     """
     n_rows = x.shape[0]
@@ -140,9 +143,9 @@ def linear_head_pass(
     want_grad = grad_scale is not None
     features = x.shape[1] if want_grad and need_dw else None  # weight-sized chunks only where dW is summed
     rows = max(1, min(chunk_rows or policy.chunk_rows(num_columns, x.element_size(), features), n_rows))
-    # with dw_stream, chunk k's dW accumulation runs beside chunk k+1's work, so the chunks alternate
+    # with side_stream, chunk k's dW accumulation runs beside chunk k+1's work, so the chunks alternate
     # between two buffers
-    side = DwStream(device) if policy.dw_stream and want_grad and need_dw and rows < n_rows else None
+    side = SideStream(device) if policy.side_stream and want_grad and need_dw and rows < n_rows else None
     buffers = 2 if side is not None else 1
     logits_buffers = [torch.empty(rows, num_columns, dtype=x.dtype, device=device) for _ in range(buffers)]
     grad_buffers: list[Tensor | None] = [None] * buffers

@@ -114,12 +114,13 @@ class Policy:
     block_elements: logits per block of the row drivers (None: all rows in one block, one launch).
     grad_in_input_dtype: the linear heads write G in the input dtype over a chunk's logits and run
         input-dtype matmuls (the Triton path) instead of keeping G in the compute dtype.
-    chunk_bytes: bytes of logits per chunk of the speed-mode linear heads (with ``dw_stream``, of its two
+    chunk_bytes: bytes of logits per chunk of the speed-mode linear heads (with ``side_stream``, of its two
         chunk buffers together).
-    dw_stream: on a GPU, the speed-mode heads accumulate dW = Σ Gᵀ·X on a second CUDA stream, so that
-        chunk k's accumulation (a GEMM whose float32 (V, D) accumulator is read and written, V·D·8 bytes a
-        chunk) overlaps chunk k+1's logits matmul and row kernel; the chunks' logits alternate between two
-        buffers of half ``chunk_bytes`` each (an explicit ``chunk_size`` is each buffer's rows). Off by
+    side_stream: on a GPU, the float32 sums run on a second CUDA stream: the speed-mode heads' dW = Σ Gᵀ·X,
+        so that chunk k's accumulation (a GEMM whose float32 (V, D) accumulator is read and written, V·D·8
+        bytes a chunk) overlaps chunk k+1's logits matmul and row kernel, and the lean heads' dX = Σ G_v·W_v
+        (N·D·8 bytes a slice) beside the next slice's work. The chunks' or slices' logits alternate between
+        two buffers of half the bytes each (an explicit ``chunk_size`` is each buffer's size). Off by
         default until a GPU measures it (issue 13's lever; ``bench_gpu.py --breakdown`` times both).
     weight_sized_chunks: where dW is summed over chunks in float32, a chunk takes at least the bytes of the
         (V, D) weight in the input dtype. dW's input-dtype copy takes that much at the end of the pass
@@ -136,7 +137,7 @@ class Policy:
     block_elements: int | None
     grad_in_input_dtype: bool
     chunk_bytes: int
-    dw_stream: bool = False
+    side_stream: bool = False
     weight_sized_chunks: bool = False
     dx_sized_slices: bool = False
 
@@ -150,7 +151,7 @@ class Policy:
     def chunk_rows(self, columns: int, element_size: int, features: int | None = None) -> int:
         """Rows per chunk of a linear head with ``columns`` logits a row: ``chunk_bytes`` of logits (of
         ``element_size`` bytes where the gradient is kept in the input dtype, else of float32), at least
-        MIN_CHUNK_ROWS rows (in multiples of them on the Triton path); with ``dw_stream`` half as many, as
+        MIN_CHUNK_ROWS rows (in multiples of them on the Triton path); with ``side_stream`` half as many, as
         two chunks are in flight. ``features``: D where dW is wanted (None: it is not), for
         ``weight_sized_chunks``."""
         columns = max(columns, 1)
@@ -165,18 +166,22 @@ class Policy:
 
     @property
     def chunk_buffers(self) -> int:
-        """Chunks of logits a speed-mode head holds at once: two where dW accumulates on a second stream."""
-        return 2 if self.dw_stream else 1
+        """Chunks (or slices) of logits a head holds at once: two where its float32 sum runs on a second
+        stream."""
+        return 2 if self.side_stream else 1
 
     def slice_columns(self, rows: int, dtype: torch.dtype, features: int | None = None) -> int:
         """Classes per vocabulary slice over ``rows`` rows: SLICE_BYTES of logits (and of their float32 copy
         where the gradient is kept in the compute dtype), in multiples of MIN_SLICE_COLUMNS. ``features``: D
-        where dX is wanted (None: it is not), for ``dx_sized_slices``."""
+        where dX is wanted (None: it is not), for ``dx_sized_slices``; with ``side_stream`` the bytes are
+        split between two slots there."""
         element_bytes = torch.finfo(dtype).bits // 8
         low_precision = dtype not in (torch.float32, torch.float64)
         slice_bytes = SLICE_BYTES
         if self.dx_sized_slices and features and low_precision and self.grad_in_input_dtype:
             slice_bytes = max(slice_bytes, rows * features * element_bytes)
+        if features:
+            slice_bytes //= self.chunk_buffers  # two slots where dX accumulates on a second stream
         if not self.grad_in_input_dtype and low_precision:
             element_bytes += 4
         columns = slice_bytes // max(rows * element_bytes, 1)
@@ -245,7 +250,7 @@ _OVERRIDES: ContextVar[dict[str, object] | None] = ContextVar("softxent_policy_o
 
 @contextlib.contextmanager
 def overridden(**fields: object) -> Iterator[None]:
-    """Within the block, every policy has ``fields`` (e.g. ``chunk_bytes=2**28, dw_stream=True``) in place
+    """Within the block, every policy has ``fields`` (e.g. ``chunk_bytes=2**28, side_stream=True``) in place
     of its own: how the benchmark tries the levers it has no default for yet, and how tests run them."""
     allowed = set(Policy.__dataclass_fields__) - {"hardware", "backend"}
     if not set(fields) <= allowed:

@@ -36,12 +36,14 @@ to gather first.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from softxent.ops import chunks
 from softxent.ops.chunks import accumulate_matmul
 from softxent.ops.policy import Policy
 from softxent.ops.rows import sigmoid_bce_rows
@@ -57,19 +59,27 @@ from softxent.ops.spec import (
 
 
 def vocabulary_slices(
-    x: Tensor, num_classes: int, slice_columns: int | None, policy: Policy, summing_dx: bool = False
+    x: Tensor,
+    num_classes: int,
+    slice_columns: int | None,
+    policy: Policy,
+    summing_dx: bool = False,
+    slots: int = 1,
 ):
-    """(start, stop, logits buffer view (N, stop − start)) for each slice of the classes, with one reused
-    (N, S) buffer: S = ``slice_columns``, or by default :meth:`Policy.slice_columns` (``summing_dx``: dX is
-    summed over the slices, for the policy's ``dx_sized_slices``)."""
+    """(slot, start, stop, logits buffer view (N, stop − start)) for each slice of the classes, the slices
+    taking ``slots`` reused (N, S) buffers in turn (each allocated on first use): S = ``slice_columns``, or
+    by default :meth:`Policy.slice_columns` (``summing_dx``: dX is summed over the slices)."""
     rows = x.shape[0]
     if slice_columns is None:
         slice_columns = policy.slice_columns(rows, x.dtype, x.shape[1] if summing_dx else None)
     columns = max(1, min(slice_columns, num_classes))
-    buffer = torch.empty(rows, columns, dtype=x.dtype, device=x.device)
-    for start in range(0, num_classes, columns):
+    buffers: list[Tensor] = []
+    for index, start in enumerate(range(0, num_classes, columns)):
         stop = min(start + columns, num_classes)
-        yield start, stop, buffer[:, : stop - start]
+        slot = index % slots
+        if slot == len(buffers):
+            buffers.append(torch.empty(rows, columns, dtype=x.dtype, device=x.device))
+        yield slot, start, stop, buffers[slot][:, : stop - start]
 
 
 def slice_logits(
@@ -81,6 +91,14 @@ def slice_logits(
     return torch.mm(x, weight[start:stop].t(), out=out)
 
 
+def accumulate_dx(grad_x: Tensor, grad: Tensor, w_slice: Tensor) -> None:
+    """dX += G_v·W_v for one slice in dX's dtype (float32 for bf16/fp16 inputs): G_v (N, S), W_v (S, D)."""
+    if grad.dtype == grad_x.dtype:
+        grad_x.addmm_(grad, w_slice if w_slice.dtype == grad_x.dtype else w_slice.to(grad_x.dtype))
+    else:
+        accumulate_matmul(grad_x, grad, w_slice)  # input-dtype product, float32 sum over slices
+
+
 def slice_backward(
     grad: Tensor,
     x: Tensor,
@@ -89,10 +107,13 @@ def slice_backward(
     grad_x: Tensor | None,
     grad_weight: Tensor | None,
     grad_bias: Tensor | None,
+    side: chunks.SideStream | None = None,
+    slot: int = 0,
 ) -> None:
     """A slice's share of the linear head's gradients from its G_v (N, S): dW_v = G_vᵀ·x (one matmul over
     all rows, written whole), db_v = Σ_rows G_v, and dX += G_v·W_v summed over the slices in the compute
-    dtype (float32 for low-precision inputs). ``x`` in G's dtype; dW/db are written at rows start:."""
+    dtype (float32 for low-precision inputs), on ``side``'s stream where given. ``x`` in G's dtype; dW/db
+    are written at rows start:."""
     stop = start + grad.shape[1]
     if grad_weight is not None:
         torch.mm(grad.t(), x, out=grad_weight[start:stop])
@@ -100,10 +121,10 @@ def slice_backward(
         grad_bias[start:stop] = grad.sum(0, dtype=grad_bias.dtype)
     if grad_x is None:
         return
-    if grad.dtype == grad_x.dtype:
-        grad_x.addmm_(grad, w_slice if w_slice.dtype == grad_x.dtype else w_slice.to(grad_x.dtype))
+    if side is None:
+        accumulate_dx(grad_x, grad, w_slice)
     else:
-        accumulate_matmul(grad_x, grad, w_slice)  # input-dtype product, float32 sum over slices
+        side.submit(slot, functools.partial(accumulate_dx, grad_x, grad, w_slice), keep=(grad,))
 
 
 @dataclass(frozen=True)
@@ -130,7 +151,7 @@ class LeanSoftmaxHead:
         ct = compute_dtype(x.dtype)
         stats = RowStats.empty(x.shape[0], ct, x.device)
         if x.shape[0]:
-            for start, stop, logits in vocabulary_slices(
+            for _, start, stop, logits in vocabulary_slices(
                 x, self.num_classes, self.slice_columns, self.policy
             ):
                 self.stats_fn(
@@ -163,8 +184,14 @@ class LeanSoftmaxHead:
             if grad_bias is not None:
                 grad_bias.zero_()
             return grad_x, grad_weight, grad_bias, grad_target
-        slices = vocabulary_slices(x, self.num_classes, self.slice_columns, self.policy, need_dx)
-        for start, stop, logits in slices:
+        # with side_stream, slice v's dX accumulation runs beside slice v+1's work (two slots)
+        side = chunks.SideStream(x.device) if self.policy.side_stream and need_dx else None
+        slices = vocabulary_slices(
+            x, self.num_classes, self.slice_columns, self.policy, need_dx, 2 if side is not None else 1
+        )
+        for slot, start, stop, logits in slices:
+            if side is not None:
+                side.claim(slot)
             slice_logits(x, weight, bias, start, stop, logits)
             grad = logits if low or x.dtype == ct else torch.empty(logits.shape, dtype=ct, device=x.device)
             self.grad_fn(
@@ -172,7 +199,9 @@ class LeanSoftmaxHead:
                 grad if (need_dx or need_dw or need_db) else None,
                 grad_target[:, start:stop] if grad_target is not None else None,
             )  # fmt: skip
-            slice_backward(grad, x_ct, weight[start:stop], start, grad_x, grad_weight, grad_bias)
+            slice_backward(grad, x_ct, weight[start:stop], start, grad_x, grad_weight, grad_bias, side, slot)
+        if side is not None:
+            side.join()
         return grad_x, grad_weight, grad_bias, grad_target
 
 
@@ -224,8 +253,13 @@ class LeanSigmoidHead:
         weight = None if self.spec.weight is None else self.spec.weight.expand(target.shape)
         pos_weight = None if self.spec.pos_weight is None else self.spec.pos_weight.expand(self.num_classes)
         x_ct = x if x.dtype == ct or low else x.to(ct)
-        slices = vocabulary_slices(x, self.num_classes, self.slice_columns, self.policy, grad_x is not None)
-        for start, stop, logits in slices:
+        side = chunks.SideStream(device) if self.policy.side_stream and grad_x is not None else None
+        slices = vocabulary_slices(
+            x, self.num_classes, self.slice_columns, self.policy, grad_x is not None, 2 if side else 1
+        )
+        for slot, start, stop, logits in slices:
+            if side is not None:
+                side.claim(slot)
             slice_logits(x, linear_weight, linear_bias, start, stop, logits)
             grad = None
             if need_grad:
@@ -252,5 +286,9 @@ class LeanSigmoidHead:
             else:
                 row_sums += part
             if grad is not None:
-                slice_backward(grad, x_ct, linear_weight[start:stop], start, grad_x, grad_weight, grad_bias)
+                slice_backward(
+                    grad, x_ct, linear_weight[start:stop], start, grad_x, grad_weight, grad_bias, side, slot
+                )
+        if side is not None:
+            side.join()
         return loss if per_element else row_sums, grad_x, grad_weight, grad_bias, grad_target
