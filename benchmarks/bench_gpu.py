@@ -902,7 +902,11 @@ def breakdown(
             ),
             ("dX matmul", partial(torch.mm, grad_low, weight, out=grad_x), matmul_floor),
             ("dW matmul, bf16 out", partial(torch.mm, grad_low.t(), x_chunk, out=grad_w), matmul_floor),
-            ("dW into float32", partial(chunks.accumulate_dw, accumulator, grad, x_chunk), matmul_floor),
+            (
+                "dW into float32",
+                partial(chunks.accumulate_matmul, accumulator, grad.t(), x_chunk),
+                matmul_floor,
+            ),
         )
         chunk_count = -(-n // rows)
         for part, fn, part_floor in parts:

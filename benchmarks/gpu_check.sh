@@ -2,7 +2,7 @@
 # One time-boxed call on a GPU machine that checks and measures softxent's GPU path, so that partial results
 # come back even when a stage runs out of time. From the project root there:
 #
-#     bash benchmarks/gpu_check.sh [all|kernels|apps]   (all: 9.2 minutes at most; kernels 7.2, apps 2.2)
+#     bash benchmarks/gpu_check.sh [all|kernels|apps]   (all: 9.2 minutes at most; kernels 5.8, apps 3.3)
 #
 # kernels: the kernels' tests on CUDA (80 s); benchmarks/bench_gpu.py --quick (170 s: every family, the
 # peers in the same run, the targets as pass/miss lines); its --sweep of the row kernel's launch shapes

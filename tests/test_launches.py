@@ -112,6 +112,8 @@ def test_side_stream_splits_the_chunk_between_two_slots():
     assert triton.chunk_rows(128256, 2, 4096) == 4096
     assert triton.chunk_rows(256000, 2, 2304) == 2304
     assert triton.chunk_rows(128256, 2, 64) == triton.chunk_rows(128256, 2) == 2048  # a small weight
+    # float32 inputs: dW is the float32 sum itself, with no bf16 copy to make room
+    assert triton.chunk_rows(128256, 4, 4096) == triton.chunk_rows(128256, 4) == 1024
     assert overlapped.chunk_rows(128256, 2, 4096) == 2048  # two slots of half
     assert not policy.policy(policy.H200, "torch").weight_sized_chunks
     # dX-sized slices (lean): where dX is summed (features given) over bf16 slices, a slice holds at least

@@ -70,14 +70,19 @@ class SideStream:
 
 
 def accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a·b for bf16/fp16 ``a`` (M, K), ``b`` (K, P) into a float32 ``acc`` (M, P).
+    """acc += a·b: ``a`` (M, K), ``b`` (K, P), ``acc`` (M, P); a chunk's dW += Gᵀ·X or a slice's dX += G·W.
 
-    On CUDA one addmm with a float32 output: the input-dtype product on the matrix units, accumulated in
-    float32 into ``acc`` with no input-dtype rounding at all, so repeated calls sum like one big matmul.
-    Where torch has no such addmm (the CPU), the same numbers come from float32 copies of the operands,
-    ACCUMULATE_BLOCK_ROWS rows of ``acc`` at a time (rounding each product to the input dtype before the
-    sum instead would add an error that grows when the partial sums cancel).
+    Where ``a`` has acc's dtype, one addmm (``b`` converted where it differs: the torch path's float32 G
+    against bf16 x). For bf16/fp16 ``a``, ``b`` into a float32 ``acc``, on CUDA one addmm with a float32
+    output: the input-dtype product on the matrix units, accumulated in float32 into ``acc`` with no
+    input-dtype rounding at all, so repeated calls sum like one big matmul. Where torch has no such addmm
+    (the CPU), the same numbers come from float32 copies of the operands, ACCUMULATE_BLOCK_ROWS rows of
+    ``acc`` at a time (rounding each product to the input dtype before the sum instead would add an error
+    that grows when the partial sums cancel).
     """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b.to(acc.dtype))  # no copy when the dtypes agree
+        return
     if addmm_accumulates_in_float32(acc.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
         return
@@ -85,14 +90,6 @@ def accumulate_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
     for start in range(0, acc.shape[0], ACCUMULATE_BLOCK_ROWS):
         stop = min(start + ACCUMULATE_BLOCK_ROWS, acc.shape[0])
         acc[start:stop].addmm_(a[start:stop].to(acc.dtype), b_wide)
-
-
-def accumulate_dw(grad_weight: Tensor, grad: Tensor, x_chunk: Tensor) -> None:
-    """dW += Gᵀ·X for one chunk: G (B, R), X (B, D), dW (R, D)."""
-    if grad.dtype == grad_weight.dtype:
-        grad_weight.addmm_(grad.t(), x_chunk.to(grad.dtype))  # no copy when the dtypes agree
-    else:
-        accumulate_matmul(grad_weight, grad.t(), x_chunk)
 
 
 def linear_head_pass(
@@ -195,9 +192,9 @@ def linear_head_pass(
         # that on a side stream it waits for the row kernel only
         if grad_weight is not None:
             if side is None:
-                accumulate_dw(grad_weight, grad, x_chunk)
+                accumulate_matmul(grad_weight, grad.t(), x_chunk)
             else:
-                side.submit(slot, functools.partial(accumulate_dw, grad_weight, grad, x_chunk))
+                side.submit(slot, functools.partial(accumulate_matmul, grad_weight, grad.t(), x_chunk))
         if grad_x is not None:
             torch.mm(
                 grad if grad.dtype == x.dtype else grad.to(x.dtype), linear_weight, out=grad_x[start:stop]

@@ -122,10 +122,11 @@ class Policy:
         (N·D·8 bytes a slice) beside the next slice's work. The chunks' or slices' logits alternate between
         two buffers of half the bytes each (an explicit ``chunk_size`` is each buffer's size). Off by
         default until a GPU measures it (issue 13's lever; ``bench_gpu.py --breakdown`` times both).
-    weight_sized_chunks: where dW is summed over chunks in float32, a chunk takes at least the bytes of the
-        (V, D) weight in the input dtype. dW's input-dtype copy takes that much at the end of the pass
-        anyway (beside the float32 sum), so the peak does not grow, while the float32 sum, read and written
-        once a chunk (V·D·8 bytes), is updated over fewer chunks: 2 instead of 4 at 8192×4096×128256.
+    weight_sized_chunks: where dW is summed over chunks in float32 for bf16/fp16 inputs, a chunk takes at
+        least the bytes of the (V, D) weight in the input dtype. dW's input-dtype copy takes that much at the
+        end of the pass anyway (beside the float32 sum), so the peak does not grow, while the float32 sum,
+        read and written once a chunk (V·D·8 bytes), is updated over fewer chunks: 2 instead of 4 at
+        8192×4096×128256.
     dx_sized_slices: the lean heads' counterpart. Where dX is summed over vocabulary slices in float32 for
         low-precision inputs, a slice takes at least the bytes of the (N, D) input: dX's input-dtype copy
         takes that much at the end, beside the float32 sum (N·D·8 bytes read and written a slice), which is
@@ -156,7 +157,8 @@ class Policy:
         ``weight_sized_chunks``."""
         columns = max(columns, 1)
         chunk_bytes = self.chunk_bytes
-        if self.weight_sized_chunks and features and self.grad_in_input_dtype:
+        # float32 dW is itself the sum (no input-dtype copy at the end to make room): no weight-sized chunk
+        if self.weight_sized_chunks and features and self.grad_in_input_dtype and element_size < 4:
             chunk_bytes = max(chunk_bytes, columns * features * element_size)
         chunk_bytes //= self.chunk_buffers
         if not self.grad_in_input_dtype:

@@ -91,14 +91,6 @@ def slice_logits(
     return torch.mm(x, weight[start:stop].t(), out=out)
 
 
-def accumulate_dx(grad_x: Tensor, grad: Tensor, w_slice: Tensor) -> None:
-    """dX += G_v·W_v for one slice in dX's dtype (float32 for bf16/fp16 inputs): G_v (N, S), W_v (S, D)."""
-    if grad.dtype == grad_x.dtype:
-        grad_x.addmm_(grad, w_slice if w_slice.dtype == grad_x.dtype else w_slice.to(grad_x.dtype))
-    else:
-        accumulate_matmul(grad_x, grad, w_slice)  # input-dtype product, float32 sum over slices
-
-
 def slice_backward(
     grad: Tensor,
     x: Tensor,
@@ -122,9 +114,9 @@ def slice_backward(
     if grad_x is None:
         return
     if side is None:
-        accumulate_dx(grad_x, grad, w_slice)
+        accumulate_matmul(grad_x, grad, w_slice)
     else:
-        side.submit(slot, functools.partial(accumulate_dx, grad_x, grad, w_slice), keep=(grad,))
+        side.submit(slot, functools.partial(accumulate_matmul, grad_x, grad, w_slice), keep=(grad,))
 
 
 @dataclass(frozen=True)
