@@ -608,6 +608,18 @@ def _unknown_class(tmp_path: Path, model: Path) -> tuple[str, str]:
     return str(model), str(_table(tmp_path, "data.csv", _set(4, "label", "dog")))
 
 
+def _npz_labels(labels: np.ndarray) -> Callable[[Path], Path]:
+    """An NPZ of 40 rows of 3 features with ``labels`` as y (found by the CLI fuzz test: dates as labels
+    trained, then failed in json when the model was saved)."""
+
+    def make(tmp_path: Path) -> Path:
+        path = tmp_path / "data.npz"
+        np.savez(path, X=np.random.default_rng(0).normal(size=(40, 3)), y=labels)
+        return path
+
+    return make
+
+
 def _write(name: str, content: str) -> Callable[[Path], Path]:
     def make(tmp_path: Path) -> Path:
         path = tmp_path / name
@@ -668,6 +680,14 @@ BAD_INPUTS: dict[str, tuple[BadCase, str]] = {
         "cannot read",
     ),
     "corrupt npz": (bad_train([], _write("data.npz", "not a zip")), "cannot read as NPZ"),
+    "npz dates as labels": (
+        bad_train([], _npz_labels(np.arange(40).astype("M8[D]"))),
+        "target array 'y' must hold numbers or strings, got datetime64[D] values",
+    ),
+    "npz complex labels": (
+        bad_train([], _npz_labels((np.arange(40) % 2).astype(complex))),
+        "target array 'y' must hold numbers or strings, got complex128 values",
+    ),
     "missing model": (
         bad_predict(lambda d, m: (str(d / "none"), str(_table(d, "x.csv")))),
         "no such model file",
@@ -775,3 +795,27 @@ def test_console_script(trained: tuple[Path, Path]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "macro-F1" in result.stdout
+
+
+def test_npz_byte_string_labels_train_as_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NPZ labels saved as bytes (numpy's S dtype) are read as text, as feature names are; before, the
+    estimator refused them with scikit-learn's traceback."""
+    data = _npz_labels(np.array([b"ant", b"bee"] * 20))(tmp_path)
+    out = tmp_path / "model"
+    status, _, stderr = run_cli(["train", str(data), "--out", str(out), "--epochs", "2"], capsys)
+    assert status == 0, stderr
+    estimator, _ = load_model(out / "model.safetensors")
+    assert estimator.classes_.tolist() == ["ant", "bee"]
+
+
+def test_save_model_refuses_classes_json_cannot_hold(tmp_path: Path) -> None:
+    """The model file's header is JSON: classes_ that are dates (which fit accepts, as scikit-learn's
+    estimators do) get a ValueError naming the way out, not json's TypeError, and no file."""
+    rng = np.random.default_rng(0)
+    dates = np.array(["2026-11-29", "2026-11-30"] * 20, dtype="M8[D]")
+    estimator = SoftmaxClassifier(max_iter=2).fit(rng.normal(size=(40, 3)), dates)
+    path = tmp_path / "model.safetensors"
+    expected = r"estimator: expected classes_ of numbers, booleans or strings.*astype\(str\)"
+    with pytest.raises(ValueError, match=expected):
+        save_model(estimator, path)
+    assert list(tmp_path.iterdir()) == []

@@ -481,6 +481,12 @@ def _read_npz(
             raise InputError(
                 f"{source}: target array {name!r} must have shape ({X.shape[0]},), got {values.shape}"
             )
+        if values.dtype.kind == "S":  # bytes: labels as text, as the feature names are read
+            values = np.array([value.decode("utf-8", "replace") for value in values.tolist()])
+        if values.dtype.kind not in "biufU":
+            raise InputError(
+                f"{source}: target array {name!r} must hold numbers or strings, got {values.dtype} values"
+            )
         series = pd.Series(values)
         if multilabel:
             columns.append(_binary_column(series, source, name, locate))

@@ -67,9 +67,16 @@ def save_model(
     from importlib.metadata import version
 
     check_is_fitted(estimator)
+    classes = estimator.classes_.tolist()
+    if not all(isinstance(label, (str, int, float)) for label in classes):  # the header is JSON
+        kinds = sorted({type(label).__name__ for label in classes})
+        raise ValueError(
+            "estimator: expected classes_ of numbers, booleans or strings to save, got "
+            f"{', '.join(kinds)} classes; fit on labels converted with y.astype(str)"
+        )
     dtype = torch.float64 if estimator.coef_.dtype == np.float64 else torch.float32
     fitted = {
-        "classes": estimator.classes_.tolist(),
+        "classes": classes,
         "n_features_in": int(estimator.n_features_in_),
         "feature_names_in": getattr(estimator, "feature_names_in_", np.array([])).tolist() or None,
         "n_iter": int(estimator.n_iter_),
