@@ -85,8 +85,33 @@ def test_the_loss_and_gradients_are_the_references(
             assert_close(value, reference_value, 1e-12, name)
         return
     eager = _torch_autograd(cast(x), cast(w), cast(b), target, cast(s), cast(class_weight), smoothing, scale)
+    # The gradients are sums of products with G = g·s_i·((Σ_c q_ic)·ŷ_i − q_i), whose two terms are rounded
+    # before they cancel; two float32 evaluations of the same sum differ by about sqrt(terms)·u·Σ|terms||x|
+    # (a random walk of roundings), relative to 1 + |the sum|. With soft targets and row weights up to 3 that
+    # passes a fixed 2e-6 (found by fresh seeds: seed 8621908341573892248, dW 2.8e-6 against eager's
+    # 5.5e-7). Ours exceeded eager's error by at most 0.76 of this bound (seeds 0-749 of every case).
+    terms = _softmax_gradient_terms(x, w, b, y, s, class_weight, smoothing, scale)
+    sums = {"dX": (terms @ w.abs(), c), "dW": (terms.T @ x.abs(), n), "db": (terms.sum(0), n)}
     for (name, value), eager_value, reference_value in zip(got.items(), eager, expected, strict=True):
-        assert_no_worse(value, eager_value, reference_value, 2e-6, name)
+        slack = 2e-6
+        if name in sums:
+            total, count = sums[name]
+            noise = count**0.5 * 2.0**-24 * to_numpy(total) / (1.0 + np.abs(np.asarray(reference_value)))
+            slack = max(slack, float(noise.max()))
+        assert_no_worse(value, eager_value, reference_value, slack, name)
+
+
+def _softmax_gradient_terms(x, w, b, y, s, class_weight, smoothing, scale):
+    """|g·s_i|·((Σ_c q_ic)·ŷ_i + q_i) in float64 (N, C): the two terms of G, sized before they cancel."""
+    c = w.shape[0]
+    logits = x @ w.T + (0 if b is None else b)
+    probs = torch.softmax(logits, dim=1)
+    t = y if y.is_floating_point() else torch.eye(c, dtype=torch.float64)[y]
+    q = (1 - smoothing) * t + smoothing / c
+    if class_weight is not None:
+        q = q * class_weight
+    rows = torch.ones(len(y), dtype=torch.float64) if s is None else s
+    return (scale * rows)[:, None] * (q.sum(1, keepdim=True) * probs + q)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
