@@ -44,7 +44,6 @@ import torch
 from torch import Tensor
 
 from softxent.ops import chunks
-from softxent.ops.chunks import accumulate_matmul
 from softxent.ops.policy import Policy
 from softxent.ops.rows import sigmoid_bce_rows
 from softxent.ops.spec import (
@@ -64,22 +63,29 @@ def vocabulary_slices(
     slice_columns: int | None,
     policy: Policy,
     summing_dx: bool = False,
-    slots: int = 1,
+    side: chunks.SideStream | None = None,
 ):
-    """(slot, start, stop, logits buffer view (N, stop − start)) for each slice of the classes, the slices
-    taking ``slots`` reused (N, S) buffers in turn (each allocated on first use): S = ``slice_columns``, or
-    by default :meth:`Policy.slice_columns` (``summing_dx``: dX is summed over the slices)."""
+    """(slot, start, stop, logits buffer view (N, stop − start)) for each slice of the classes, with one
+    reused (N, S) buffer, or with ``side`` two taken in turn (each allocated on first use; a slot is yielded
+    once its last accumulation on ``side`` has read it, and ``side`` is joined after the last slice):
+    S = ``slice_columns``, or by default :meth:`Policy.slice_columns` (``summing_dx``: dX is summed over
+    the slices)."""
     rows = x.shape[0]
     if slice_columns is None:
         slice_columns = policy.slice_columns(rows, x.dtype, x.shape[1] if summing_dx else None)
     columns = max(1, min(slice_columns, num_classes))
+    slots = 1 if side is None else 2
     buffers: list[Tensor] = []
     for index, start in enumerate(range(0, num_classes, columns)):
         stop = min(start + columns, num_classes)
         slot = index % slots
         if slot == len(buffers):
             buffers.append(torch.empty(rows, columns, dtype=x.dtype, device=x.device))
+        if side is not None:
+            side.claim(slot)
         yield slot, start, stop, buffers[slot][:, : stop - start]
+    if side is not None:
+        side.join()
 
 
 def slice_logits(
@@ -114,9 +120,9 @@ def slice_backward(
     if grad_x is None:
         return
     if side is None:
-        accumulate_matmul(grad_x, grad, w_slice)
+        chunks.accumulate_matmul(grad_x, grad, w_slice)
     else:
-        side.submit(slot, functools.partial(accumulate_matmul, grad_x, grad, w_slice), keep=(grad,))
+        side.submit(slot, functools.partial(chunks.accumulate_matmul, grad_x, grad, w_slice), keep=(grad,))
 
 
 @dataclass(frozen=True)
@@ -178,12 +184,8 @@ class LeanSoftmaxHead:
             return grad_x, grad_weight, grad_bias, grad_target
         # with side_stream, slice v's dX accumulation runs beside slice v+1's work (two slots)
         side = chunks.SideStream(x.device) if self.policy.side_stream and need_dx else None
-        slices = vocabulary_slices(
-            x, self.num_classes, self.slice_columns, self.policy, need_dx, 2 if side is not None else 1
-        )
+        slices = vocabulary_slices(x, self.num_classes, self.slice_columns, self.policy, need_dx, side)
         for slot, start, stop, logits in slices:
-            if side is not None:
-                side.claim(slot)
             slice_logits(x, weight, bias, start, stop, logits)
             grad = logits if low or x.dtype == ct else torch.empty(logits.shape, dtype=ct, device=x.device)
             self.grad_fn(
@@ -192,8 +194,6 @@ class LeanSoftmaxHead:
                 grad_target[:, start:stop] if grad_target is not None else None,
             )  # fmt: skip
             slice_backward(grad, x_ct, weight[start:stop], start, grad_x, grad_weight, grad_bias, side, slot)
-        if side is not None:
-            side.join()
         return grad_x, grad_weight, grad_bias, grad_target
 
 
@@ -245,13 +245,10 @@ class LeanSigmoidHead:
         weight = None if self.spec.weight is None else self.spec.weight.expand(target.shape)
         pos_weight = None if self.spec.pos_weight is None else self.spec.pos_weight.expand(self.num_classes)
         x_ct = x if x.dtype == ct or low else x.to(ct)
-        side = chunks.SideStream(device) if self.policy.side_stream and grad_x is not None else None
-        slices = vocabulary_slices(
-            x, self.num_classes, self.slice_columns, self.policy, grad_x is not None, 2 if side else 1
-        )
+        summing_dx = grad_x is not None
+        side = chunks.SideStream(device) if self.policy.side_stream and summing_dx else None
+        slices = vocabulary_slices(x, self.num_classes, self.slice_columns, self.policy, summing_dx, side)
         for slot, start, stop, logits in slices:
-            if side is not None:
-                side.claim(slot)
             slice_logits(x, linear_weight, linear_bias, start, stop, logits)
             grad = None
             if need_grad:
@@ -281,6 +278,4 @@ class LeanSigmoidHead:
                 slice_backward(
                     grad, x_ct, linear_weight[start:stop], start, grad_x, grad_weight, grad_bias, side, slot
                 )
-        if side is not None:
-            side.join()
         return loss if per_element else row_sums, grad_x, grad_weight, grad_bias, grad_target
