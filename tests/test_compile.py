@@ -163,29 +163,24 @@ def test_compiled_return_lse_equals_eager(shape, reduction, impl, rng):
     assert_close(mine[0], to_numpy(theirs[0]), 1e-6, "dlogits")
 
 
+def _options(**given) -> list[object]:
+    """The custom ops' option arguments, in their order, with the defaults where not given."""
+    return [given.get(name, _compile.DEFAULTS[name]) for name in _compile.OPTION_NAMES]
+
+
 def test_custom_ops_pass_opcheck(rng):
     x, w, b, target, upstream = _inputs(rng)
-    config = _compile._encode(dict(reduction="sum", ignore_index=None, label_smoothing=0.1, impl="torch"))
-    args = ("linear_cross_entropy", x, w, b, target, None, None, [True, True, True, False, False], config)
+    options = _options(reduction="sum", label_smoothing=0.1, impl="torch")
+    args = ("linear_cross_entropy", x, w, b, target, None, None, [True, True, True, False, False], *options)
     torch.library.opcheck(torch.ops.softxent.loss_lse_and_grads.default, args)
-    lse_config = _compile._encode(dict(reduction="mean", return_lse=True, impl="torch"))
-    lse_args = ("cross_entropy", x @ w.T, target, None, None, None, None, [True, False, False], lse_config)
+    lse_options = _options(reduction="mean", ignore_index=-100, return_lse=True, impl="torch")
+    lse_args = ("cross_entropy", x @ w.T, target, None, None, None, None, [True, False, False], *lse_options)
     torch.library.opcheck(torch.ops.softxent.loss_lse_and_grads.default, lse_args)
-    none_config = _compile._encode(dict(reduction="none", impl="torch"))
-    backward_args = (
-        "cross_entropy",
-        x @ w.T,
-        target,
-        None,
-        None,
-        None,
-        None,
-        [True, False, False],
-        none_config,
-    )
+    none_options = _options(reduction="none", ignore_index=-100, impl="torch")
+    backward_args = ("cross_entropy", x @ w.T, target, None, None, None, None, [True, False, False])
     torch.library.opcheck(
         torch.ops.softxent.loss_backward.default,
-        (*backward_args, upstream),
+        (*backward_args, *none_options, upstream),
         test_utils=("test_schema", "test_faketensor"),  # it is itself a backward: no gradient to check
     )
 

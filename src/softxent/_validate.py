@@ -4,6 +4,9 @@ what was expected and what was given."""
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+import warnings
 
 import torch
 from torch.nn import _reduction as legacy_reduction
@@ -34,6 +37,12 @@ def check_float_tensor(name: str, value: object) -> torch.Tensor:
 
 
 def check_reduction(reduction: object) -> str:
+    """ "mean", "sum" or "none"; torch's deprecated "elementwise_mean" is "mean", with torch's warning."""
+    if reduction == "elementwise_mean":
+        warnings.warn(
+            "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.", stacklevel=3
+        )
+        return "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     return reduction  # type: ignore[return-value]
@@ -65,7 +74,7 @@ def check_memory(memory: object) -> str:
 
 
 def check_label_smoothing(label_smoothing: object) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing: expected a float in [0, 1], got {type(label_smoothing).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing}")
@@ -73,7 +82,7 @@ def check_label_smoothing(label_smoothing: object) -> float:
 
 
 def check_z_loss(z_loss: object) -> float:
-    if isinstance(z_loss, bool) or not isinstance(z_loss, int | float):
+    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real):
         raise TypeError(f"z_loss: expected a finite float >= 0, got {type(z_loss).__name__}")
     if not (math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"z_loss: expected a finite float >= 0, got {z_loss}")
@@ -83,7 +92,7 @@ def check_z_loss(z_loss: object) -> float:
 def check_softcap(softcap: object) -> float | None:
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap: expected None or a finite float > 0, got {type(softcap).__name__}")
     if not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap: expected None or a finite float > 0, got {softcap}")
@@ -91,9 +100,13 @@ def check_softcap(softcap: object) -> float | None:
 
 
 def check_ignore_index(ignore_index: object) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    return ignore_index
+    """An int, or what torch takes for one (a NumPy integer, a 0-d integer tensor); not a bool."""
+    if not isinstance(ignore_index, bool):
+        try:
+            return operator.index(ignore_index)
+        except TypeError:
+            pass
+    raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
 
 
 def check_chunk_size(chunk_size: object) -> int | None:
@@ -106,22 +119,18 @@ def check_chunk_size(chunk_size: object) -> int | None:
     return chunk_size
 
 
-def check_finite_nonnegative(name: str, value: torch.Tensor) -> None:
-    """Weights must be finite and >= 0 (a host read: done on the CPU only)."""
+def check_no_grad(name: str, value: torch.Tensor, why: str = "") -> None:
+    """``value`` must not require grad (torch refuses it where the loss is not differentiable in it)."""
     if value.requires_grad:
         raise ValueError(
-            f"{name}: expected a tensor that does not require grad (the loss is not differentiable "
-            f"with respect to {name}), got one with requires_grad=True"
+            f"{name}: expected a tensor that does not require grad (the loss is not differentiable with "
+            f"respect to {name}{why}), got one with requires_grad=True"
         )
-    if value.device.type == "cpu" and value.numel() > 0:
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name}: expected finite values, got {value[~torch.isfinite(value)][0].item()}")
-        if bool((value < 0).any()):
-            raise ValueError(f"{name}: expected values >= 0, got {value.min().item()}")
 
 
 def check_class_weight(weight: object, num_classes: int, device: torch.device) -> torch.Tensor | None:
-    """``weight``: None or a (C,) floating tensor of finite, non-negative per-class weights."""
+    """``weight``: None or a (C,) floating tensor of per-class weights on ``device`` (any values: torch
+    takes negative and infinite weights too)."""
     if weight is None:
         return None
     weight = check_float_tensor("weight", weight)
@@ -131,29 +140,31 @@ def check_class_weight(weight: object, num_classes: int, device: torch.device) -
         )
     if weight.device != device:
         raise ValueError(f"weight: expected a tensor on {device}, got one on {weight.device}")
-    check_finite_nonnegative("weight", weight)
     return weight
 
 
+# Class-index dtypes: torch's int64 and uint8, and int32 (which torch refuses; softxent takes it as int64).
+CLASS_INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
+
+
 def check_class_target(
-    target: torch.Tensor,
-    expected_shape: tuple[int, ...],
-    num_classes: int,
-    ignore_index: int,
-    input_shape: tuple[int, ...],
+    target: torch.Tensor, expected_shape: tuple[int, ...], input_shape: tuple[int, ...]
 ) -> None:
-    """Class-index targets: integer dtype, the input's shape minus the class dimension, values in
-    [0, C) or equal to ignore_index."""
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+    """Class-index targets: int64, int32 or uint8, of the input's shape minus the class dimension."""
+    if target.dtype not in CLASS_INDEX_DTYPES:
         raise TypeError(
-            f"target: expected integer class indices of shape {expected_shape} or floating class "
-            f"probabilities of shape {input_shape}, got {target.dtype} of shape {_shape(target)}"
+            f"target: expected class indices (int64, int32 or uint8) of shape {expected_shape} or floating "
+            f"class probabilities of shape {input_shape}, got {target.dtype} of shape {_shape(target)}"
         )
     if _shape(target) != expected_shape:
         raise ValueError(
             f"target: expected class indices of shape {expected_shape} (the input's shape without the class "
             f"dimension) or probabilities of shape {input_shape}, got shape {_shape(target)}"
         )
+
+
+def check_class_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Class indices in [0, C) or equal to ignore_index: a host read, so checked on CPU tensors only."""
     if target.device.type == "cpu" and target.numel() > 0:
         bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
         if bool(bad.any()):

@@ -8,6 +8,8 @@ where it is installed and the torch ops otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -30,26 +32,87 @@ def _compiled(op: str, tensors: dict[str, Tensor | None], **config) -> Tensor | 
     return _compile.call(op, tensors, **config)
 
 
-def _needs_grad(*tensors: Tensor | None) -> tuple[bool, ...]:
-    enabled = torch.is_grad_enabled()
-    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
-
-
 def _class_target_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
     return input_shape[:1] + input_shape[2:] if len(input_shape) >= 2 else ()
 
 
-def _check_target(target: Tensor, input_shape: tuple[int, ...], num_classes: int, ignore_index: int) -> bool:
-    """Checks the target against the input; True when it holds class probabilities."""
+def _check_target(target: Tensor, input_shape: tuple[int, ...], ignore_index: int) -> bool:
+    """Checks the target against the input (shapes and dtypes; the values of class indices are checked
+    where the loss runs); True when it holds class probabilities."""
     if target.dtype.is_floating_point:
         if tuple(target.shape) != input_shape:
             raise ValueError(
                 f"target: expected class probabilities of the input's shape {input_shape} (or integer class "
                 f"indices of shape {_class_target_shape(input_shape)}), got shape {tuple(target.shape)}"
             )
+        if ignore_index >= 0:
+            raise ValueError(
+                "ignore_index: expected a negative value (the default -100) with class-probability targets, "
+                f"which have no class index to ignore, got {ignore_index}"
+            )
         return True
-    check.check_class_target(target, _class_target_shape(input_shape), num_classes, ignore_index, input_shape)
+    check.check_class_target(target, _class_target_shape(input_shape), input_shape)
     return False
+
+
+def _check_class_weight_grad(weight: Tensor | None, probabilities: bool) -> None:
+    """As in torch, class weights may require grad with probability targets only."""
+    if weight is not None and not probabilities:
+        check.check_no_grad("weight", weight, " for class-index targets")
+
+
+def _check_inplace(input: Tensor) -> None:
+    """``inplace_backward`` writes the gradient over the logits: refused where torch refuses an in-place op
+    (a leaf that requires grad, or a view of one) and under torch.func transforms and forward-mode AD,
+    whose tensors it cannot overwrite."""
+    active = autograd.transforms()
+    if active or autograd.forward_mode_active():
+        where = f"torch.func transforms ({', '.join(active)})" if active else "forward-mode AD"
+        raise ValueError(
+            f"inplace_backward: not supported under {where}, which need the logits after the call; "
+            "pass inplace_backward=False"
+        )
+    if not input.requires_grad:
+        return
+    base = input._base if input._is_view() else None
+    if input.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
+        what = "a leaf tensor" if input.is_leaf else "a view of a leaf tensor"
+        raise ValueError(
+            f"inplace_backward: expected logits computed by the graph (the gradient overwrites them), got "
+            f"{what} that requires grad, which torch refuses to modify in place; pass "
+            "inplace_backward=False"
+        )
+
+
+def _cross_entropy_forward(
+    tensors: Sequence[Tensor | None],
+    needs: tuple[bool, ...],
+    *,
+    loss_spec: spec.SoftmaxLoss,
+    reduction: str,
+    backend: backends.Backend,
+    grad_into_input: bool,
+) -> autograd.Forward:
+    input, target, weight = tensors
+    if not target.is_floating_point():
+        check.check_class_values(target, input.shape[1], loss_spec.ignore_index)
+    loss, lse, grad_input, grad_target = rows.cross_entropy_forward(
+        input,
+        target,
+        replace(loss_spec, weight=weight),
+        reduction,
+        backend=backend,
+        need_input_grad=needs[0],
+        need_target_grad=needs[1],
+        grad_into_input=grad_into_input,
+    )
+    return autograd.Forward(loss, lse, grads=(grad_input, grad_target, None))
+
+
+def _eager_cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None, *, loss_spec: spec.SoftmaxLoss, reduction: str
+) -> Tensor:
+    return eager.softmax_cross_entropy(input, target, replace(loss_spec, weight=weight), reduction)
 
 
 def cross_entropy(
@@ -130,6 +193,7 @@ def cross_entropy(
     reduction = check.check_reduction_legacy(size_average, reduce, reduction)
     label_smoothing = check.check_label_smoothing(label_smoothing)
     ignore_index = check.check_ignore_index(ignore_index)
+    return_lse = check.check_bool("return_lse", return_lse)
     inplace_backward = check.check_bool("inplace_backward", inplace_backward)
     backend = backends.select(impl, input.device)
     if input.dim() == 0:
@@ -137,49 +201,42 @@ def cross_entropy(
     check.check_same_device("target", target, input.device)
     input_shape = tuple(input.shape)
     num_classes = input_shape[1] if input.dim() >= 2 else input_shape[0]
-    probabilities = _check_target(target, input_shape, num_classes, ignore_index)
+    probabilities = _check_target(target, input_shape, ignore_index)
     target = target if probabilities else target.long()
     ct = spec.compute_dtype(input.dtype)
     loss_spec = spec.softmax_loss(
         weight, num_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
-
+    class_weight = loss_spec.weight
+    _check_class_weight_grad(class_weight, probabilities)
+    if inplace_backward:
+        _check_inplace(input)
     unbatched = input.dim() == 1
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
-    needs = _needs_grad(input, target if probabilities else None)
-
-    def compute(need_input_grad: bool, need_target_grad: bool):
-        return rows.cross_entropy_forward(
-            input,
-            target,
-            loss_spec,
-            reduction,
-            backend=backend,
-            need_input_grad=need_input_grad,
-            need_target_grad=need_target_grad,
-            grad_into_input=inplace_backward,
-        )
-
-    if inplace_backward and needs[0] and _overlaps(input):
-        raise ValueError(
-            "inplace_backward: expected logits whose elements each have their own memory to write the "
-            f"gradient into, got a view that shares memory between elements (shape {tuple(input.shape)}, "
-            f"strides {input.stride()}, e.g. from expand()); pass a contiguous tensor or "
-            "inplace_backward=False"
-        )
-    if inplace_backward and needs[0]:
+    needs = autograd.needs_grad(input, *((target, class_weight) if probabilities else (None, None)))
+    grad_into_input = inplace_backward and needs[0]
+    if grad_into_input:
+        if _overlaps(input):
+            raise ValueError(
+                "inplace_backward: expected logits whose elements each have their own memory to write the "
+                f"gradient into, got a view that shares memory between elements (shape {tuple(input.shape)}, "
+                f"strides {input.stride()}, e.g. from expand()); pass a contiguous tensor or "
+                "inplace_backward=False"
+            )
         torch.autograd.graph.increment_version(input)
         differentiable: autograd.Eager = (
             "softxent.cross_entropy: a differentiable backward (create_graph=True) needs the logits, which "
             "inplace_backward=True overwrote with their gradient; call it with inplace_backward=False"
         )
     else:
-        differentiable = partial(eager.softmax_cross_entropy, spec=loss_spec, reduction=reduction)
-    if any(needs):
-        loss, lse = autograd.FusedLossFunction.apply(input, target, compute, needs, 1, differentiable)
-    else:
-        loss, lse, _, _ = compute(False, False)
+        differentiable = partial(_eager_cross_entropy, loss_spec=loss_spec, reduction=reduction)
+    forward = partial(
+        _cross_entropy_forward, loss_spec=replace(loss_spec, weight=None), reduction=reduction,
+        backend=backend, grad_into_input=grad_into_input,
+    )  # fmt: skip
+    loss_fn = autograd.Loss(forward, differentiable, reduced=reduction != "none", class_dim=1, unfused=(2,))
+    loss, lse = autograd.apply(loss_fn, needs, input, target, class_weight)
     if unbatched:
         lse = lse.squeeze(0)
         if reduction == "none":
@@ -253,27 +310,46 @@ def _auto_memory(backend: backends.Backend, input: Tensor, num_classes: int) -> 
 
 
 def _apply_head(
+    loss_fn: autograd.Loss,
     input: Tensor,
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
-    head: chunks.LinearHead,
-    target_may_need_grad: bool,
-    differentiable: autograd.Eager,
+    weights: tuple[Tensor | None, ...],
+    *,
+    differentiable_target: bool,
+    differentiable_weights: bool,
 ) -> Tensor:
-    """Runs a linear head through autograd when any gradient is wanted, else computes the loss alone.
-    ``differentiable(x, W, b, target)``: the loss for a differentiable backward (create_graph=True)."""
+    """A linear head's loss on (x, W, b, target, *weights), unbatched input (D,) taken as one row."""
     unbatched = input.dim() == 1
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
-    needs = _needs_grad(input, linear_weight, linear_bias, target if target_may_need_grad else None)
-    if any(needs):
-        loss = autograd.LinearHeadFunction.apply(
-            input, linear_weight, linear_bias, target, head, needs, differentiable
-        )
-    else:
-        loss = autograd.linear_head_loss(head, input, linear_weight, linear_bias, target)
-    return loss.squeeze(0) if unbatched and head.reduction == "none" else loss
+    needs = autograd.needs_grad(
+        input, linear_weight, linear_bias, target if differentiable_target else None,
+        *(weights if differentiable_weights else (None,) * len(weights)),
+    )  # fmt: skip
+    loss, _ = autograd.apply(loss_fn, needs, input, linear_weight, linear_bias, target, *weights)
+    return loss.squeeze(0) if unbatched and not loss_fn.reduced else loss
+
+
+def _softmax_head(
+    target: Tensor, weights: Sequence[Tensor | None], *, check_target, head: chunks.SoftmaxHead
+) -> chunks.SoftmaxHead:
+    check_target(target)
+    return replace(head, spec=replace(head.spec, weight=weights[0]))
+
+
+def _eager_linear_cross_entropy(
+    x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
+    *, loss_spec: spec.SoftmaxLoss, reduction: str,
+) -> Tensor:  # fmt: skip
+    return eager.linear_softmax_cross_entropy(
+        x, linear_weight, linear_bias, target, replace(loss_spec, weight=weight), reduction
+    )
+
+
+def _no_check(target: Tensor) -> None:
+    return None
 
 
 def linear_cross_entropy(
@@ -367,30 +443,36 @@ def linear_cross_entropy(
             f"ignore_index: expected None when target holds class probabilities, got {ignore_index}"
         )
     ignore_index = check.check_ignore_index(-100 if ignore_index is None else ignore_index)
-    _check_target(target, logits_shape, num_classes, ignore_index)
+    _check_target(target, logits_shape, ignore_index)
     target = target if probabilities else target.long()
     ct = spec.compute_dtype(input.dtype)
     loss_spec = spec.softmax_loss(
         weight, num_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
-    differentiable = partial(eager.linear_softmax_cross_entropy, spec=loss_spec, reduction=reduction)
+    class_weight = loss_spec.weight
+    _check_class_weight_grad(class_weight, probabilities)
+    bare = replace(loss_spec, weight=None)
+    differentiable = partial(_eager_linear_cross_entropy, loss_spec=bare, reduction=reduction)
+    check_target = (
+        _no_check
+        if probabilities
+        else partial(check.check_class_values, num_classes=num_classes, ignore_index=ignore_index)
+    )
     if memory == "lean":
         lean_head = slices.LeanSoftmaxHead(
-            loss_spec, reduction, num_classes, chunk_size, backend.slice_stats, backend.slice_grad,
-            backend.policy,
-        )  # fmt: skip
-        unbatched = input.dim() == 1
-        if unbatched:
-            input, target = input.unsqueeze(0), target.unsqueeze(0)
-        needs = _needs_grad(input, linear_weight, linear_bias, target if probabilities else None)
-        loss = autograd.lean_linear_cross_entropy(
-            lean_head, input, linear_weight, linear_bias, target, needs, differentiable
+            bare, reduction, num_classes, chunk_size, backend.slice_stats, backend.slice_grad, backend.policy
         )
-        return loss.squeeze(0) if unbatched and reduction == "none" else loss
-    head = chunks.SoftmaxHead(
-        loss_spec, reduction, num_classes, out_features, chunk_size, backend.softmax_block, backend.policy
-    )
-    return _apply_head(input, linear_weight, linear_bias, target, head, probabilities, differentiable)
+        loss_fn = autograd.lean_softmax_head(lean_head, differentiable, check_target)
+    else:
+        head = chunks.SoftmaxHead(
+            bare, reduction, num_classes, out_features, chunk_size, backend.softmax_block, backend.policy
+        )
+        make_head = partial(_softmax_head, check_target=check_target, head=head)
+        loss_fn = autograd.linear_head(make_head, reduction, differentiable, unfused=(4,))
+    return _apply_head(
+        loss_fn, input, linear_weight, linear_bias, target, (class_weight,),
+        differentiable_target=probabilities, differentiable_weights=probabilities,
+    )  # fmt: skip
 
 
 def _check_bce_weights(
@@ -410,8 +492,30 @@ def _check_bce_weights(
             raise ValueError(
                 f"{name}: expected a shape that broadcasts to {what} {shape}, got {tuple(value.shape)}"
             )
-        check.check_finite_nonnegative(name, value)
+        check.check_no_grad(name, value)
     return weight, pos_weight
+
+
+def _bce_forward(
+    tensors: Sequence[Tensor | None], needs: tuple[bool, ...], *, reduction: str, backend: backends.Backend
+) -> autograd.Forward:
+    input, target, weight, pos_weight = tensors
+    loss, _, grad_input, grad_target = rows.sigmoid_bce_forward(
+        input,
+        target,
+        spec.SigmoidLoss(weight, pos_weight),
+        reduction,
+        backend=backend,
+        need_input_grad=needs[0],
+        need_target_grad=needs[1],
+    )
+    return autograd.Forward(loss, grads=(grad_input, grad_target, None, None))
+
+
+def _eager_bce(
+    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, *, reduction: str
+) -> Tensor:
+    return eager.sigmoid_binary_cross_entropy(input, target, spec.SigmoidLoss(weight, pos_weight), reduction)
 
 
 def binary_cross_entropy_with_logits(
@@ -463,24 +567,28 @@ def binary_cross_entropy_with_logits(
     if tuple(target.shape) != shape:
         raise ValueError(f"target: expected the input's shape {shape}, got {tuple(target.shape)}")
     weight, pos_weight = _check_bce_weights(weight, pos_weight, shape, input.device)
-    loss_spec = spec.SigmoidLoss(weight, pos_weight)
-    needs = _needs_grad(input, target)
+    loss_fn = autograd.Loss(
+        partial(_bce_forward, reduction=reduction, backend=backend),
+        partial(_eager_bce, reduction=reduction),
+        reduced=reduction != "none",
+    )
+    needs = autograd.needs_grad(input, target, None, None)
+    return autograd.apply(loss_fn, needs, input, target, weight, pos_weight)[0]
 
-    def compute(need_input_grad: bool, need_target_grad: bool):
-        return rows.sigmoid_bce_forward(
-            input,
-            target,
-            loss_spec,
-            reduction,
-            backend=backend,
-            need_input_grad=need_input_grad,
-            need_target_grad=need_target_grad,
-        )
 
-    differentiable = partial(eager.sigmoid_binary_cross_entropy, spec=loss_spec, reduction=reduction)
-    if any(needs):
-        return autograd.FusedLossFunction.apply(input, target, compute, needs, None, differentiable)
-    return compute(False, False)[0]
+def _sigmoid_head(
+    target: Tensor, weights: Sequence[Tensor | None], *, head: chunks.SigmoidHead | slices.LeanSigmoidHead
+) -> chunks.SigmoidHead | slices.LeanSigmoidHead:
+    return replace(head, spec=spec.SigmoidLoss(*weights))
+
+
+def _eager_linear_bce(
+    x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
+    pos_weight: Tensor | None, *, reduction: str,
+) -> Tensor:  # fmt: skip
+    return eager.linear_sigmoid_binary_cross_entropy(
+        x, linear_weight, linear_bias, target, spec.SigmoidLoss(weight, pos_weight), reduction
+    )
 
 
 def linear_binary_cross_entropy(
@@ -543,15 +651,20 @@ def linear_binary_cross_entropy(
     weight, pos_weight = _check_bce_weights(weight, pos_weight, logits_shape, input.device)
     if weight is not None and input.dim() == 1:
         weight = weight.unsqueeze(0) if weight.dim() == 1 else weight
-    loss_spec = spec.SigmoidLoss(weight, pos_weight)
+    no_weights = spec.SigmoidLoss(None, None)
     if memory == "lean":
         head = slices.LeanSigmoidHead(
-            loss_spec, reduction, num_classes, chunk_size, backend.sigmoid_block, backend.policy
+            no_weights, reduction, num_classes, chunk_size, backend.sigmoid_block, backend.policy
         )
     else:
-        head = chunks.SigmoidHead(loss_spec, reduction, chunk_size, backend.sigmoid_block, backend.policy)
-    differentiable = partial(eager.linear_sigmoid_binary_cross_entropy, spec=loss_spec, reduction=reduction)
-    return _apply_head(input, linear_weight, linear_bias, target, head, True, differentiable)
+        head = chunks.SigmoidHead(no_weights, reduction, chunk_size, backend.sigmoid_block, backend.policy)
+    loss_fn = autograd.linear_head(
+        partial(_sigmoid_head, head=head), reduction, partial(_eager_linear_bce, reduction=reduction)
+    )
+    return _apply_head(
+        loss_fn, input, linear_weight, linear_bias, target, (weight, pos_weight),
+        differentiable_target=True, differentiable_weights=False,
+    )  # fmt: skip
 
 
 _compile.register(

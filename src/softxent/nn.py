@@ -44,7 +44,6 @@ class CrossEntropyLoss(torch.nn.Module):
         super().__init__()
         if weight is not None:
             check.check_float_tensor("weight", weight)
-            check.check_finite_nonnegative("weight", weight)
         self.register_buffer("weight", weight)
         self.ignore_index = check.check_ignore_index(ignore_index)
         self.reduction = check.check_reduction_legacy(size_average, reduce, reduction)
@@ -194,7 +193,6 @@ class BCEWithLogitsLoss(torch.nn.Module):
         for name, value in (("weight", weight), ("pos_weight", pos_weight)):
             if value is not None:
                 check.check_float_tensor(name, value)
-                check.check_finite_nonnegative(name, value)
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
         self.reduction = check.check_reduction_legacy(size_average, reduce, reduction)

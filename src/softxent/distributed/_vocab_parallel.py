@@ -30,7 +30,7 @@ That gather reads its result on the host (one synchronization per call on a GPU)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -57,6 +57,10 @@ __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"
 _NO_DOUBLE_BACKWARD = (
     "softxent.distributed: the vocabulary-parallel losses have no differentiable backward "
     "(create_graph=True); their second derivatives would need the other ranks' logits"
+)
+_NO_FORWARD_MODE = (
+    "softxent.distributed: the vocabulary-parallel losses have no forward-mode derivative (torch.func.jvp, "
+    "jacfwd): a tangent would need the other ranks' classes; use reverse mode (backward, torch.func.grad)"
 )
 _NO_TARGET_MIN = torch.iinfo(torch.int64).max
 _NO_TARGET_MAX = torch.iinfo(torch.int64).min
@@ -361,6 +365,8 @@ def vocab_parallel_cross_entropy(
     spec = softmax_loss(
         weight, layout.total_classes, logits.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
+    if weight is not None:
+        check.check_no_grad("weight", weight)
     block = partial(
         vocab_parallel_block,
         layout=layout,
@@ -369,25 +375,31 @@ def vocab_parallel_cross_entropy(
         grad_fn=backend.slice_grad,
     )
 
-    def compute(need_input_grad: bool, need_target_grad: bool):
-        denominator, anything_counts = _mean_denominator(flat_target, logits.shape[0], spec, layout, ct)
-        grad = torch.empty_like(logits_shard) if need_input_grad else None
+    def forward(tensors, needs) -> autograd.Forward:
+        shard, target, class_weight = tensors
+        logits = shard.reshape(math.prod(batch_shape), shard.shape[-1])
+        flat_target = target.reshape(logits.shape) if probabilities else target.reshape(-1)
+        call_spec = replace(spec, weight=class_weight)
+        denominator, anything_counts = _mean_denominator(flat_target, logits.shape[0], call_spec, layout, ct)
+        need_input_grad, need_target_grad = needs[0], needs[1]
+        grad = torch.empty_like(shard) if need_input_grad else None
         target_grad = torch.empty_like(target) if need_target_grad else None
         scale = None
         if need_input_grad or need_target_grad:
             scale = reduction_scale(reduction, denominator, anything_counts, ct).to(logits.device)
         loss, _ = block(
-            logits, flat_target, spec, grad_scale=scale,
+            logits, flat_target, call_spec, grad_scale=scale,
             grad_out=None if grad is None else grad.view(logits.shape),
             target_grad_out=None if target_grad is None else target_grad.view(logits.shape),
         )  # fmt: skip
-        return reduce(loss.view(batch_shape), reduction, denominator), None, grad, target_grad
+        loss = reduce(loss.view(batch_shape), reduction, denominator)
+        return autograd.Forward(loss, grads=(grad, target_grad, None))
 
-    enabled = torch.is_grad_enabled()
-    needs = (enabled and logits_shard.requires_grad, enabled and probabilities and target.requires_grad)
-    if any(needs):
-        return autograd.FusedLossFunction.apply(logits_shard, target, compute, needs, -1, _NO_DOUBLE_BACKWARD)
-    return compute(False, False)[0]
+    loss_fn = autograd.Loss(
+        forward, _NO_DOUBLE_BACKWARD, reduced=reduction != "none", class_dim=-1, forward_mode=_NO_FORWARD_MODE
+    )
+    needs = autograd.needs_grad(logits_shard, target if probabilities else None, None)
+    return autograd.apply(loss_fn, needs, logits_shard, target, spec.weight)[0]
 
 
 @dataclass(frozen=True)
@@ -501,6 +513,8 @@ def vocab_parallel_linear_cross_entropy(
     spec = softmax_loss(
         weight, layout.total_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
     )
+    if weight is not None:
+        check.check_no_grad("weight", weight)
     if chunk_size is None:
         chunk_size = backend.policy.chunk_rows(layout.max_classes, input.element_size())
     block = partial(
@@ -511,19 +525,17 @@ def vocab_parallel_linear_cross_entropy(
         grad_fn=backend.slice_grad,
     )
     head = VocabParallelHead(
-        chunks.SoftmaxHead(spec, reduction, layout.classes, (), chunk_size, block, backend.policy),
+        chunks.SoftmaxHead(
+            replace(spec, weight=None), reduction, layout.classes, (), chunk_size, block, backend.policy
+        ),
         group,
         layout,
     )
-    enabled = torch.is_grad_enabled()
-    needs = tuple(
-        enabled and t is not None and t.requires_grad
-        for t in (x, weight_shard, bias_shard, flat_target if probabilities else None)
-    )
-    if any(needs):
-        loss = autograd.LinearHeadFunction.apply(
-            x, weight_shard, bias_shard, flat_target, head, needs, _NO_DOUBLE_BACKWARD
-        )
-    else:
-        loss = autograd.linear_head_loss(head, x, weight_shard, bias_shard, flat_target)
+
+    def make_head(target: Tensor, weights) -> VocabParallelHead:
+        return replace(head, inner=replace(head.inner, spec=replace(spec, weight=weights[0])))
+
+    loss_fn = autograd.linear_head(make_head, reduction, _NO_DOUBLE_BACKWARD, forward_mode=_NO_FORWARD_MODE)
+    needs = autograd.needs_grad(x, weight_shard, bias_shard, flat_target if probabilities else None, None)
+    loss, _ = autograd.apply(loss_fn, needs, x, weight_shard, bias_shard, flat_target, spec.weight)
     return loss.view(input.shape[:-1]) if reduction == "none" else loss

@@ -1,200 +1,489 @@
-"""The autograd Functions: every loss produces its gradient in the forward pass, so backward scales it.
+r"""The autograd Function every softxent loss runs through, and how it composes with torch's transforms.
 
-* :class:`FusedLossFunction`: losses on given logits (the row drivers' output);
-* :class:`LinearHeadFunction`: any chunked linear head (the protocol of :mod:`softxent.ops.chunks`);
-* :class:`LeanLinearCrossEntropyFunction`: the vocabulary-sliced softmax head, whose forward keeps O(N)
-  statistics and whose backward recomputes each slice.
+A :class:`Loss` computes its loss and, where it can, the gradients of that loss for an incoming gradient of
+1, in one forward pass (the row drivers, the speed-mode heads for "mean" and "sum"); the others (a linear
+head's "none", the lean softmax head) keep what their backward recomputes from. :class:`LossFunction`
+drives every loss the same way. Its backward picks, in order:
 
-A backward asked to be differentiable (``create_graph=True``: second derivatives) cannot scale a gradient
-that no graph produced; each Function then recomputes the loss with its ``eager`` composition
-(:mod:`softxent.ops.eager`) and differentiates that, or, where that is impossible (the logits were
-overwritten by ``inplace_backward``; the vocabulary-parallel ops), raises a RuntimeError saying why.
+1. **A differentiable backward** where a derivative of the gradient is wanted: ``create_graph=True``, or
+   torch.func nesting (grad of grad, jvp of grad, hessian, autograd over ``torch.func.grad``). The loss's
+   eager composition (:mod:`softxent.ops.eager`) is differentiated by ``torch.func.vjp``, which gives a
+   gradient with a graph at every level. A loss without one (``inplace_backward=True`` overwrote the
+   logits; the vocabulary-parallel ops) raises a RuntimeError that says why.
+2. **The fused gradients**, scaled by the incoming gradient: in place where autograd frees the graph after
+   this backward (``retain_graph=False``, as torch's current graph task reports it) and no torch.func
+   transform wraps the tensors, so no second buffer of the gradient's size is made; out of place otherwise,
+   so that a retained graph (gradcheck, ``torch.autograd.functional.jacobian``, ``backward(retain_graph=
+   True)`` twice) runs its backward again with the same saved gradient.
+3. **The loss's own backward** (a recompute with the incoming gradient folded in), through
+   :class:`RecomputeFunction` so that vmap (jacrev's batch of cotangents) can loop over it.
+
+Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``): the loss's tangent is
+Σ_k ⟨∂L/∂t_k, ṫ_k⟩ over the tensor arguments t_k, from the fused gradients (per position for "none");
+a reduced loss without them gets them from one recompute for an incoming gradient of 1; a "none" linear
+head's tangent comes from its eager composition (which forms the logits).
+
+vmap: the loss runs once per sample of the batch (each call a fused op), and the results are stacked; that
+holds for every loss, every ``in_dims`` and every transform stacked on top (``vmap(grad(...))`` per-sample
+gradients, ``jacrev``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+from torch._C._functorch import (
+    TransformType,
+    _unwrap_for_grad,
+    get_unwrapped,
+    is_functorch_wrapped_tensor,
+    maybe_current_level,
+    unwrap_if_dead,
+)
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from softxent.ops.chunks import LinearHead
 from softxent.ops.slices import LeanSoftmaxHead
 from softxent.ops.spec import Targets, compute_dtype, mean_denominator, reduce, reduction_scale
 
-# The loss as a differentiable composition of the Function's tensor inputs, or why there is none.
+Grads = tuple[Tensor | None, ...]
+# The loss as a differentiable composition of its tensor arguments, or why there is none.
 Eager = Callable[..., Tensor] | str
 
 
+@dataclass(frozen=True)
+class Forward:
+    """What a loss's forward pass leaves: the loss, the per-position lse (returned by ``return_lse``, not
+    differentiable) or None, the tensors its backward recomputes from (``state``) and, where it made them,
+    the gradient of the loss for an incoming gradient of 1 with respect to each tensor argument (None in
+    place of one not asked for; ``grads=None``: made by :attr:`Loss.backward` instead)."""
+
+    loss: Tensor
+    lse: Tensor | None = None
+    state: tuple[Tensor | None, ...] = ()
+    grads: Grads | None = None
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One call's loss, as :class:`LossFunction` drives it. Holds configuration only: every tensor the
+    loss depends on is an argument of ``forward`` (so vmap sees it), never captured.
+
+    forward(tensors, needs) -> :class:`Forward`: ``needs[k]`` says whether the gradient with respect to
+        ``tensors[k]`` is wanted.
+    eager(*tensors) -> the loss as a composition of differentiable torch ops (for a differentiable
+        backward and forward-mode fallbacks), or a string saying why there is none.
+    backward(tensors, state, grad_loss, needs) -> the gradients for an incoming ``grad_loss``, for a
+        forward that leaves ``grads=None`` (None: the eager composition's vjp).
+    reduced: the loss is a scalar ("mean", "sum"); else it has one value per position.
+    class_dim: where a per-position loss lacks the fused gradients' class dimension (None: the gradients
+        have the loss's shape, as an elementwise loss's do).
+    state_size: ``len(Forward.state)``.
+    unfused: the tensor arguments whose gradient only the eager composition gives (class weights with
+        probability targets); where one is wanted, forward computes the loss alone and backward is the
+        eager composition's vjp.
+    forward_mode: None, or why forward-mode AD is not available.
+    """
+
+    forward: Callable[[Sequence[Tensor | None], tuple[bool, ...]], Forward]
+    eager: Eager
+    reduced: bool
+    backward: Callable[..., Grads] | None = None
+    class_dim: int | None = None
+    state_size: int = 0
+    unfused: tuple[int, ...] = ()
+    forward_mode: str | None = None
+
+
+def apply(loss: Loss, needs: tuple[bool, ...], *tensors: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(loss, lse or None) of ``loss`` on ``tensors``, differentiable with respect to those in ``needs``."""
+    outputs = LossFunction.apply(loss, tuple(needs), *tensors)
+    return outputs[0], outputs[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the call runs: autograd modes and torch.func transforms
+# ----------------------------------------------------------------------------------------------------------
+
+
+def transforms() -> list[str]:
+    """The torch.func transforms active around this call, outermost first ("grad", "vmap", "jvp",
+    "functionalize"); empty outside them."""
+    return [str(interpreter.key()).rsplit(".", 1)[-1].lower() for interpreter in _interpreters()]
+
+
+def _interpreters() -> list:
+    return retrieve_all_functorch_interpreters()
+
+
+def forward_mode_active() -> bool:
+    """Whether tangents may flow forward through the call (torch.func.jvp / jacfwd, or a dual level of
+    ``torch.autograd.forward_ad``)."""
+    if any(interpreter.key() == TransformType.Jvp for interpreter in _interpreters()):
+        return True
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+def needs_grad(*tensors: Tensor | None) -> tuple[bool, ...]:
+    """For each tensor, whether the loss's derivative with respect to it is wanted: by autograd (grad mode
+    on and ``requires_grad``) or by forward mode (any floating tensor under torch.func.jvp, one with a
+    tangent under ``torch.autograd.forward_ad``). None entries: never."""
+    enabled = torch.is_grad_enabled()
+    under_jvp = any(interpreter.key() == TransformType.Jvp for interpreter in _interpreters())
+    dual = not under_jvp and torch.autograd.forward_ad._current_level >= 0
+
+    def wanted(t: Tensor | None) -> bool:
+        if t is None or not t.is_floating_point():
+            return False
+        if enabled and t.requires_grad:
+            return True
+        return under_jvp or (dual and torch.autograd.forward_ad.unpack_dual(t).tangent is not None)
+
+    return tuple(wanted(t) for t in tensors)
+
+
+def _base(t: Tensor) -> Tensor:
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
+def _graph_wanted(level: int | None, inputs: Sequence[Tensor | None], *, backward: bool) -> bool:
+    """Whether the derivative a backward (or jvp) of the Function applied at torch.func ``level`` computes
+    will itself be differentiated, so that it must be computed with a graph.
+
+    Outside torch.func, grad mode inside backward means ``create_graph=True``; a jvp rule's tangent is
+    differentiated where autograd tracks an input. torch.func.grad differentiates with grad mode on whether
+    or not anything differentiates its result: that is wanted where a grad or jvp transform is active other
+    than the one at ``level``, or where plain autograd tracks the tensors beneath every level."""
+    if not torch.is_grad_enabled():
+        return False
+    interpreters = _interpreters()
+    if backward and not interpreters:
+        return True
+    differentiating = (TransformType.Grad, TransformType.Jvp)
+    if any(i.key() in differentiating and i.level() != level for i in interpreters):
+        return True
+    return any(t is not None and _base(t).requires_grad for t in inputs)
+
+
+def _frees_graph() -> bool:
+    """Whether autograd frees this graph after the running backward (``retain_graph=False``) and no
+    torch.func transform wraps the tensors: then nothing can read the saved gradients again, and backward
+    may scale them in place."""
+    keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keeps_graph is not None and not keeps_graph() and not _interpreters()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Functions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _split(loss: Loss, saved: Sequence[Tensor | None], count: int):
+    """(inputs, state, grads) from what :class:`LossFunction` saved for ``count`` tensor arguments."""
+    return saved[:count], saved[count : count + loss.state_size], saved[count + loss.state_size :]
+
+
+def _per_sample(
+    info, in_dims: Sequence[int | None], call: Callable[..., tuple], args: Sequence[object]
+) -> tuple[tuple, tuple]:
+    """A vmap rule: ``call`` on each sample of the batched ``args`` (``in_dims``), results stacked on 0."""
+    batched = list(zip(args, in_dims, strict=True))
+    results = [
+        call(*(arg if dim is None else arg.select(dim, index) for arg, dim in batched))
+        for index in range(info.batch_size)
+    ]
+    outputs = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*results, strict=True))
+    return outputs, tuple(None if output is None else 0 for output in outputs)
+
+
+class LossFunction(torch.autograd.Function):
+    """``LossFunction.apply(loss, needs, *tensors)`` -> (loss, lse, *state, *grads): the autograd Function
+    of every softxent loss (the module docstring says how backward, forward mode and vmap work). Only the
+    loss is differentiable; the other outputs are what backward and jvp read."""
+
+    @staticmethod
+    def forward(loss: Loss, needs: tuple[bool, ...], *tensors: Tensor | None):  # type: ignore[override]
+        eager_only = any(needs[index] for index in loss.unfused)
+        result = loss.forward(tensors, (False,) * len(needs) if eager_only else needs)
+        grads = result.grads if result.grads is not None and not eager_only else (None,) * len(tensors)
+        return (result.loss, result.lse, *result.state, *grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        loss, needs, *tensors = inputs
+        ctx.loss, ctx.needs, ctx.count = loss, needs, len(tensors)
+        ctx.level = maybe_current_level()
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        # the inputs are kept by reference for a differentiable backward (parameters and activations that
+        # the graph holds anyway); the fused gradients and the state for the first-order one
+        kept = tensors if callable(loss.eager) or loss.backward is not None else [None] * len(tensors)
+        ctx.fused = _covers(output[2 + loss.state_size :], needs)
+        ctx.save_for_backward(*kept, *output[2:])
+        ctx.save_for_forward(*kept, *output[2:])
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):  # type: ignore[override]
+        loss, needs = ctx.loss, ctx.needs
+        inputs, state, grads = _split(loss, ctx.saved_tensors, ctx.count)
+        if _graph_wanted(ctx.level, inputs, backward=True):
+            result = differentiable_grads(loss, inputs, needs, grad_loss)
+        elif ctx.fused:
+            in_place = _frees_graph()
+            result = [
+                _scale(grad, grad_loss, loss.class_dim, in_place) if need else None
+                for grad, need in zip(grads, needs, strict=True)
+            ]
+        else:
+            result = RecomputeFunction.apply(loss, needs, ctx.count, grad_loss, *inputs, *state)
+        return None, None, *result
+
+    @staticmethod
+    def jvp(ctx, _loss, _needs, *tangents):
+        loss = ctx.loss
+        if loss.forward_mode is not None:
+            raise RuntimeError(loss.forward_mode)
+        inputs, state, grads = _split(loss, ctx.saved_tensors, ctx.count)
+        # functorch passes zeros for tensors without a tangent: those the loss is not differentiable in
+        # (class weights with class-index targets; ``needs`` says which) are left out
+        tangents = tuple(t if need else None for t, need in zip(tangents, ctx.needs, strict=True))
+        moving = tuple(t is not None for t in tangents)
+        if _graph_wanted(ctx.level, inputs, backward=False):
+            grads = (None,) * ctx.count  # a tangent with a graph: the eager composition's jvp
+        elif not _covers(grads, moving) and loss.reduced:
+            # the gradients' values, without this level's tangents: a Function call one level down (the
+            # kernels take plain tensors; vmap levels beneath take RecomputeFunction's rule)
+            values = [_without_level(t, ctx.level) for t in (*inputs, *state)]
+            ones = torch.ones((), dtype=compute_dtype(inputs[0].dtype), device=inputs[0].device)
+            grads = RecomputeFunction.apply(loss, moving, ctx.count, ones, *values)
+        if _covers(grads, moving) and any(moving):
+            pairs = zip(grads, tangents, strict=True)
+            tangent = sum(_contract(g, t, loss) for g, t in pairs if t is not None)
+        else:
+            tangent = _eager_jvp(loss, inputs, tangents)
+        return (tangent, None, *([None] * (loss.state_size + ctx.count)))
+
+    @staticmethod
+    def vmap(info, in_dims, loss, needs, *tensors):
+        def call(*sample: Tensor | None) -> tuple:
+            return LossFunction.apply(loss, needs, *sample)
+
+        return _per_sample(info, in_dims[2:], call, tensors)
+
+
+class RecomputeFunction(torch.autograd.Function):
+    """``RecomputeFunction.apply(loss, needs, count, grad_loss, *inputs, *state)``: the gradients of a loss
+    whose forward left none, from its :attr:`Loss.backward` (a recompute). A Function of its own so that
+    vmap can batch it (one recompute per sample of the cotangents); it is never differentiated (a
+    differentiable backward takes the eager composition instead)."""
+
+    @staticmethod
+    def forward(loss: Loss, needs, count: int, grad_loss: Tensor, *saved: Tensor | None):  # type: ignore[override]
+        return tuple(recompute(loss, saved[:count], saved[count:], grad_loss, needs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):  # type: ignore[override]
+        raise RuntimeError("softxent: a recomputed gradient is not differentiable; use create_graph=True")
+
+    @staticmethod
+    def vmap(info, in_dims, loss, needs, count, grad_loss, *saved):
+        def call(grad_loss, *saved):
+            return RecomputeFunction.apply(loss, needs, count, grad_loss, *saved)
+
+        return _per_sample(info, in_dims[3:], call, (grad_loss, *saved))
+
+
+def recompute(
+    loss: Loss, inputs: Sequence[Tensor | None], state: Sequence[Tensor | None], grad_loss: Tensor, needs
+) -> Grads:
+    """The gradients for ``grad_loss`` without fused ones: the loss's backward, or its eager composition's
+    vjp (no loss backward; or a gradient only that composition gives)."""
+    if loss.backward is None or any(needs[index] for index in loss.unfused):
+        grads = differentiable_grads(loss, inputs, needs, grad_loss)
+        return tuple(None if g is None else g.detach() for g in grads)
+    return tuple(loss.backward(inputs, state, grad_loss, needs))
+
+
+def _covers(grads: Sequence[Tensor | None], wanted: Sequence[bool]) -> bool:
+    return all(g is not None for g, want in zip(grads, wanted, strict=True) if want)
+
+
+def _scale(grad: Tensor, grad_loss: Tensor, class_dim: int | None, in_place: bool) -> Tensor:
+    """A fused gradient (made for an incoming gradient of 1) times the real one, broadcast over the class
+    dimension of a per-position loss; in place when nothing reads the saved gradient again."""
+    if grad_loss.dim() and class_dim is not None:
+        grad_loss = grad_loss.unsqueeze(class_dim)
+    if in_place:
+        if grad_loss.dim() == 0 and grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+            return grad
+        return grad.mul_(grad_loss.to(grad.dtype))
+    return grad * grad_loss.to(grad.dtype)
+
+
+def _contract(grad: Tensor, tangent: Tensor, loss: Loss) -> Tensor:
+    """⟨∂L/∂t, ṫ⟩ in the loss's dtype: summed whole for a reduced loss, per position otherwise."""
+    dtype = compute_dtype(grad.dtype)
+    product = grad.to(dtype) * tangent.to(dtype)
+    if loss.reduced:
+        return product.sum()
+    return product if loss.class_dim is None else product.sum(loss.class_dim)
+
+
+def _without_level(t: Tensor | None, level: int | None) -> Tensor | None:
+    """``t`` with the wrapper of torch.func ``level`` (a jvp's dual) taken off, if it has one."""
+    if t is None or level is None:
+        return t
+    return _unwrap_for_grad(t, level)
+
+
+def _live(inputs: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """The inputs with the wrappers of torch.func levels that have exited taken off (jacrev calls its
+    backward after its own level is gone)."""
+    return [None if t is None else unwrap_if_dead(t) for t in inputs]
+
+
+def _eager(loss: Loss) -> Callable[..., Tensor]:
+    if isinstance(loss.eager, str):
+        raise RuntimeError(loss.eager)
+    return loss.eager
+
+
 def differentiable_grads(
-    eager: Eager, inputs: Sequence[Tensor | None], needs: Sequence[bool], grad_loss: Tensor
+    loss: Loss, inputs: Sequence[Tensor | None], needs: Sequence[bool], grad_loss: Tensor
 ) -> list[Tensor | None]:
-    """grad_loss·∂loss/∂input for each input in ``needs``, with a graph (a backward under create_graph=True):
-    the loss recomputed by ``eager`` from the Function's saved inputs and differentiated by torch."""
-    if isinstance(eager, str):
-        raise RuntimeError(eager)
+    """grad_loss·∂loss/∂input for each input in ``needs``, differentiable at every level (a backward under
+    create_graph=True or inside nested torch.func transforms): the eager composition's vjp."""
+    eager = _eager(loss)
+    live = _live(inputs)
+    wanted = [index for index, need in enumerate(needs) if need]
+
+    def of_wanted(*values: Tensor) -> Tensor:
+        args = list(live)
+        for index, value in zip(wanted, values, strict=True):
+            args[index] = value
+        return eager(*args)
+
     with torch.enable_grad():
-        loss = eager(*inputs)
-    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
-    found = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True, allow_unused=True))
+        _, vjp = torch.func.vjp(of_wanted, *(live[index] for index in wanted))
+        found = iter(vjp(grad_loss))
     return [next(found) if need else None for need in needs]
 
 
-def scale_(grad: Tensor | None, grad_output: Tensor) -> Tensor | None:
-    """Scale a gradient made for an incoming gradient of 1 by the real one, in place (no new buffer)."""
-    if grad is None:
-        return None
-    if grad_output.dim() == 0:
-        if grad_output.device.type == "cpu" and float(grad_output) == 1.0:
-            return grad
-        return grad.mul_(grad_output.to(grad.dtype))
-    return grad.mul_(grad_output.to(grad.dtype))
+def _eager_jvp(loss: Loss, inputs: Sequence[Tensor | None], tangents: Sequence[Tensor | None]) -> Tensor:
+    """The eager composition's tangent J·ṫ, as the vjp of its (linear) vjp: reverse mode only, so that it
+    runs inside a dual level of ``torch.autograd.forward_ad`` too (which cannot nest)."""
+    eager = _eager(loss)
+    live = _live(inputs)
+    moving = [index for index, t in enumerate(tangents) if t is not None]
+
+    def of_moving(*values: Tensor) -> Tensor:
+        args = list(live)
+        for index, value in zip(moving, values, strict=True):
+            args[index] = value
+        return eager(*args)
+
+    with torch.enable_grad():
+        output, vjp = torch.func.vjp(of_moving, *(live[index] for index in moving))
+        _, vjp_of_vjp = torch.func.vjp(vjp, torch.zeros_like(output))
+        (tangent,) = vjp_of_vjp(tuple(tangents[index] for index in moving))
+    return tangent
 
 
-class FusedLossFunction(torch.autograd.Function):
-    """Autograd for a loss on given logits whose forward already produced the gradient.
+# ----------------------------------------------------------------------------------------------------------
+# The linear heads as Losses: tensors (x, W, b, target, *weights)
+# ----------------------------------------------------------------------------------------------------------
 
-    ``compute(need_input_grad, need_target_grad)`` returns (loss, lse or None, grad_input, grad_target)
-    for an incoming gradient of 1; backward scales them in place. ``class_dim`` is where a "none"
-    loss lacks the input's class dimension (None when the loss is elementwise). Because backward reuses
-    the stored buffers, a second backward through the same graph (retain_graph=True) raises torch's
-    "modified by an inplace operation" error instead of returning a wrong gradient. ``eager(input,
-    target)``: the loss for a differentiable backward (the input is kept for it), or why there is none.
+
+def cast_grads(like: Sequence[Tensor | None], grads: Sequence[Tensor | None]) -> Grads:
+    """Gradients come out in the compute dtype (dW accumulates in float32); autograd wants the inputs'."""
+    return tuple(None if g is None or t is None else g.to(t.dtype) for g, t in zip(grads, like, strict=True))
+
+
+def linear_head(
+    make_head: Callable[[Tensor, Sequence[Tensor | None]], LinearHead],
+    reduction: str,
+    eager: Eager,
+    unfused: tuple[int, ...] = (),
+    forward_mode: str | None = None,
+) -> Loss:
+    """A chunked linear head (:class:`softxent.ops.chunks.LinearHead`) on tensors (x, W, b, target,
+    *weights), ``make_head(target, weights)`` building the head for a call's target and loss weights (and
+    checking the target's values).
+
+    For "mean" and "sum" the forward pass makes dX, dW, db (and the target's gradient) with the loss, 6·N·D·C
+    FLOPs, and backward scales them. For "none" the incoming gradient differs per position, and dW =
+    Σ_i x_iᵀ·g_i·G_i cannot be assembled from per-row pieces without keeping the (N, C) gradient, so the
+    forward computes the loss only and backward recomputes the logits chunk by chunk with the incoming
+    gradient folded in (8·N·D·C FLOPs in all).
     """
 
-    @staticmethod
-    def forward(ctx, input, target, compute, needs, class_dim, eager):  # type: ignore[override]
-        loss, lse, grad_input, grad_target = compute(*needs)
-        ctx.class_dim, ctx.needs, ctx.eager = class_dim, needs, eager
-        kept = (input, target) if callable(eager) else (None, None)
-        ctx.save_for_backward(grad_input, grad_target, *kept)
-        if lse is None:
-            return loss
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_grad_lse):  # type: ignore[override]
-        grad_input, grad_target, input, target = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            grads = differentiable_grads(ctx.eager, (input, target), ctx.needs, grad_loss)
-            return (*grads, None, None, None, None)
-        if ctx.class_dim is not None and grad_loss.dim() > 0:
-            grad_loss = grad_loss.unsqueeze(ctx.class_dim)
-        return scale_(grad_input, grad_loss), scale_(grad_target, grad_loss), None, None, None, None
-
-
-def linear_head_loss(
-    head: LinearHead, x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor
-) -> Tensor:
-    """The reduced loss alone, for when no gradient is wanted: 2·N·D·C FLOPs."""
-    denominator, _ = head.denominator(target, compute_dtype(x.dtype))
-    loss = head.run(x, linear_weight, linear_bias, target, grad_scale=None, needs=(False,) * 4)[0]
-    return reduce(loss, head.reduction, denominator)
-
-
-class LinearHeadFunction(torch.autograd.Function):
-    """Autograd for a chunked linear head (softmax or sigmoid), fused the same way as cross_entropy.
-
-    For "mean" and "sum" the forward pass computes dX, dW and db along with the loss and backward only
-    scales them in place. For "none" the incoming gradient differs per position, and dW = Σ_i x_iᵀ·g_i·G_i
-    cannot be assembled from per-row pieces without keeping the (N, C) gradient, so the forward computes the
-    loss only and backward recomputes the logits chunk by chunk with the incoming gradient folded in
-    (8·N·D·C FLOPs in all). ``eager(x, W, b, target)``: the loss for a differentiable backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, linear_weight, linear_bias, target, head, needs, eager):  # type: ignore[override]
+    def forward(tensors: Sequence[Tensor | None], needs: tuple[bool, ...]) -> Forward:
+        x, weight, bias, target, *weights = tensors
+        head = make_head(target, weights)
         ct = compute_dtype(x.dtype)
         denominator, anything_counts = head.denominator(target, ct)
-        scale = None
-        if any(needs) and head.reduction != "none":
-            scale = reduction_scale(head.reduction, denominator, anything_counts, ct).to(x.device)
-        loss, grad_x, grad_weight, grad_bias, grad_target = head.run(
-            x, linear_weight, linear_bias, target, grad_scale=scale, needs=needs
-        )
-        ctx.head, ctx.needs, ctx.eager = head, needs, eager
-        ctx.dtypes = (x.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
-        # the inputs are kept by reference (they are parameters and activations the graph holds anyway)
-        grads = cast_grads(ctx.dtypes, grad_x, grad_weight, grad_bias)
-        ctx.save_for_backward(x, linear_weight, linear_bias, target, *grads, grad_target)
-        return reduce(loss, head.reduction, denominator)
+        if reduction == "none" or not any(needs):
+            loss = head.run(x, weight, bias, target, grad_scale=None, needs=(False,) * 4)[0]
+            return Forward(reduce(loss, reduction, denominator))
+        scale = reduction_scale(reduction, denominator, anything_counts, ct).to(x.device)
+        loss, *grads = head.run(x, weight, bias, target, grad_scale=scale, needs=tuple(needs[:4]))
+        grads = cast_grads(tensors[:4], grads)
+        return Forward(reduce(loss, reduction, denominator), grads=(*grads, *(None for _ in weights)))
 
-    @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
-        head = ctx.head
-        x, linear_weight, linear_bias, target, *fused = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            grads = differentiable_grads(
-                ctx.eager, (x, linear_weight, linear_bias, target), ctx.needs, grad_loss
-            )
-            return (*grads, None, None, None)
-        if head.reduction == "none":
-            _, grad_x, grad_weight, grad_bias, grad_target = head.run(
-                x,
-                linear_weight,
-                linear_bias,
-                target,
-                grad_scale=grad_loss.to(compute_dtype(x.dtype)),
-                needs=ctx.needs,
-            )
-            grad_x, grad_weight, grad_bias = cast_grads(ctx.dtypes, grad_x, grad_weight, grad_bias)
-        else:
-            grad_x, grad_weight, grad_bias, grad_target = (scale_(grad, grad_loss) for grad in fused)
-        return grad_x, grad_weight, grad_bias, grad_target, None, None, None
-
-
-def cast_grads(dtypes: tuple[torch.dtype | None, ...], *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Gradients come out in the compute dtype (dW accumulates in float32); autograd wants the inputs'."""
-    return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True))
-
-
-class LeanLinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd for :class:`LeanSoftmaxHead`: the forward pass keeps only per-row lse and coeff (O(N)),
-    and backward recomputes each slice's logits with the incoming gradient folded into the scale.
-    ``eager(x, W, b, target)``: the loss for a differentiable backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, target, head, needs, eager):  # type: ignore[override]
+    def backward(tensors, state, grad_loss, needs) -> Grads:
+        x, weight, bias, target, *weights = tensors
+        head = make_head(target, weights)
         ct = compute_dtype(x.dtype)
-        targets = Targets.prepare(target, head.spec, head.num_classes, ct)
-        loss, coeff, m, log_sum_exp = head.forward_stats(x, weight, bias, targets)
-        denominator, anything_counts = mean_denominator(target, head.spec, head.num_classes, ct)
-        ctx.head, ctx.needs, ctx.targets, ctx.eager = head, needs, targets, eager
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, target.dtype)
-        ctx.reduction_scale = reduction_scale(head.reduction, denominator, anything_counts, ct).to(x.device)
-        ctx.save_for_backward(x, weight, bias, m, log_sum_exp, coeff)
-        return reduce(loss, head.reduction, denominator)
+        scale = grad_loss.to(ct)
+        if reduction != "none":
+            denominator, anything_counts = head.denominator(target, ct)
+            scale = scale * reduction_scale(reduction, denominator, anything_counts, ct).to(x.device)
+        grads = head.run(x, weight, bias, target, grad_scale=scale, needs=tuple(needs[:4]))[1:]
+        return (*cast_grads(tensors[:4], grads), *(None for _ in weights))
 
-    @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
-        x, weight, bias, m, log_sum_exp, coeff = ctx.saved_tensors
-        head, targets = ctx.head, ctx.targets
-        if torch.is_grad_enabled():
-            inputs = (x, weight, bias, targets.target)
-            return (*differentiable_grads(ctx.eager, inputs, ctx.needs, grad_loss), None, None, None)
-        scale = (grad_loss.to(m.dtype) * ctx.reduction_scale).expand_as(m)
-        grads = head.backward_pass(x, weight, bias, targets, m, log_sum_exp, coeff, scale, ctx.needs)
-        grad_x, grad_weight, grad_bias, grad_target = (
-            None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)
-        )
-        return grad_x, grad_weight, grad_bias, grad_target, None, None, None
+    return Loss(
+        forward, eager, reduced=reduction != "none", backward=backward, unfused=unfused,
+        forward_mode=forward_mode,
+    )  # fmt: skip
 
 
-def lean_linear_cross_entropy(
-    head: LeanSoftmaxHead,
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target: Tensor,
-    needs: tuple[bool, ...],
-    eager: Eager,
-) -> Tensor:
-    """The lean head's reduced loss, through autograd when any of ``needs`` is set (else the loss alone)."""
-    if any(needs):
-        return LeanLinearCrossEntropyFunction.apply(x, weight, bias, target, head, needs, eager)
-    ct = compute_dtype(x.dtype)
-    targets = Targets.prepare(target, head.spec, head.num_classes, ct)
-    loss = head.forward_stats(x, weight, bias, targets)[0]
-    denominator, _ = mean_denominator(target, head.spec, head.num_classes, ct)
-    return reduce(loss, head.reduction, denominator)
+def lean_softmax_head(head: LeanSoftmaxHead, eager: Eager, check_target: Callable[[Tensor], None]) -> Loss:
+    """:class:`softxent.ops.slices.LeanSoftmaxHead` on tensors (x, W, b, target, weight): the forward pass
+    keeps only per-row (m, log Σexp, coeff), O(N), and backward recomputes each slice's logits with the
+    incoming gradient folded into the scale."""
+
+    def prepared(target: Tensor, weight: Tensor | None, ct: torch.dtype) -> tuple[LeanSoftmaxHead, Targets]:
+        lean = replace(head, spec=replace(head.spec, weight=weight))
+        return lean, Targets.prepare(target, lean.spec, head.num_classes, ct)
+
+    def forward(tensors: Sequence[Tensor | None], needs: tuple[bool, ...]) -> Forward:
+        x, weight, bias, target, class_weight = tensors
+        check_target(target)
+        ct = compute_dtype(x.dtype)
+        lean, targets = prepared(target, class_weight, ct)
+        loss, coeff, m, log_sum_exp = lean.forward_stats(x, weight, bias, targets)
+        denominator, _ = mean_denominator(target, lean.spec, head.num_classes, ct)
+        return Forward(reduce(loss, head.reduction, denominator), state=(m, log_sum_exp, coeff))
+
+    def backward(tensors, state, grad_loss, needs) -> Grads:
+        x, weight, bias, target, class_weight = tensors
+        m, log_sum_exp, coeff = state
+        ct = compute_dtype(x.dtype)
+        lean, targets = prepared(target, class_weight, ct)
+        denominator, anything_counts = mean_denominator(target, lean.spec, head.num_classes, ct)
+        scale = reduction_scale(head.reduction, denominator, anything_counts, ct).to(x.device)
+        scale = (grad_loss.to(ct) * scale).expand_as(m)
+        grads = lean.backward_pass(x, weight, bias, targets, m, log_sum_exp, coeff, scale, tuple(needs[:4]))
+        return (*cast_grads(tensors[:4], grads), None)
+
+    return Loss(
+        forward, eager, reduced=head.reduction != "none", backward=backward, state_size=3, unfused=(4,)
+    )
