@@ -190,3 +190,73 @@ def test_compiled_errors_are_the_eager_ones(rng):
     compiled = torch.compile(lambda x, w, t: softxent.linear_cross_entropy(x, w, t), backend="aot_eager")
     with pytest.raises(ValueError, match=r"target: expected class indices in \[0, 203\)"):
         compiled(x, w, torch.full_like(target, 500))
+
+
+# the ops with the scalar arguments a schedule changes between steps (label smoothing, z-loss) and the
+# ignore_index a data pipeline picks
+SCALAR_CASES = {
+    "cross_entropy": lambda x, w, b, t, a, impl: softxent.cross_entropy(
+        torch.nn.functional.linear(x, w, b), t, ignore_index=a["ignore_index"],
+        label_smoothing=a["label_smoothing"], z_loss=a["z_loss"], impl=impl,
+    ),
+    "linear_cross_entropy": lambda x, w, b, t, a, impl: softxent.linear_cross_entropy(
+        x, w, t, linear_bias=b, ignore_index=a["ignore_index"], label_smoothing=a["label_smoothing"],
+        z_loss=a["z_loss"], chunk_size=a["chunk_size"], impl=impl,
+    ),
+    "linear_cross_entropy_lean": lambda x, w, b, t, a, impl: softxent.linear_cross_entropy(
+        x, w, t, linear_bias=b, ignore_index=a["ignore_index"], label_smoothing=a["label_smoothing"],
+        z_loss=a["z_loss"], chunk_size=a["chunk_size"], memory="lean", impl=impl,
+    ),
+    "binary_cross_entropy_with_logits": lambda x, w, b, t, a, impl: (
+        softxent.binary_cross_entropy_with_logits(
+            torch.nn.functional.linear(x, w, b), (t.unsqueeze(1) == torch.arange(w.shape[0])).float(),
+            impl=impl,
+        )
+    ),
+    "linear_binary_cross_entropy": lambda x, w, b, t, a, impl: softxent.linear_binary_cross_entropy(
+        x, w, (t.unsqueeze(1) == torch.arange(w.shape[0])).float(), linear_bias=b,
+        chunk_size=a["chunk_size"], impl=impl,
+    ),
+    "linear_binary_cross_entropy_lean": lambda x, w, b, t, a, impl: softxent.linear_binary_cross_entropy(
+        x, w, (t.unsqueeze(1) == torch.arange(w.shape[0])).float(), linear_bias=b,
+        chunk_size=a["chunk_size"], memory="lean", impl=impl,
+    ),
+}  # fmt: skip
+
+# (rows, arguments) of each call: new shapes and new scalar values, together and apart
+CALLS = [
+    (3, dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, chunk_size=2)),
+    (5, dict(ignore_index=2, label_smoothing=0.1, z_loss=1e-3, chunk_size=2)),
+    (9, dict(ignore_index=4, label_smoothing=0.2, z_loss=1e-2, chunk_size=3)),
+    (9, dict(ignore_index=-1, label_smoothing=0.3, z_loss=0.0, chunk_size=3)),
+]
+
+
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "automatic"])
+@pytest.mark.parametrize("case", sorted(SCALAR_CASES))
+def test_recompiles_for_new_shapes_and_scalar_arguments(case, dynamic, impl, rng):
+    """``dynamic=True`` (every size and int symbolic from the start) and the default (marked dynamic once
+    it changes): the op's options reach the custom op as typed arguments, never formatted at trace time,
+    so a changed ignore_index (a SymInt), label_smoothing or z_loss compiles, and every call equals eager."""
+    loss_fn = SCALAR_CASES[case]
+
+    def objective(x, w, b, target, arguments):
+        return 2.0 * loss_fn(x, w, b, target, arguments, impl)
+
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    w = (torch.randn(11, 6, generator=rng) / 2).requires_grad_()
+    b = torch.randn(11, generator=rng, requires_grad=True)
+    for rows, arguments in CALLS:
+        x = torch.randn(rows, 6, generator=rng, requires_grad=True)
+        target = torch.randint(0, 11, (rows,), generator=rng)
+        target[0] = arguments["ignore_index"]
+        if target[0] < 0 and "binary" in case:
+            target[0] = 1
+        expected = objective(x, w, b, target, arguments)
+        got = compiled(x, w, b, target, arguments)
+        what = f"{rows} rows, {arguments}"
+        assert_close(got, to_numpy(expected), 1e-6, f"loss, {what}")
+        mine = torch.autograd.grad(got, [x, w, b])
+        theirs = torch.autograd.grad(expected, [x, w, b])
+        for name, a, e in zip(["dX", "dW", "db"], mine, theirs, strict=True):
+            assert_close(a, to_numpy(e), 1e-6, f"{name}, {what}")
