@@ -262,3 +262,42 @@ def test_inplace_backward_on_an_expanded_input_is_an_error(impl):
     torch.testing.assert_close(loss, expected.detach())
     loss.backward()
     torch.testing.assert_close(base.grad, reference.grad)
+
+
+@pytest.mark.parametrize("classes", [5, 16390])  # 16390: a wide row, which the Triton kernel reads twice
+@pytest.mark.parametrize("kind", ["index", "ignored", "probabilities"])
+def test_a_row_of_only_minus_infinity_gives_torchs_nan(classes, kind, impl):
+    """Such a row has no distribution: torch's ŷ, loss and gradient there are nan (ignored or not), and
+    every backend's are too; the other rows are unaffected."""
+    logits = torch.randn(3, classes)
+    logits[1] = -math.inf
+    logits[2, :2] = -math.inf
+    if kind == "probabilities":
+        target = torch.softmax(torch.randn(3, classes), 1)
+    else:
+        target = torch.tensor([0, -100 if kind == "ignored" else 3, 4])
+    ours = logits.clone().requires_grad_()
+    theirs = logits.clone().requires_grad_()
+    loss = softxent.cross_entropy(ours, target, reduction="none", impl=impl)
+    expected = torch.nn.functional.cross_entropy(theirs, target, reduction="none")
+    torch.testing.assert_close(loss, expected.detach(), equal_nan=True)
+    loss.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, equal_nan=True)
+    assert ours.grad[1].isnan().all()
+
+
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_a_linear_head_whose_logits_are_all_minus_infinity_gives_torchs_nan(memory, impl):
+    x = torch.tensor([[1.0], [2.0]], requires_grad=True)
+    w = torch.full((3, 1), -math.inf, requires_grad=True)
+    target = torch.tensor([2, 1])
+    loss = softxent.linear_cross_entropy(x, w, target, reduction="sum", memory=memory, impl=impl)
+    loss.backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(x_ref @ w_ref.T, target, reduction="sum")
+    expected.backward()
+    assert loss.isnan()
+    assert expected.isnan()
+    torch.testing.assert_close(x.grad, x_ref.grad, equal_nan=True)
+    torch.testing.assert_close(w.grad, w_ref.grad, equal_nan=True)

@@ -726,6 +726,50 @@ def test_minus_infinity_target_logit_gives_infinite_loss(np_rng: np.random.Gener
     assert ref.cross_entropy(logits, target) == np.inf
 
 
+# Rows at the edges of float64: logits of 1e200 (lse² overflows), ±1e4, −inf masks, a row of only −inf
+EXTREME_LOGITS = np.array(
+    [
+        [1e200, 0.0, -3.0],
+        [0.0, 1e200, 5.0],
+        [-1e200, -1e200, 0.0],
+        [1e4, -1e4, 0.0],
+        [-np.inf, 2.0, 1.0],
+        [-np.inf, -np.inf, -np.inf],
+    ]
+)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("target", [np.array([1, 1, 0, 1, 0, 2]), np.array([1, -100, 0, 1, -100, 2])])
+def test_oracle_gives_torchs_values_at_the_extremes(
+    target: np.ndarray, label_smoothing: float, reduction: str
+) -> None:
+    """Finite logits whose lse exceeds 1.3e154 give torch's finite loss (z_loss·lse² is not 0·inf), and a row
+    of only −inf logits torch's nan: the oracle is at least as robust as torch."""
+    options = {"reduction": reduction, "label_smoothing": label_smoothing}
+    loss = ref.cross_entropy(EXTREME_LOGITS, target, z_loss=0.0, **options)
+    grad = ref.cross_entropy_grad(EXTREME_LOGITS, target, z_loss=0.0, **options)
+    logits = torch.tensor(EXTREME_LOGITS, requires_grad=True)
+    expected = F.cross_entropy(logits, torch.tensor(target), **options)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    counted = target != -100
+    if reduction == "none":  # torch's smoothing term reaches an ignored −inf row's loss (inf, not 0)
+        assert_close(np.asarray(loss)[counted], expected.detach().numpy()[counted], EXACT_TOL, "loss")
+    elif counted.all():
+        assert_close(np.asarray(loss), expected.detach().numpy(), EXACT_TOL, "loss")
+    # ignored rows: the oracle's gradient is exactly 0 (torch's is nan on the −inf row)
+    assert_close(grad[counted], expected_grad.numpy()[counted], EXACT_TOL, "grad")
+    assert np.all(grad[~counted] == 0.0)
+
+
+def test_z_loss_of_an_overflowing_lse_is_infinite_not_nan() -> None:
+    loss = ref.cross_entropy(EXTREME_LOGITS[:1], np.array([1]), z_loss=1e-4, reduction="none")
+    assert loss[0] == np.inf
+    grad = ref.cross_entropy_grad(EXTREME_LOGITS[:1], np.array([1]), z_loss=1e-4)
+    assert not np.isnan(grad).any()
+
+
 @given(seed=seeds, shape=st.sampled_from([(7,), (5, 13), (3, 1023)]))
 def test_sigmoid_binary_cross_entropy_grad_is_sigmoid_minus_target_and_stable(
     seed: int, shape: tuple[int, ...]

@@ -93,14 +93,16 @@ def log_softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:
     the logits near the maximum, whereas z_k − lse(z) would lose lse's rounding error (about 1e-12 for
     logits of 1e4) in every entry.
 
-    Shapes: ``z`` of any shape -> the same shape. A −inf logit gives log ŷ = −inf, not nan.
+    Shapes: ``z`` of any shape -> the same shape. A −inf logit gives log ŷ = −inf, not nan; a slice of
+    only −inf logits has no distribution and gives nan, as in torch.
 
     >>> print(log_softmax([1.0, 2.0, 3.0]).round(4))
     [-2.4076 -1.4076 -0.4076]
     """
     z = _as_float64(z)
     shifted = z - _finite_max(z, axis)
-    return shifted - np.expand_dims(logsumexp(shifted, axis=axis), axis)
+    with np.errstate(invalid="ignore"):  # −inf − (−inf) for an all −inf slice: nan is the answer
+        return shifted - np.expand_dims(logsumexp(shifted, axis=axis), axis)
 
 
 def softmax(z: ArrayLike, axis: int = -1) -> np.ndarray:
@@ -204,6 +206,15 @@ def _softcapped(z: np.ndarray, softcap: float | None) -> np.ndarray:
     return z if softcap is None else softcap * np.tanh(z / softcap)
 
 
+def _z_loss_term(capped: np.ndarray, z_loss: float, of_lse) -> np.ndarray | float:
+    """z_loss·of_lse(lse) per position, and exactly 0 without a z-loss: logits whose lse² overflows
+    (|lse| > 1.3e154) or is infinite would otherwise make it 0·inf = nan where torch's loss is finite."""
+    if z_loss == 0:
+        return 0.0
+    with np.errstate(over="ignore"):  # an infinite z-loss for an lse beyond 1.3e154 is the answer
+        return z_loss * of_lse(logsumexp(capped))
+
+
 def _reduce_grad(grad: np.ndarray, counted: np.ndarray, reduction: str, denominator: float) -> np.ndarray:
     """Divides by the mean's denominator at counted positions and sets the others to exactly 0, as torch
     does even when every target is ignored (nan loss, zero gradient)."""
@@ -275,7 +286,7 @@ def cross_entropy(
     capped = _softcapped(z, softcap)
     log_probs = log_softmax(capped)
     xent = -np.sum(targets.q * np.where(targets.q == 0, 0.0, log_probs), axis=-1)
-    losses = np.where(targets.counted, xent + z_loss * logsumexp(capped) ** 2, 0.0)
+    losses = np.where(targets.counted, xent + _z_loss_term(capped, z_loss, lambda lse: lse * lse), 0.0)
     return _reduce(losses, reduction, targets.denominator)
 
 
@@ -320,7 +331,7 @@ def cross_entropy_grad(
     z = _class_last(logits)
     capped = _softcapped(z, softcap)
     probs = softmax(capped)
-    prob_coefficient = np.sum(targets.q, axis=-1) + 2.0 * z_loss * logsumexp(capped)
+    prob_coefficient = np.sum(targets.q, axis=-1) + _z_loss_term(capped, z_loss, lambda lse: 2.0 * lse)
     grad = prob_coefficient[..., None] * probs - targets.q
     grad = _reduce_grad(grad, targets.counted, reduction, targets.denominator)
     if softcap is not None:

@@ -215,11 +215,12 @@ def softmax_shift(stats: RowStats) -> tuple[Tensor, Tensor]:
 
     The two are kept apart rather than summed into lse = m + log Σexp: lse rounds to an ulp of its size
     (1e-3 for logits near 1e4 in float32), an error exp would carry into every ŷ, while z − m is exact
-    there and log Σexp is small. Both are 0 for a row with no finite logit (ŷ = exp(−inf) = 0 there).
+    there and log Σexp is small. A row with no finite logit has no distribution: m is 0 there and log Σexp
+    nan, so its ŷ and gradient are nan, as torch's are.
     """
     m = torch.where(stats.m == float("-inf"), 0.0, stats.m)
     log_sum_exp = stats.sum_exp.log()
-    return m, torch.where(log_sum_exp == float("-inf"), 0.0, log_sum_exp)
+    return m, torch.where(log_sum_exp == float("-inf"), float("nan"), log_sum_exp)
 
 
 def finish(stats: RowStats, targets: Targets, spec: SoftmaxLoss) -> tuple[Tensor, Tensor, Tensor]:

@@ -161,8 +161,9 @@ def stats_pass(logits_ptr, row_offsets, row_mask, target_ptr, target_offsets, we
 
 @triton.jit
 def finish(m, sum_exp, q_sum, q_dot, hard, z_y, counted, out_of_range, z_loss, PROBS: tl.constexpr):
-    """Per row: (loss, lse, coeff, m, log Σexp) from the statistics of the whole row, m and log Σexp made
-    finite (0 for a row with no finite logit) for the gradient's ŷ = exp((z − m) − log Σexp).
+    """Per row: (loss, lse, coeff, m, log Σexp) from the statistics of the whole row, for the gradient's
+    ŷ = exp((z − m) − log Σexp): m is 0 and log Σexp nan for a row with no finite logit (no distribution:
+    its ŷ and gradient are nan, as torch's are).
 
     loss = Σq·log Σexp − Σq·(z − m) + λ·lse² (with the true class's (1 − ε)·w_y·(z_y − m) read in fp32),
     0 for a row that does not count, nan for a class outside [0, C); coeff = Σq + 2λ·lse."""
@@ -177,8 +178,8 @@ def finish(m, sum_exp, q_sum, q_dot, hard, z_y, counted, out_of_range, z_loss, P
     coeff = q_sum + 2.0 * z_loss * lse_if_z_loss
     loss = tl.where(counted, loss, tl.where(out_of_range, float("nan"), 0.0))
     m_finite = tl.where(m == float("-inf"), 0.0, m)
-    log_sum_exp_finite = tl.where(log_sum_exp == float("-inf"), 0.0, log_sum_exp)
-    return loss, lse, coeff, m_finite, log_sum_exp_finite
+    log_sum_exp_or_nan = tl.where(log_sum_exp == float("-inf"), float("nan"), log_sum_exp)
+    return loss, lse, coeff, m_finite, log_sum_exp_or_nan
 
 
 @triton.jit
@@ -189,9 +190,9 @@ def grad_block(raw, cols, col_mask, mask, counted, y, hard, m, log_sum_exp, coef
                HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_TGRAD: tl.constexpr):  # fmt: skip
     """Write a tile's s·∂ℓ/∂z (and, for probabilities, s·∂ℓ/∂t = −s·(1 − ε)·w·log ŷ) from its raw logits.
 
-    ``m``, ``log_sum_exp`` (finite), ``coeff`` and ``scale`` (0 for rows that do not count) are per row;
-    ``y`` and ``cols`` share a frame (class indices relative to the same first column). Stores are
-    streaming (``.cs``): nothing reads the gradient back in this kernel."""
+    ``m``, ``log_sum_exp`` (nan for a row with no finite logit), ``coeff`` and ``scale`` (0 for rows that
+    do not count) are per row; ``y`` and ``cols`` share a frame (class indices relative to the same first
+    column). Stores are streaming (``.cs``): nothing reads the gradient back in this kernel."""
     x = raw.to(tl.float32)
     if HAS_SOFTCAP:
         tanh_x = tanh(x / softcap)
