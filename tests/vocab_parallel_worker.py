@@ -81,14 +81,16 @@ class Checker:
         if not error <= allowed:
             self.failures.append(f"rank {self.rank} {what}: error {error:.3g} > allowed {allowed:.3g}")
 
-    def raises(self, what: str, match: str, call: Callable[[], object]) -> None:
+    def raises(
+        self, what: str, match: str, call: Callable[[], object], error_type: type[Exception] = ValueError
+    ) -> None:
         try:
             call()
-        except ValueError as error:
+        except error_type as error:
             if match not in str(error):
                 self.failures.append(f"rank {self.rank} {what}: message {error!r} lacks {match!r}")
             return
-        self.failures.append(f"rank {self.rank} {what}: no ValueError")
+        self.failures.append(f"rank {self.rank} {what}: no {error_type.__name__}")
 
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
@@ -353,6 +355,40 @@ def check_errors(check: Checker, rank: int, world: int, seed: int) -> None:
     mixed = on(torch.rand(shard.shape, generator=generator)) if rank == 0 else target
     check.raises(
         "mixed target kinds", "the same kind of target", lambda: vocab_parallel_cross_entropy(shard, mixed)
+    )
+    # the same range of targets but not the same targets: two rows swapped on the last rank
+    swapped = target.clone()
+    if rank == world - 1:
+        swapped[[0, 1]] = swapped[[1, 0]] if swapped[0] != swapped[1] else swapped[[0, 1]] + 1
+    check.raises(
+        "different targets",
+        "the same class-index targets on every rank",
+        lambda: vocab_parallel_cross_entropy(shard, swapped),
+    )
+    # an argument error on one rank only: that rank raises its own error, every other rank a ValueError
+    # naming it, after the one collective they all reach (no rank waits in the next one)
+    last = world - 1
+    reduction = "avg" if rank == last else "mean"
+    check.raises(
+        "one rank's bad reduction",
+        "reduction: expected 'mean', 'sum' or 'none', got 'avg'"
+        if rank == last
+        else f"another rank's arguments failed a check (rank {last}: reduction: expected",
+        lambda: vocab_parallel_cross_entropy(shard, target, reduction=reduction),
+    )
+    flags = on(torch.ones(6, dtype=torch.bool)) if rank == 0 else target
+    check.raises(
+        "one rank's bool target",
+        "target: expected integer class indices" if rank == 0 else "rank 0: target: expected integer",
+        lambda: vocab_parallel_cross_entropy(shard, flags),
+        TypeError if rank == 0 else ValueError,
+    )
+    w_shard = on(torch.randn(bounds[rank + 1] - bounds[rank], 4))
+    bias = on(torch.randn(w_shard.shape[0] + (1 if rank == 0 else 0)))
+    check.raises(
+        "one rank's bias of the wrong shape",
+        "bias_shard: expected shape" if rank == 0 else "rank 0: bias_shard: expected shape",
+        lambda: vocab_parallel_linear_cross_entropy(on(torch.randn(6, 4)), w_shard, target, bias_shard=bias),
     )
     # the group still works after the errors (every rank raised, none is left waiting)
     loss = vocab_parallel_cross_entropy(shard, target)

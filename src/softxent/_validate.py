@@ -163,6 +163,16 @@ def check_class_target(
         )
 
 
+def check_no_ignore_index(ignore_index: int) -> None:
+    """Probability targets have no class index to ignore: as torch, a non-negative ignore_index is refused
+    with them (the default -100, or any negative value, is not an index)."""
+    if ignore_index >= 0:
+        raise ValueError(
+            "ignore_index: expected a negative value (the default -100) with class-probability targets, "
+            f"which have no class index to ignore, got {ignore_index}"
+        )
+
+
 def check_class_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Class indices in [0, C) or equal to ignore_index: a host read, so checked on CPU tensors only."""
     if target.device.type == "cpu" and target.numel() > 0:

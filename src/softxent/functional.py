@@ -45,11 +45,7 @@ def _check_target(target: Tensor, input_shape: tuple[int, ...], ignore_index: in
                 f"target: expected class probabilities of the input's shape {input_shape} (or integer class "
                 f"indices of shape {_class_target_shape(input_shape)}), got shape {tuple(target.shape)}"
             )
-        if ignore_index >= 0:
-            raise ValueError(
-                "ignore_index: expected a negative value (the default -100) with class-probability targets, "
-                f"which have no class index to ignore, got {ignore_index}"
-            )
+        check.check_no_ignore_index(ignore_index)
         return True
     check.check_class_target(target, _class_target_shape(input_shape), input_shape)
     return False

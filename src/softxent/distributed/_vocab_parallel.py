@@ -21,17 +21,21 @@ lse = M + log Σ e^{z − M} and coeff = Σq + 2λ·lse, and writes the gradient
 ∂ℓ/∂z_c = coeff·ŷ_c − q_c, with no further communication. The linear head adds one all-reduce of the
 partial dX = Σ_{c ∈ r} G_c W_c (N×D, summed in float32).
 
-Shapes, class weights and the targets' range are checked collectively: one all-gather of a few integers
-per rank (rows, features, classes, the targets' kind, min and max, the class weights' length) before any work,
-so every rank raises the same error instead of one rank raising while the others wait in a collective.
-That gather reads its result on the host (one synchronization per call on a GPU).
+Arguments are checked collectively: each rank checks its own first, without raising, then one all-gather
+of a few integers per rank (a status flag, rows, features, classes, the targets' kind, min, max and a
+checksum of class-index targets, the class weights' length) runs before any work. A rank whose own
+arguments failed raises its error and every other rank a ValueError naming that rank and its message;
+ranks that disagree (different rows or targets, say) all raise the same ValueError. No rank is left
+waiting in a collective. That gather reads its result on the host (one synchronization per call on a GPU).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -53,6 +57,8 @@ from softxent.ops.spec import (
 )
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+
+T = TypeVar("T")
 
 _NO_DOUBLE_BACKWARD = (
     "softxent.distributed: the vocabulary-parallel losses have no differentiable backward "
@@ -92,10 +98,12 @@ def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return group
 
 
-def _collective_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
+def _collective_device(group: dist.ProcessGroup, device: torch.device | None) -> torch.device:
     """NCCL communicates CUDA tensors; Gloo CPU ones (and CUDA ones, through a copy): use the data's
-    device for NCCL and the CPU otherwise."""
-    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    device for NCCL (the current CUDA device when the call gave none) and the CPU otherwise."""
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    return device if device is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _target_range(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -108,45 +116,97 @@ def _target_range(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     return low, high
 
 
+_HASH_PRIME = 2**31 - 1
+
+
+def _target_hash(target: Tensor) -> Tensor:
+    """A position-dependent checksum of class-index targets, 0-d int64: Σ_i ((t_i + 1)·a_i mod p) with a_i
+    a pseudo-random multiplier of position i and p = 2³¹ − 1. Every term is below 2³¹, so the sum of up
+    to 2³² positions cannot overflow; two target tensors that differ anywhere almost surely differ here
+    (swapping two rows changes it too)."""
+    positions = torch.arange(target.numel(), dtype=torch.int64, device=target.device)
+    multipliers = (positions * 2654435761 + 97) % _HASH_PRIME + 1
+    return (((target.reshape(-1) + 1) % _HASH_PRIME) * multipliers % _HASH_PRIME).sum()
+
+
+@dataclass(frozen=True)
+class LocalFacts:
+    """What this rank's arguments say, for the collective check: its rows, in_features (0 for given
+    logits) and classes, and its targets (class indices or probabilities of its own classes)."""
+
+    rows: int
+    features: int
+    classes: int
+    target: Tensor
+    ignore_index: int
+    weight: Tensor | None
+
+    def encoded(self) -> Tensor:
+        """(ok, rows, features, classes, target min, target max, target hash, class-weight length, kind)."""
+        probabilities = self.target.is_floating_point()
+        if probabilities:
+            low, high, digest = torch.tensor(_NO_TARGET_MIN), torch.tensor(_NO_TARGET_MAX), torch.tensor(0)
+        else:
+            low, high = _target_range(self.target, self.ignore_index)
+            digest = _target_hash(self.target)
+        numbers = [1, self.rows, self.features, self.classes]
+        return torch.stack(
+            [
+                *(torch.tensor(n) for n in numbers),
+                low.cpu(),
+                high.cpu(),
+                digest.cpu(),
+                torch.tensor(-1 if self.weight is None else self.weight.numel()),
+                torch.tensor(int(probabilities)),
+            ]
+        )
+
+
+_FACT_COUNT = 9
+
+
+def checked_locally(check: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """``check()`` and None, or None and the ValueError / TypeError it raised: a rank's argument error is
+    raised only after every rank has heard of it in :func:`shard_layout`'s collective."""
+    try:
+        return check(), None
+    except (ValueError, TypeError) as error:
+        return None, error
+
+
 def shard_layout(
     group: dist.ProcessGroup,
+    facts: LocalFacts | None,
+    error: Exception | None,
     *,
     shard_name: str,
-    rows: int,
-    features: int,
-    classes: int,
-    target: Tensor,
-    ignore_index: int,
-    weight: Tensor | None,
+    device: torch.device | None,
 ) -> ShardLayout:
-    """Gather every rank's (rows, features, classes, target min/max, class-weight length, target kind),
-    check them together and return this rank's layout. Raises the same ValueError on every rank.
+    """Gather every rank's :class:`LocalFacts`, or the news that its own arguments failed a check
+    (``error``), check them together and return this rank's layout.
 
-    ``target``: (rows,) class indices, or (rows, classes) probabilities (this rank's columns)."""
-    device = _collective_device(group, target.device)
-    probabilities = target.is_floating_point()
-    if probabilities:
-        low, high = torch.tensor(_NO_TARGET_MIN), torch.tensor(_NO_TARGET_MAX)
-    else:
-        low, high = _target_range(target, ignore_index)
-    local = torch.stack(
-        [
-            torch.tensor(rows),
-            torch.tensor(features),
-            torch.tensor(classes),
-            low.cpu(),
-            high.cpu(),
-            torch.tensor(-1 if weight is None else weight.numel()),
-            torch.tensor(int(probabilities)),
-        ]
-    ).to(device)
+    Every rank raises: a rank whose arguments failed raises its own error, the others a ValueError naming
+    that rank and its message (one all-gather of the messages, only then); where the ranks disagree
+    (rows, in_features, target kind, class weights, class-index targets, compared by range and checksum)
+    each raises the same ValueError. None of them is left waiting in a collective."""
+    device = _collective_device(group, device)
+    local = torch.zeros(_FACT_COUNT, dtype=torch.int64) if facts is None else facts.encoded()
     world = dist.get_world_size(group)
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local, group=group)
+    gathered = [torch.empty_like(local.to(device)) for _ in range(world)]
+    dist.all_gather(gathered, local.to(device), group=group)
     table = torch.stack(gathered).cpu().tolist()
+    oks = [row[0] for row in table]
+    if not all(oks):
+        messages: list[str | None] = [None] * world
+        dist.all_gather_object(messages, None if error is None else str(error), group=group)
+        if error is not None:
+            raise error
+        failed = "; ".join(f"rank {rank}: {message}" for rank, message in enumerate(messages) if message)
+        raise ValueError(f"{shard_name}: another rank's arguments failed a check ({failed})")
     rank = dist.get_rank(group)
     per_rank = list(zip(*table, strict=True))
-    row_counts, feature_counts, class_counts, lows, highs, weight_lengths, kinds = per_rank
+    _, row_counts, feature_counts, class_counts, lows, highs, digests, weight_lengths, kinds = per_rank
+    ignore_index = facts.ignore_index
     if len(set(row_counts)) != 1:
         raise ValueError(
             f"{shard_name}: expected the same rows (positions) on every rank, got {list(row_counts)} "
@@ -165,9 +225,11 @@ def shard_layout(
     total = sum(class_counts)
     if total == 0:
         raise ValueError(f"{shard_name}: expected at least one class across the ranks, got shards of 0")
-    if len(set(lows)) != 1 or len(set(highs)) != 1:
+    if len(set(lows)) != 1 or len(set(highs)) != 1 or len(set(digests)) != 1:
+        differ = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
         raise ValueError(
-            "target: expected the same targets on every rank, got different ones across the ranks"
+            "target: expected the same class-index targets on every rank, got different ones across the "
+            f"ranks (ranks {differ} differ from rank 0)"
         )
     if lows[0] != _NO_TARGET_MIN and (lows[0] < 0 or highs[0] >= total):
         bad = lows[0] if lows[0] < 0 else highs[0]
@@ -181,8 +243,9 @@ def shard_layout(
             f"{['None' if n == -1 else (n,) for n in weight_lengths]} across the ranks"
         )
     return ShardLayout(
-        offset=sum(class_counts[:rank]), classes=classes, total_classes=total, max_classes=max(class_counts)
-    )
+        offset=sum(class_counts[:rank]), classes=facts.classes, total_classes=total,
+        max_classes=max(class_counts),
+    )  # fmt: skip
 
 
 def _all_reduce_stats(stats: RowStats, group: dist.ProcessGroup) -> None:
@@ -253,23 +316,39 @@ def vocab_parallel_block(
     return loss, lse
 
 
-def _check_options(reduction, label_smoothing, ignore_index):
-    return (
+class _Options(NamedTuple):
+    reduction: str
+    label_smoothing: float
+    ignore_index: int
+    z_loss: float
+    softcap: float | None
+
+
+def _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, weight, device) -> _Options:
+    """The loss options every rank checks before the collective check (a class weight's length is
+    checked there, against every shard's classes)."""
+    if weight is not None:
+        check.check_float_tensor("weight", weight)
+        check.check_same_device("weight", weight, device)
+        check.check_no_grad("weight", weight)
+    return _Options(
         check.check_reduction(reduction),
         check.check_label_smoothing(label_smoothing),
         check.check_ignore_index(ignore_index),
+        check.check_z_loss(z_loss),
+        check.check_softcap(softcap),
     )
 
 
-def _check_target(target: Tensor, shard_shape: tuple[int, ...]) -> Tensor:
+def _check_target(target: Tensor, shard_shape: tuple[int, ...], ignore_index: int) -> Tensor:
     """Class indices of shape ``shard_shape[:-1]`` (returned as int64), or floating probabilities of this
-    rank's classes, of ``shard_shape``."""
+    rank's classes, of ``shard_shape`` (with a negative ``ignore_index``, as in torch)."""
     check.check_tensor("target", target)
     batch_shape = shard_shape[:-1]
-    if target.dtype.is_complex or target.dtype == torch.bool:
+    if not target.is_floating_point() and target.dtype not in check.CLASS_INDEX_DTYPES:
         raise TypeError(
-            f"target: expected integer class indices of shape {batch_shape} or floating probabilities of "
-            f"this rank's classes, shape {shard_shape}, got {target.dtype}"
+            f"target: expected integer class indices (int64, int32 or uint8) of shape {batch_shape} or "
+            f"floating probabilities of this rank's classes, shape {shard_shape}, got {target.dtype}"
         )
     if target.is_floating_point():
         if tuple(target.shape) != shard_shape:
@@ -277,6 +356,7 @@ def _check_target(target: Tensor, shard_shape: tuple[int, ...]) -> Tensor:
                 f"target: expected probabilities of this rank's classes, shape {shard_shape}, got shape "
                 f"{tuple(target.shape)}"
             )
+        check.check_no_ignore_index(ignore_index)
         return target
     if tuple(target.shape) != batch_shape:
         raise ValueError(
@@ -293,6 +373,92 @@ def _mean_denominator(
     if target.is_floating_point():
         return torch.tensor(float(rows), dtype=ct, device=target.device), rows > 0
     return mean_denominator(target, spec, layout.total_classes, ct)
+
+
+def _spec_options(options: _Options) -> tuple[int, float, float, float | None]:
+    """:func:`softxent.ops.spec.softmax_loss`'s (ignore_index, label_smoothing, z_loss, softcap)."""
+    return options.ignore_index, options.label_smoothing, options.z_loss, options.softcap
+
+
+class _LogitsCall(NamedTuple):
+    options: _Options
+    target: Tensor
+    backend: backends.Backend
+    batch_shape: tuple[int, ...]
+    probabilities: bool
+    facts: LocalFacts
+
+
+def _check_logits_call(
+    logits_shard, target, weight, impl, reduction, label_smoothing, ignore_index, z_loss, softcap
+) -> _LogitsCall:
+    """:func:`vocab_parallel_cross_entropy`'s checks of this rank's arguments alone."""
+    check.check_float_tensor("logits_shard", logits_shard)
+    if logits_shard.dim() == 0:
+        raise ValueError("logits_shard: expected shape (..., C_r) with the classes last, got shape ()")
+    options = _check_options(
+        reduction, label_smoothing, ignore_index, z_loss, softcap, weight, logits_shard.device
+    )
+    target = _check_target(target, tuple(logits_shard.shape), options.ignore_index)
+    check.check_same_device("target", target, logits_shard.device)
+    backend = backends.select(impl, logits_shard.device)
+    batch_shape = tuple(logits_shard.shape[:-1])
+    rows, classes = math.prod(batch_shape), logits_shard.shape[-1]
+    probabilities = target.is_floating_point()
+    flat_target = target.reshape(rows, classes) if probabilities else target.reshape(-1)
+    facts = LocalFacts(rows, 0, classes, flat_target, options.ignore_index, weight)
+    return _LogitsCall(options, target, backend, batch_shape, probabilities, facts)
+
+
+class _LinearCall(NamedTuple):
+    options: _Options
+    x: Tensor
+    flat_target: Tensor
+    chunk_size: int | None
+    backend: backends.Backend
+    probabilities: bool
+    facts: LocalFacts
+
+
+def _check_linear_call(
+    input, weight_shard, bias_shard, target, weight, impl, chunk_size, reduction, label_smoothing,
+    ignore_index, z_loss, softcap,
+) -> _LinearCall:  # fmt: skip
+    """:func:`vocab_parallel_linear_cross_entropy`'s checks of this rank's arguments alone."""
+    check.check_float_tensor("input", input)
+    check.check_float_tensor("weight_shard", weight_shard)
+    if input.dim() == 0:
+        raise ValueError("input: expected shape (..., in_features), got shape ()")
+    if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
+        raise ValueError(
+            f"weight_shard: expected shape (C_r, {input.shape[-1]}) (this rank's classes × the input's "
+            f"in_features), got {tuple(weight_shard.shape)}"
+        )
+    if weight_shard.dtype != input.dtype:
+        raise TypeError(f"weight_shard: expected {input.dtype} like the input, got {weight_shard.dtype}")
+    check.check_same_device("weight_shard", weight_shard, input.device)
+    if bias_shard is not None:
+        check.check_float_tensor("bias_shard", bias_shard)
+        if tuple(bias_shard.shape) != (weight_shard.shape[0],):
+            raise ValueError(
+                f"bias_shard: expected shape ({weight_shard.shape[0]},) (one per class of the shard), got "
+                f"{tuple(bias_shard.shape)}"
+            )
+        if bias_shard.dtype != input.dtype:
+            raise TypeError(f"bias_shard: expected {input.dtype} like the input, got {bias_shard.dtype}")
+        check.check_same_device("bias_shard", bias_shard, input.device)
+    options = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, weight, input.device)
+    chunk_size = check.check_chunk_size(chunk_size)
+    target = _check_target(target, (*input.shape[:-1], weight_shard.shape[0]), options.ignore_index)
+    check.check_same_device("target", target, input.device)
+    backend = backends.select(impl, input.device)
+    x = input.reshape(-1, input.shape[-1])
+    probabilities = target.is_floating_point()
+    flat_target = target.reshape(x.shape[0], -1) if probabilities else target.reshape(-1)
+    facts = LocalFacts(
+        x.shape[0], x.shape[1], weight_shard.shape[0], flat_target, options.ignore_index, weight
+    )
+    return _LinearCall(options, x, flat_target, chunk_size, backend, probabilities, facts)
 
 
 def vocab_parallel_cross_entropy(
@@ -346,27 +512,17 @@ def vocab_parallel_cross_entropy(
         loss = vocab_parallel_cross_entropy(logits[:, bounds[rank]:bounds[rank + 1]], target)
     """
     group = _group(group)
-    check.check_float_tensor("logits_shard", logits_shard)
-    if logits_shard.dim() == 0:
-        raise ValueError("logits_shard: expected shape (..., C_r) with the classes last, got shape ()")
-    reduction, label_smoothing, ignore_index = _check_options(reduction, label_smoothing, ignore_index)
-    target = _check_target(target, tuple(logits_shard.shape))
-    check.check_same_device("target", target, logits_shard.device)
-    backend = backends.select(impl, logits_shard.device)
-    batch_shape = tuple(logits_shard.shape[:-1])
-    logits = logits_shard.reshape(math.prod(batch_shape), logits_shard.shape[-1])  # C_r may be 0
-    probabilities = target.is_floating_point()
-    flat_target = target.reshape(logits.shape) if probabilities else target.reshape(-1)
-    layout = shard_layout(
-        group, shard_name="logits_shard", rows=logits.shape[0], features=0, classes=logits.shape[1],
-        target=flat_target, ignore_index=ignore_index, weight=weight,
+    call, error = checked_locally(
+        partial(_check_logits_call, logits_shard, target, weight, impl, reduction, label_smoothing,
+                ignore_index, z_loss, softcap)
     )  # fmt: skip
+    device = logits_shard.device if isinstance(logits_shard, Tensor) else None
+    facts = None if call is None else call.facts
+    layout = shard_layout(group, facts, error, shard_name="logits_shard", device=device)
+    options, target, backend, batch_shape, probabilities, _ = call
+    reduction = options.reduction
     ct = compute_dtype(logits_shard.dtype)
-    spec = softmax_loss(
-        weight, layout.total_classes, logits.device, ct, ignore_index, label_smoothing, z_loss, softcap
-    )
-    if weight is not None:
-        check.check_no_grad("weight", weight)
+    spec = softmax_loss(weight, layout.total_classes, logits_shard.device, ct, *_spec_options(options))
     block = partial(
         vocab_parallel_block,
         layout=layout,
@@ -475,46 +631,17 @@ def vocab_parallel_linear_cross_entropy(
         for "none". Every rank must call it together, with the same rows and targets.
     """
     group = _group(group)
-    check.check_float_tensor("input", input)
-    check.check_float_tensor("weight_shard", weight_shard)
-    if input.dim() == 0:
-        raise ValueError("input: expected shape (..., in_features), got shape ()")
-    if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
-        raise ValueError(
-            f"weight_shard: expected shape (C_r, {input.shape[-1]}) (this rank's classes × the input's "
-            f"in_features), got {tuple(weight_shard.shape)}"
-        )
-    if weight_shard.dtype != input.dtype:
-        raise TypeError(f"weight_shard: expected {input.dtype} like the input, got {weight_shard.dtype}")
-    check.check_same_device("weight_shard", weight_shard, input.device)
-    if bias_shard is not None:
-        check.check_float_tensor("bias_shard", bias_shard)
-        if tuple(bias_shard.shape) != (weight_shard.shape[0],):
-            raise ValueError(
-                f"bias_shard: expected shape ({weight_shard.shape[0]},) (one per class of the shard), got "
-                f"{tuple(bias_shard.shape)}"
-            )
-        if bias_shard.dtype != input.dtype:
-            raise TypeError(f"bias_shard: expected {input.dtype} like the input, got {bias_shard.dtype}")
-        check.check_same_device("bias_shard", bias_shard, input.device)
-    reduction, label_smoothing, ignore_index = _check_options(reduction, label_smoothing, ignore_index)
-    chunk_size = check.check_chunk_size(chunk_size)
-    target = _check_target(target, (*input.shape[:-1], weight_shard.shape[0]))
-    check.check_same_device("target", target, input.device)
-    backend = backends.select(impl, input.device)
-    x = input.reshape(-1, input.shape[-1])
-    probabilities = target.is_floating_point()
-    flat_target = target.reshape(x.shape[0], -1) if probabilities else target.reshape(-1)
-    layout = shard_layout(
-        group, shard_name="weight_shard", rows=x.shape[0], features=x.shape[1], classes=weight_shard.shape[0],
-        target=flat_target, ignore_index=ignore_index, weight=weight,
+    call, error = checked_locally(
+        partial(_check_linear_call, input, weight_shard, bias_shard, target, weight, impl, chunk_size,
+                reduction, label_smoothing, ignore_index, z_loss, softcap)
     )  # fmt: skip
+    device = input.device if isinstance(input, Tensor) else None
+    facts = None if call is None else call.facts
+    layout = shard_layout(group, facts, error, shard_name="weight_shard", device=device)
+    options, x, flat_target, chunk_size, backend, probabilities, _ = call
+    reduction = options.reduction
     ct = compute_dtype(input.dtype)
-    spec = softmax_loss(
-        weight, layout.total_classes, input.device, ct, ignore_index, label_smoothing, z_loss, softcap
-    )
-    if weight is not None:
-        check.check_no_grad("weight", weight)
+    spec = softmax_loss(weight, layout.total_classes, input.device, ct, *_spec_options(options))
     if chunk_size is None:
         chunk_size = backend.policy.chunk_rows(layout.max_classes, input.element_size())
     block = partial(
