@@ -301,3 +301,32 @@ def test_a_linear_head_whose_logits_are_all_minus_infinity_gives_torchs_nan(memo
     assert expected.isnan()
     torch.testing.assert_close(x.grad, x_ref.grad, equal_nan=True)
     torch.testing.assert_close(w.grad, w_ref.grad, equal_nan=True)
+
+
+def test_inplace_backward_refuses_what_torch_refuses_to_modify_in_place(impl):
+    """A leaf that requires grad, or a view of one, would be overwritten by its own gradient: refused, as
+    torch refuses any in-place op on them; so is a call under torch.func, which needs the logits after."""
+    leaf = torch.randn(4, 5, requires_grad=True)
+    with pytest.raises(ValueError, match=r"inplace_backward: expected logits computed by the graph.*a leaf"):
+        softxent.cross_entropy(leaf, Y, inplace_backward=True, impl=impl)
+    with pytest.raises(
+        ValueError, match=r"inplace_backward: .*got a view of a leaf tensor that requires grad"
+    ):
+        softxent.cross_entropy(leaf[:, :5], Y, inplace_backward=True, impl=impl)
+    with pytest.raises(
+        ValueError, match=r"inplace_backward: not supported under torch\.func transforms \(grad\)"
+    ):
+        torch.func.grad(lambda z: softxent.cross_entropy(z * 1.0, Y, inplace_backward=True, impl=impl))(leaf)
+    with pytest.raises(
+        ValueError, match=r"inplace_backward: not supported under torch\.func transforms \(vmap\)"
+    ):
+        torch.func.vmap(lambda z: softxent.cross_entropy(z, Y, inplace_backward=True, impl=impl))(
+            torch.randn(2, 4, 5)
+        )
+    # a leaf that does not require grad is only read (no gradient is made), and computed logits work
+    assert torch.isfinite(softxent.cross_entropy(leaf.detach(), Y, inplace_backward=True, impl=impl))
+    computed = leaf * 2.0
+    loss = softxent.cross_entropy(computed, Y, inplace_backward=True, impl=impl)
+    loss.backward()
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(leaf * 2.0, Y), leaf)[0]
+    torch.testing.assert_close(leaf.grad, expected)

@@ -105,6 +105,21 @@ def _cross_entropy_forward(
     return autograd.Forward(loss, lse, grads=(grad_input, grad_target, None))
 
 
+def _infinite_weights(weight: Tensor | None) -> bool:
+    """Whether CPU class weights hold an infinite (or nan) entry: such calls take the eager composition,
+    whose values are torch's (:func:`softxent.ops.autograd.composed`). A host read, so CPU tensors only;
+    skipped under torch.func transforms, whose tensors have no values to read."""
+    if weight is None or weight.device.type != "cpu" or autograd.transforms():
+        return False
+    return not bool(torch.isfinite(weight).all())
+
+
+def _eager_lse(
+    input: Tensor, target: Tensor, weight: Tensor | None, *, loss_spec: spec.SoftmaxLoss
+) -> Tensor:
+    return eager.softmax_lse(input, loss_spec)
+
+
 def _eager_cross_entropy(
     input: Tensor, target: Tensor, weight: Tensor | None, *, loss_spec: spec.SoftmaxLoss, reduction: str
 ) -> Tensor:
@@ -227,11 +242,18 @@ def cross_entropy(
         )
     else:
         differentiable = partial(_eager_cross_entropy, loss_spec=loss_spec, reduction=reduction)
-    forward = partial(
-        _cross_entropy_forward, loss_spec=replace(loss_spec, weight=None), reduction=reduction,
-        backend=backend, grad_into_input=grad_into_input,
-    )  # fmt: skip
-    loss_fn = autograd.Loss(forward, differentiable, reduced=reduction != "none", class_dim=1, unfused=(2,))
+    bare = replace(loss_spec, weight=None)
+    if _infinite_weights(class_weight) and callable(differentiable):
+        lse = partial(_eager_lse, loss_spec=bare)
+        loss_fn = autograd.composed(differentiable, reduction != "none", lse)
+    else:
+        forward = partial(
+            _cross_entropy_forward, loss_spec=bare, reduction=reduction, backend=backend,
+            grad_into_input=grad_into_input,
+        )  # fmt: skip
+        loss_fn = autograd.Loss(
+            forward, differentiable, reduced=reduction != "none", class_dim=1, unfused=(2,)
+        )
     loss, lse = autograd.apply(loss_fn, needs, input, target, class_weight)
     if unbatched:
         lse = lse.squeeze(0)
@@ -454,7 +476,9 @@ def linear_cross_entropy(
         if probabilities
         else partial(check.check_class_values, num_classes=num_classes, ignore_index=ignore_index)
     )
-    if memory == "lean":
+    if _infinite_weights(class_weight):
+        loss_fn = autograd.composed(differentiable, reduction != "none")
+    elif memory == "lean":
         lean_head = slices.LeanSoftmaxHead(
             bare, reduction, num_classes, chunk_size, backend.slice_stats, backend.slice_grad, backend.policy
         )

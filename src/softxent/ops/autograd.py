@@ -397,6 +397,19 @@ def _eager_jvp(loss: Loss, inputs: Sequence[Tensor | None], tangents: Sequence[T
     return tangent
 
 
+def composed(eager: Callable[..., Tensor], reduced: bool, lse: Callable[..., Tensor] | None = None) -> Loss:
+    """The loss computed by its eager composition alone (torch's own ops, so every value is torch's), for
+    inputs whose values the fused paths' algebra does not reproduce (class weights with infinite entries:
+    (Σq)·log Σexp − Σq·(z − m) is inf − inf where torch's Σ q·(−log ŷ) is inf). ``lse(*tensors)``: the
+    per-position log-sum-exp, where the op returns it."""
+
+    def forward(tensors: Sequence[Tensor | None], needs: tuple[bool, ...]) -> Forward:
+        with torch.no_grad():
+            return Forward(eager(*tensors), None if lse is None else lse(*tensors))
+
+    return Loss(forward, eager, reduced=reduced)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The linear heads as Losses: tensors (x, W, b, target, *weights)
 # ----------------------------------------------------------------------------------------------------------

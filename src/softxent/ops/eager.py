@@ -45,6 +45,14 @@ def softmax_cross_entropy(input: Tensor, target: Tensor, spec: SoftmaxLoss, redu
     return reduce(per_position, reduction, denominator)
 
 
+def softmax_lse(input: Tensor, spec: SoftmaxLoss) -> Tensor:
+    """The per-position log-sum-exp of (N, C[, d1, ..., dk]) logits after the softcap (compute dtype)."""
+    z = input.to(compute_dtype(input.dtype))
+    if spec.softcap is not None:
+        z = spec.softcap * torch.tanh(z / spec.softcap)
+    return torch.logsumexp(z, dim=1)
+
+
 def sigmoid_binary_cross_entropy(input: Tensor, target: Tensor, spec: SigmoidLoss, reduction: str) -> Tensor:
     """The loss of :func:`softxent.binary_cross_entropy_with_logits` on ``input`` (any shape)."""
     ct = compute_dtype(input.dtype)
