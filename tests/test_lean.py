@@ -20,6 +20,8 @@ from helpers import (
     to_numpy,
 )
 from softxent import reference
+from softxent.ops import backends, slices
+from softxent.ops.spec import SoftmaxLoss, Targets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -375,3 +377,27 @@ def test_memory_auto_runs_speed_where_it_fits_else_lean(monkeypatch, rng):
         x, w.reshape(1031, 1, 65), target.reshape(37, 1), memory="auto", impl="torch"
     )
     assert_close(k_dim, to_numpy(eager_linear_cross_entropy(x, w, target)), 1e-6, "K-dimensional")
+
+
+@pytest.mark.parametrize("kind", ["index", "probabilities"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_an_infinite_class_weight_gives_torchs_loss_over_slices(kind, smoothing, impl, rng):
+    """The online statistics over slices of 4 classes keep torch's values where a class weight is inf
+    (rescaling a sum that holds inf by a rise of 0, and the row's largest logit, add exactly 0). The head
+    is driven directly: the functional op takes the eager composition for such weights on CPU tensors."""
+    x = torch.randn(9, 4, generator=rng, device="cpu").to(DEVICE)
+    w = torch.randn(11, 4, generator=rng, device="cpu").to(DEVICE)
+    weight = torch.ones(11, device=DEVICE)
+    weight[1] = float("inf")
+    if kind == "index":
+        target = torch.randint(0, 11, (9,), generator=rng).to(DEVICE)
+    else:
+        target = torch.softmax(torch.randn(9, 11, generator=rng), 1).to(DEVICE)
+    spec = SoftmaxLoss(weight, -100, smoothing, 0.0, None)
+    backend = backends.select(impl, x.device)
+    head = slices.LeanSoftmaxHead(
+        spec, "none", 11, 4, backend.slice_stats, backend.slice_grad, backend.policy
+    )
+    loss = head.forward_stats(x, w, None, Targets.prepare(target, spec, 11, torch.float32))[0]
+    expected = F.cross_entropy(x @ w.T, target, weight=weight, label_smoothing=smoothing, reduction="none")
+    torch.testing.assert_close(loss, expected, equal_nan=True, atol=1e-5, rtol=1e-5)

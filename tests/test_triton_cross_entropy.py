@@ -170,3 +170,39 @@ def test_triton_on_cpu_tensors_outside_the_interpreter_is_an_error(monkeypatch):
         softxent.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), impl="triton")
     with pytest.raises(ValueError, match=r"impl: 'triton' runs on CUDA tensors .* got tensors on cpu"):
         softxent.binary_cross_entropy_with_logits(torch.randn(3, 5), torch.rand(3, 5), impl="triton")
+
+
+@pytest.mark.parametrize("probabilities", [False, True], ids=["index", "probabilities"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize(
+    ("rows", "num_classes"),
+    [(13, 7), (3, policy.ROW_IN_REGISTERS + 37)],  # one pass in registers; a few wide rows, split
+    ids=["narrow", "wide"],
+)
+def test_an_infinite_class_weight_gives_torchs_loss_and_gradient(
+    rows, num_classes, probabilities, smoothing, rng
+):
+    """torch computes Σ_c w_c·q_c·(−log ŷ_c): inf where an infinite weight meets target mass, nan where
+    its gradient meets one. The kernel keeps the true class's term whole and adds exactly 0 for the row's
+    largest logit, so that no inf·0 turns such a loss nan (the functional ops on CPU tensors take the
+    eager composition for these weights, so the kernels are called here directly). One difference is
+    left: an ignored row's gradient is 0, where torch's smoothing term makes it inf·0 = nan."""
+    logits, target, _ = _case(rng, rows, num_classes, probabilities=probabilities, weighted=False)
+    weight = torch.ones(num_classes, device=DEVICE)
+    weight[1] = float("inf")
+    logits[0, 1] = logits[0].max() + 1.0  # the infinite-weight class holds row 0's largest logit
+    if not probabilities:
+        target[0], target[1] = 1, 1
+    spec = SoftmaxLoss(weight, -100, smoothing, 0.0, None)
+    grad = torch.empty_like(logits)
+    loss, _ = triton_ops.softmax_xent_block(logits, target, spec, grad_scale=1.0, grad_out=grad)
+    reference = logits.detach().clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(
+        reference, target, weight=weight, label_smoothing=smoothing, reduction="none"
+    )
+    expected.sum().backward()
+    assert torch.isinf(loss[0])
+    _close(loss, expected.detach(), "loss")
+    counted = torch.ones(rows, dtype=torch.bool) if probabilities else target != -100
+    _close(grad[counted], reference.grad[counted], "grad")
+    assert torch.all(grad[~counted] == 0)

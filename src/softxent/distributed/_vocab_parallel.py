@@ -49,6 +49,7 @@ from softxent.ops.spec import (
     Targets,
     compute_dtype,
     finish,
+    mass_shift,
     mean_denominator,
     reduce,
     reduction_scale,
@@ -261,7 +262,7 @@ def _all_reduce_stats(stats: RowStats, group: dist.ProcessGroup) -> None:
     packed = torch.stack(
         [
             stats.sum_exp * torch.exp(-rise),
-            stats.q_dot - stats.q_sum * torch.where(stats.q_sum == 0.0, 0.0, rise),
+            stats.q_dot - mass_shift(stats.q_sum, rise),
             stats.q_sum,
             stats.z_y,  # 0 on every rank but the one that holds the row's class
         ]

@@ -210,6 +210,12 @@ class RowStats:
         return cls(torch.full((rows,), float("-inf"), dtype=dtype, device=device), *zeros)
 
 
+def mass_shift(q_sum: Tensor, rise: Tensor) -> Tensor:
+    """Σq·(m_new − m_old) when a row's running max rises by ``rise``: 0 where either is 0 (an infinite class
+    weight makes Σq inf, and inf·0 would be nan where torch's loss is inf)."""
+    return torch.where((q_sum == 0.0) | (rise == 0.0), 0.0, q_sum * rise)
+
+
 def softmax_shift(stats: RowStats) -> tuple[Tensor, Tensor]:
     """(m, log Σexp) per row, for ŷ = exp((z − m) − log Σexp) in the gradient pass.
 
@@ -227,16 +233,17 @@ def finish(stats: RowStats, targets: Targets, spec: SoftmaxLoss) -> tuple[Tensor
     """Per-row (loss, lse, coeff) from the statistics of every slice: O(N) work.
 
     loss = (Σq)·log Σexp − Σq·(z − m) + λ·lse² (0 for ignored rows, nan for class targets outside [0, C)),
-    coeff = Σq + 2λ·lse, the factor of ŷ in ∂ℓ/∂z.
+    the true class's term kept whole as (1 − ε)·w_y·(log Σexp − (z_y − m)) (torch's w_y·(−log ŷ_y), inf for
+    an infinite w_y); coeff = Σq + 2λ·lse, the factor of ŷ in ∂ℓ/∂z.
     """
     log_sum_exp = stats.sum_exp.log()
     lse = stats.m + log_sum_exp
-    q_sum, q_dot = stats.q_sum, stats.q_dot
+    q_sum = stats.q_sum
+    loss = q_sum * log_sum_exp - stats.q_dot
     if targets.hard is not None:
         hard = targets.hard
-        q_dot = q_dot + hard * torch.where(hard == 0.0, 0.0, stats.z_y - stats.m)
+        loss = loss + torch.where(hard == 0.0, 0.0, hard * (log_sum_exp - (stats.z_y - stats.m)))
         q_sum = q_sum + hard
-    loss = q_sum * log_sum_exp - q_dot
     coeff = q_sum
     if spec.z_loss > 0:
         loss = loss + spec.z_loss * lse * lse

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from softxent.ops import policy
-from softxent.ops.spec import RowStats, SigmoidLoss, SoftmaxLoss, Targets, compute_dtype
+from softxent.ops.spec import RowStats, SigmoidLoss, SoftmaxLoss, Targets, compute_dtype, mass_shift
 
 
 def _row_blocks(logits: Tensor) -> list[tuple[int, int]]:
@@ -238,7 +238,7 @@ def _slice_stats_rows(
     # rescale the sums to the new max; −inf − (−inf) never enters an op (no lane holds a nan)
     rise = torch.where(m_new == stats.m, 0.0, m_new - stats.m)
     stats.sum_exp.mul_(torch.exp(-rise))
-    stats.q_dot.sub_(stats.q_sum * torch.where(stats.q_sum == 0.0, 0.0, rise))
+    stats.q_dot.sub_(mass_shift(stats.q_sum, rise))
     # z − m with m made finite (0 where the row has no finite logit yet): exp gives 0 for a −inf logit
     # and no lane ever holds −inf − (−inf)
     shifted = z - torch.where(m_new == float("-inf"), 0.0, m_new).unsqueeze(1)
@@ -255,7 +255,8 @@ def _slice_stats_rows(
             q = torch.where(targets.counted.unsqueeze(1), q, 0.0)
         # a −inf logit with target mass makes the loss +inf; without mass it adds nothing
         masked = torch.where(q > 0.0, float("-inf"), 0.0)
-        stats.q_dot.add_(torch.where(z == float("-inf"), masked, q * shifted).sum(1))
+        mass_dot = torch.where(shifted == 0.0, 0.0, q * shifted)  # the max adds 0, even for w = inf
+        stats.q_dot.add_(torch.where(z == float("-inf"), masked, mass_dot).sum(1))
         stats.q_sum.add_(q.sum(1).expand_as(stats.q_sum))
     stats.m.copy_(m_new)
     if not targets.probabilities:

@@ -43,6 +43,7 @@ from softxent.ops.triton.rowmath import (
     finish,
     grad_block,
     grad_pass,
+    mass_shift,
     online_update,
     row_targets,
     stats_pass,
@@ -173,7 +174,7 @@ def _softmax_xent_split_grad_kernel(
     rise = tl.where(m_parts == m[:, None], 0.0, m[:, None] - m_parts)
     sum_exp = tl.sum(sum_parts * tl.exp(-rise), 1)
     q_sum = tl.sum(q_sum_parts, 1)
-    q_dot = tl.sum(q_dot_parts - q_sum_parts * tl.where(q_sum_parts == 0.0, 0.0, rise), 1)
+    q_dot = tl.sum(q_dot_parts - mass_shift(q_sum_parts, rise), 1)
     y, counted, out_of_range, hard = row_targets(
         target_ptr, rows, row_mask, weight_ptr, num_classes, ignore_index, eps, 1, PROBS, HAS_WEIGHT
     )

@@ -108,6 +108,13 @@ def target_mass(target_ptr, target_offsets, weight_ptr, cols, col_mask, mask, co
 
 
 @triton.jit
+def mass_shift(q_sum, rise):
+    """Σq·(m_old − m_new) when the running max rises by ``rise``: 0 where either is 0 (an infinite class
+    weight makes Σq inf, and inf·0 would be nan where torch's loss is inf)."""
+    return tl.where((q_sum == 0.0) | (rise == 0.0), 0.0, q_sum * rise)
+
+
+@triton.jit
 def online_update(m, sum_exp, q_sum, q_dot, z, q, HAS_MASS: tl.constexpr):
     """Fold a tile of logits z (−inf where masked) and target mass q into the running per-row
     (m, Σexp(z − m), Σq, Σq·(z − m)), rescaling the sums when the max m grows. Without mass (class targets,
@@ -119,9 +126,11 @@ def online_update(m, sum_exp, q_sum, q_dot, z, q, HAS_MASS: tl.constexpr):
     shifted = z - tl.where(m_new == float("-inf"), 0.0, m_new)[:, None]  # −inf for a −inf logit
     sum_exp += tl.sum(tl.exp(shifted), 1)
     if HAS_MASS:
-        q_dot = q_dot - q_sum * tl.where(q_sum == 0.0, 0.0, rise)
-        # a −inf logit with target mass makes the loss +inf; without mass it adds nothing
-        q_dot += tl.sum(tl.where(z == float("-inf"), tl.where(q > 0.0, float("-inf"), 0.0), q * shifted), 1)
+        q_dot = q_dot - mass_shift(q_sum, rise)
+        # a −inf logit with target mass makes the loss +inf; without mass it adds nothing; the max logit
+        # adds exactly 0 (also with an infinite class weight)
+        mass_dot = tl.where(shifted == 0.0, 0.0, q * shifted)
+        q_dot += tl.sum(tl.where(z == float("-inf"), tl.where(q > 0.0, float("-inf"), 0.0), mass_dot), 1)
         q_sum += tl.sum(q, 1)
     return m_new, sum_exp, q_sum, q_dot
 
@@ -165,14 +174,15 @@ def finish(m, sum_exp, q_sum, q_dot, hard, z_y, counted, out_of_range, z_loss, P
     ŷ = exp((z − m) − log Σexp): m is 0 and log Σexp nan for a row with no finite logit (no distribution:
     its ŷ and gradient are nan, as torch's are).
 
-    loss = Σq·log Σexp − Σq·(z − m) + λ·lse² (with the true class's (1 − ε)·w_y·(z_y − m) read in fp32),
-    0 for a row that does not count, nan for a class outside [0, C); coeff = Σq + 2λ·lse."""
+    loss = Σq·log Σexp − Σq·(z − m) + λ·lse², the true class's term kept whole as (1 − ε)·w_y·(log Σexp −
+    (z_y − m)) (torch's w_y·(−log ŷ_y), inf for an infinite w_y), 0 for a row that does not count, nan
+    for a class outside [0, C); coeff = Σq + 2λ·lse."""
     log_sum_exp = tl.log(sum_exp)
     lse = m + log_sum_exp
-    if not PROBS:
-        q_dot += hard * tl.where(hard == 0.0, 0.0, z_y - m)
-        q_sum += hard
     loss = q_sum * log_sum_exp - q_dot
+    if not PROBS:
+        loss += tl.where(hard == 0.0, 0.0, hard * (log_sum_exp - (z_y - m)))
+        q_sum += hard
     lse_if_z_loss = tl.where(z_loss == 0.0, 0.0, lse)
     loss += z_loss * lse_if_z_loss * lse_if_z_loss
     coeff = q_sum + 2.0 * z_loss * lse_if_z_loss
