@@ -405,3 +405,29 @@ def test_in_place_scaling_only_where_the_graph_is_freed(rng):
     grad_again = torch.autograd.grad(3.0 * loss, hidden)[0]  # the graph is freed: scaled where it lies
     assert grad_again.data_ptr() == saved.data_ptr()
     torch.testing.assert_close(grad_again, grad_hidden)
+
+
+@pytest.mark.parametrize("kind", ["index", "probabilities"])
+def test_vmap_over_class_weights_and_other_batch_dimensions(kind, impl, rng):
+    """Batched class weights (one set per sample: the loss then runs once per sample) and a batch
+    dimension that is not the first (in_dims=1), for the folded row loss and the per-sample one."""
+    batch = 3
+    logits = torch.randn(ROWS, batch, CLASSES, generator=rng, dtype=torch.float64)  # batch on dim 1
+    if kind == "index":
+        target = torch.randint(0, CLASSES, (batch, ROWS), generator=rng)
+    else:
+        target = torch.softmax(torch.randn(batch, ROWS, CLASSES, generator=rng, dtype=torch.float64), -1)
+    weights = torch.rand(batch, CLASSES, generator=rng, dtype=torch.float64) + 0.5
+
+    def ours(z, t, w):
+        return softxent.cross_entropy(z, t, weight=w, label_smoothing=0.1, impl=impl)
+
+    def theirs(z, t, w):
+        return F.cross_entropy(z, t, weight=w, label_smoothing=0.1)
+
+    mine = vmap(ours, in_dims=(1, 0, 0))(logits, target, weights)
+    expected = torch.stack([theirs(logits[:, b], target[b], weights[b]) for b in range(batch)])
+    _close(mine, expected, "batched weights")
+    mine = vmap(grad(ours), in_dims=(1, 0, None))(logits, target, WEIGHT)
+    expected = torch.stack([torch.func.grad(theirs)(logits[:, b], target[b], WEIGHT) for b in range(batch)])
+    _close(mine, expected, "grad, batch on dim 1")

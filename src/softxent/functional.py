@@ -120,10 +120,119 @@ def _eager_lse(
     return eager.softmax_lse(input, loss_spec)
 
 
+_OVERWRITTEN = (
+    "softxent.cross_entropy: a differentiable backward (create_graph=True) needs the logits, which "
+    "inplace_backward=True overwrote with their gradient; call it with inplace_backward=False"
+)
+
+
+def _cross_entropy_loss(
+    reduction: str,
+    *,
+    loss_spec: spec.SoftmaxLoss,
+    backend: backends.Backend,
+    grad_into_input: bool,
+    batched=None,
+) -> autograd.Loss:
+    """cross_entropy's :class:`softxent.ops.autograd.Loss` on (input, target, class weight)."""
+    forward = partial(
+        _cross_entropy_forward, loss_spec=loss_spec, reduction=reduction, backend=backend,
+        grad_into_input=grad_into_input,
+    )  # fmt: skip
+    eager_loss = (
+        _OVERWRITTEN
+        if grad_into_input
+        else partial(_eager_cross_entropy, loss_spec=loss_spec, reduction=reduction)
+    )
+    return autograd.Loss(
+        forward, eager_loss, reduced=reduction != "none", class_dim=1, unfused=(2,), batched=batched
+    )
+
+
 def _eager_cross_entropy(
     input: Tensor, target: Tensor, weight: Tensor | None, *, loss_spec: spec.SoftmaxLoss, reduction: str
 ) -> Tensor:
     return eager.softmax_cross_entropy(input, target, replace(loss_spec, weight=weight), reduction)
+
+
+def _batch_first(t: Tensor, dim: int | None, batch_size: int) -> Tensor:
+    return t.movedim(dim, 0) if dim is not None else t.expand(batch_size, *t.shape)
+
+
+def _fold_batch(
+    batch_size: int,
+    in_dims: Sequence[int | None],
+    needs: tuple[bool, ...],
+    tensors: Sequence[Tensor | None],
+    *,
+    make_loss,
+    reduction: str,
+    denominators,
+    into_rows: bool,
+) -> tuple | None:
+    """A row loss over a vmap batch in one call (:attr:`softxent.ops.autograd.Loss.batched`): the batch's
+    input and target (batch first) folded into rows (``into_rows``: (B, N, ...) -> (B·N, ...), a softmax
+    loss's rows; else kept as an extra leading dimension, an elementwise loss's), the loss taken per
+    position by ``make_loss("none")``, then reduced per sample as the loss's reduction says, "mean" dividing
+    each sample by its own ``denominators(target (B, ...)) -> (denominator, anything counts)``. None
+    (a call per sample) where the loss's weights are batched or differentiated."""
+    if any(dim is not None for dim in in_dims[2:]) or any(needs[2:]):
+        return None
+    input, target = (
+        _batch_first(t, dim, batch_size) for t, dim in zip(tensors[:2], in_dims[:2], strict=True)
+    )
+    if into_rows:
+        folded = (input.reshape(-1, *input.shape[2:]), target.reshape(-1, *target.shape[2:]))
+    else:
+        folded = (input, target)
+    loss, lse, *grads = autograd.apply_all(make_loss("none"), needs, *folded, *tensors[2:])
+
+    def unfold(t: Tensor | None) -> Tensor | None:
+        return (
+            None
+            if t is None
+            else t.reshape(batch_size, *t.shape[1:])
+            if not into_rows
+            else t.reshape(batch_size, -1, *t.shape[1:])
+        )
+
+    loss, lse, grads = unfold(loss), unfold(lse), [unfold(g) for g in grads]
+    if reduction != "none":
+        total = loss.reshape(batch_size, -1).sum(1)
+        if reduction == "mean":
+            denominator, anything_counts = denominators(target)
+            loss = total / denominator
+            scale = torch.where(anything_counts, 1.0 / denominator, torch.zeros_like(denominator))
+            grads = [
+                None if g is None else g * scale.view(-1, *(1,) * (g.dim() - 1)).to(g.dtype) for g in grads
+            ]
+        else:
+            loss = total
+    return (loss, lse, *grads)
+
+
+def _softmax_denominators(
+    target: Tensor, *, ignore_index: int, weight: Tensor | None, num_classes: int, ct: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Each sample's "mean" denominator (:func:`softxent.ops.spec.mean_denominator`) for targets (B, ...)."""
+    batch_size = target.shape[0]
+    if target.is_floating_point():
+        positions = target[0].numel() // num_classes if num_classes and batch_size else 0
+        denominator = torch.full((batch_size,), float(positions), dtype=ct, device=target.device)
+        return denominator, denominator > 0
+    counted = (target != ignore_index).reshape(batch_size, -1)
+    if weight is None:
+        count = counted.sum(1)
+        return count.to(ct), count > 0
+    safe = torch.where(counted, target.reshape(batch_size, -1), 0)
+    return torch.where(counted, weight[safe].to(ct), 0.0).sum(1), counted.any(1)
+
+
+def _element_denominators(target: Tensor, *, ct: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Each sample's "mean" denominator of an elementwise loss (its element count), targets (B, ...)."""
+    count = target[0].numel() if target.shape[0] else 0
+    denominator = torch.full((target.shape[0],), float(count), dtype=ct, device=target.device)
+    return denominator, denominator > 0
 
 
 def cross_entropy(
@@ -236,24 +345,26 @@ def cross_entropy(
                 "inplace_backward=False"
             )
         torch.autograd.graph.increment_version(input)
-        differentiable: autograd.Eager = (
-            "softxent.cross_entropy: a differentiable backward (create_graph=True) needs the logits, which "
-            "inplace_backward=True overwrote with their gradient; call it with inplace_backward=False"
-        )
-    else:
-        differentiable = partial(_eager_cross_entropy, loss_spec=loss_spec, reduction=reduction)
     bare = replace(loss_spec, weight=None)
-    if _infinite_weights(class_weight) and callable(differentiable):
-        lse = partial(_eager_lse, loss_spec=bare)
-        loss_fn = autograd.composed(differentiable, reduction != "none", lse)
+    if _infinite_weights(class_weight) and not grad_into_input:
+        eager_loss = partial(_eager_cross_entropy, loss_spec=bare, reduction=reduction)
+        loss_fn = autograd.composed(eager_loss, reduction != "none", partial(_eager_lse, loss_spec=bare))
     else:
-        forward = partial(
-            _cross_entropy_forward, loss_spec=bare, reduction=reduction, backend=backend,
-            grad_into_input=grad_into_input,
-        )  # fmt: skip
-        loss_fn = autograd.Loss(
-            forward, differentiable, reduced=reduction != "none", class_dim=1, unfused=(2,)
+        rows_loss = partial(
+            _cross_entropy_loss, loss_spec=bare, backend=backend, grad_into_input=grad_into_input
         )
+        denominators = partial(
+            _softmax_denominators,
+            ignore_index=ignore_index,
+            weight=class_weight,
+            num_classes=num_classes,
+            ct=ct,
+        )
+        batched = partial(
+            _fold_batch, make_loss=rows_loss, reduction=reduction, denominators=denominators,
+            into_rows=True,
+        )  # fmt: skip
+        loss_fn = rows_loss(reduction, batched=batched)
     loss, lse = autograd.apply(loss_fn, needs, input, target, class_weight)
     if unbatched:
         lse = lse.squeeze(0)
@@ -532,6 +643,17 @@ def _bce_forward(
     return autograd.Forward(loss, grads=(grad_input, grad_target, None, None))
 
 
+def _bce_loss(reduction: str, *, backend: backends.Backend, batched=None) -> autograd.Loss:
+    """binary_cross_entropy_with_logits' :class:`softxent.ops.autograd.Loss` on (input, target, weight,
+    pos_weight)."""
+    return autograd.Loss(
+        partial(_bce_forward, reduction=reduction, backend=backend),
+        partial(_eager_bce, reduction=reduction),
+        reduced=reduction != "none",
+        batched=batched,
+    )
+
+
 def _eager_bce(
     input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, *, reduction: str
 ) -> Tensor:
@@ -587,11 +709,13 @@ def binary_cross_entropy_with_logits(
     if tuple(target.shape) != shape:
         raise ValueError(f"target: expected the input's shape {shape}, got {tuple(target.shape)}")
     weight, pos_weight = _check_bce_weights(weight, pos_weight, shape, input.device)
-    loss_fn = autograd.Loss(
-        partial(_bce_forward, reduction=reduction, backend=backend),
-        partial(_eager_bce, reduction=reduction),
-        reduced=reduction != "none",
-    )
+    elementwise_loss = partial(_bce_loss, backend=backend)
+    denominators = partial(_element_denominators, ct=spec.compute_dtype(input.dtype))
+    batched = partial(
+        _fold_batch, make_loss=elementwise_loss, reduction=reduction, denominators=denominators,
+        into_rows=False,
+    )  # fmt: skip
+    loss_fn = elementwise_loss(reduction, batched=batched)
     needs = autograd.needs_grad(input, target, None, None)
     return autograd.apply(loss_fn, needs, input, target, weight, pos_weight)[0]
 

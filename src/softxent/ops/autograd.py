@@ -23,9 +23,10 @@ Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``): th
 a reduced loss without them gets them from one recompute for an incoming gradient of 1; a "none" linear
 head's tangent comes from its eager composition (which forms the logits).
 
-vmap: the loss runs once per sample of the batch (each call a fused op), and the results are stacked; that
-holds for every loss, every ``in_dims`` and every transform stacked on top (``vmap(grad(...))`` per-sample
-gradients, ``jacrev``).
+vmap: a row loss on given logits folds the batch into its rows (one fused call, the batch's reductions
+taken per sample: ``vmap(grad(...))`` per-sample gradients cost one call); every other loss, or batched
+class weights, runs once per sample of the batch (each call a fused op) and the results are stacked. Both
+hold for every ``in_dims`` and every transform stacked on top (``jacrev`` too).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class Loss:
         probability targets); where one is wanted, forward computes the loss alone and backward is the
         eager composition's vjp.
     forward_mode: None, or why forward-mode AD is not available.
+    batched(batch_size, in_dims, needs, tensors) -> the outputs of one call over a vmap batch, (loss, lse,
+        *state, *grads) with the batch first, computed at once (a row loss folds the batch into its rows);
+        or None where it cannot, and vmap then calls the loss once per sample.
     """
 
     forward: Callable[[Sequence[Tensor | None], tuple[bool, ...]], Forward]
@@ -96,12 +100,18 @@ class Loss:
     state_size: int = 0
     unfused: tuple[int, ...] = ()
     forward_mode: str | None = None
+    batched: Callable[..., tuple | None] | None = None
 
 
 def apply(loss: Loss, needs: tuple[bool, ...], *tensors: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """(loss, lse or None) of ``loss`` on ``tensors``, differentiable with respect to those in ``needs``."""
-    outputs = LossFunction.apply(loss, tuple(needs), *tensors)
+    outputs = apply_all(loss, needs, *tensors)
     return outputs[0], outputs[1]
+
+
+def apply_all(loss: Loss, needs: tuple[bool, ...], *tensors: Tensor | None) -> tuple:
+    """Every output of :class:`LossFunction` on ``tensors``: (loss, lse, *state, *grads)."""
+    return LossFunction.apply(loss, tuple(needs), *tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,6 +229,9 @@ class LossFunction(torch.autograd.Function):
         ctx.loss, ctx.needs, ctx.count = loss, needs, len(tensors)
         ctx.level = maybe_current_level()
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        # the other outputs get no gradient: let autograd pass None for them rather than zeros of the
+        # fused gradients' size
+        ctx.set_materialize_grads(False)
         # the inputs are kept by reference for a differentiable backward (parameters and activations that
         # the graph holds anyway); the fused gradients and the state for the first-order one
         kept = tensors if callable(loss.eager) or loss.backward is not None else [None] * len(tensors)
@@ -229,6 +242,8 @@ class LossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):  # type: ignore[override]
         loss, needs = ctx.loss, ctx.needs
+        if grad_loss is None:  # no gradient reaches the loss (grads are not materialized as zeros)
+            return (None,) * (2 + ctx.count)
         inputs, state, grads = _split(loss, ctx.saved_tensors, ctx.count)
         if _graph_wanted(ctx.level, inputs, backward=True):
             result = differentiable_grads(loss, inputs, needs, grad_loss)
@@ -269,6 +284,11 @@ class LossFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, loss, needs, *tensors):
+        if loss.batched is not None:
+            outputs = loss.batched(info.batch_size, in_dims[2:], needs, tensors)
+            if outputs is not None:
+                return outputs, tuple(None if output is None else 0 for output in outputs)
+
         def call(*sample: Tensor | None) -> tuple:
             return LossFunction.apply(loss, needs, *sample)
 
