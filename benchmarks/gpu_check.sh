@@ -30,7 +30,8 @@ if [ "$STAGES" != apps ]; then
   stamp "GPU tests (80s)"
   timeout 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfEs -n 8 \
     tests/test_triton_cross_entropy.py tests/test_triton_bce.py tests/test_triton_linear.py tests/test_lean.py \
-    tests/test_launches.py > "$OUT/tests.log" 2>&1
+    tests/test_launches.py tests/test_transforms.py::test_transforms_and_compile_on_cuda_with_the_triton_kernels \
+    > "$OUT/tests.log" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | cut -c1-200 | tail -25
   stamp "bench --quick (170s)"
   timeout 170 python3 benchmarks/bench_gpu.py --quick --json "$OUT/quick.json" > "$OUT/quick.log" 2>&1

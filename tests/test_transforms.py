@@ -431,3 +431,40 @@ def test_vmap_over_class_weights_and_other_batch_dimensions(kind, impl, rng):
     mine = vmap(grad(ours), in_dims=(1, 0, None))(logits, target, WEIGHT)
     expected = torch.stack([torch.func.grad(theirs)(logits[:, b], target[b], WEIGHT) for b in range(batch)])
     _close(mine, expected, "grad, batch on dim 1")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the Triton kernels on a GPU)")
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_transforms_and_compile_on_cuda_with_the_triton_kernels(case):
+    """The same transforms on CUDA tensors in float32 (the Triton kernels compiled for the GPU), and the op
+    compiled with dynamic=True over two batch sizes, against torch's losses in float64."""
+    spec = _in(torch.float32, _cases("mean", "triton")[case])
+    generator = torch.Generator().manual_seed(0)
+
+    def on_cuda(tensors):
+        return tuple(t.cuda() for t in tensors)
+
+    params, data = (on_cuda(part) for part in spec.draw(generator))
+    argnums = tuple(range(len(params)))
+    tol = TOLERANCES[torch.float32]
+    _close(grad(spec.ours, argnums)(*params, *data), grad(spec.theirs, argnums)(*params, *data), "grad", tol)
+    tangents = tuple(torch.ones_like(p) for p in params)
+    _close(
+        jvp(lambda *p: spec.ours(*p, *data), params, tangents),
+        jvp(lambda *p: spec.theirs(*p, *data), params, tangents),
+        "jvp",
+        tol,
+    )
+    draws = [tuple(on_cuda(p) + on_cuda(d)) for p, d in (spec.draw(generator) for _ in range(3))]
+    batched = [torch.stack(parts) for parts in zip(*draws, strict=True)]
+    _close(vmap(spec.ours)(*batched), torch.stack([spec.theirs(*d) for d in draws]), "vmap", tol)
+    # aot_eager traces as inductor does (dynamo, then AOT autograd) without inductor's minutes of codegen,
+    # which the GPU run's time box has no room for
+    compiled = torch.compile(spec.ours, backend="aot_eager", fullgraph=True, dynamic=True)
+    for rows in (ROWS, ROWS + 4):
+        generator_rows = torch.Generator().manual_seed(rows)
+        params, data = (on_cuda(part) for part in spec.draw(generator_rows))
+        params = tuple(torch.cat([p, p[:4]]) if p.shape[0] == ROWS and rows > ROWS else p for p in params)
+        data = tuple(torch.cat([d, d[:4]]) if rows > ROWS else d for d in data)
+        _close(compiled(*params, *data), spec.theirs(*params, *data), f"compiled, {rows} rows", tol)

@@ -268,11 +268,12 @@ def cross_entropy(
     Args:
         input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; float32, float16, bfloat16 or float64.
             The math runs in float32 (float64 for float64 input).
-        target: class indices (integer) of the input's shape without the class dimension, or class
-            probabilities (floating) of the input's shape.
-        weight: ``(C,)`` finite, non-negative class weights.
+        target: class indices (int64, uint8 or int32) of the input's shape without the class dimension,
+            or class probabilities (floating) of the input's shape.
+        weight: ``(C,)`` class weights (any values, as in torch; differentiable with probability targets).
         size_average, reduce: deprecated, as in torch.
-        ignore_index: class-index targets equal to it count for nothing.
+        ignore_index: class-index targets equal to it count for nothing (an int; must be negative with
+            probability targets, as in torch).
         reduction: "mean", "sum" or "none".
         label_smoothing: ε in [0, 1].
         z_loss: adds z_loss·lse² per counted position (PaLM's auxiliary loss), not class-weighted.
@@ -282,7 +283,8 @@ def cross_entropy(
             (the logits are gone after the call; no second buffer of their size, as Liger's loss does).
             The input's version counter is bumped, so an op that saved the logits for its own backward
             raises torch's "modified by an inplace operation" error instead of using the gradient. Under
-            torch.compile the gradient gets its own buffer.
+            torch.compile the gradient gets its own buffer. Refused (ValueError) for a leaf tensor that
+            requires grad or a view of one, as torch refuses in-place ops on them, and under torch.func.
         impl: "auto" or "torch".
 
     Returns:
