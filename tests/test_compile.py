@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,3 +261,15 @@ def test_recompiles_for_new_shapes_and_scalar_arguments(case, dynamic, impl, rng
         theirs = torch.autograd.grad(expected, [x, w, b])
         for name, a, e in zip(["dX", "dW", "db"], mine, theirs, strict=True):
             assert_close(a, to_numpy(e), 1e-6, f"{name}, {what}")
+
+
+def test_compiled_takes_torchs_spellings_of_arguments(rng):
+    """A NumPy integer ignore_index and the deprecated "elementwise_mean" compile as they run eagerly."""
+    logits = torch.randn(6, 5, generator=rng, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 4, 1])
+    for options in (dict(ignore_index=np.int64(1)), dict(reduction="elementwise_mean")):
+        compiled = torch.compile(
+            lambda z, t, o=options: softxent.cross_entropy(z, t, **o), backend="aot_eager", fullgraph=True
+        )
+        expected = torch.nn.functional.cross_entropy(logits, target, **options)
+        assert_close(compiled(logits, target), to_numpy(expected), 1e-6, str(options))

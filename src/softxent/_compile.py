@@ -22,6 +22,7 @@ Gradients that are not asked for come back as empty placeholders (custom ops ret
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -237,6 +238,18 @@ def _backward(ctx, grad_outputs):
 torch.library.register_autograd("softxent::loss_lse_and_grads", _backward, setup_context=_setup_context)
 
 
+def _as_option(name: str, value: object) -> object:
+    """An option as the custom op's schema takes it: a SymInt or SymFloat that Dynamo made dynamic as it
+    is, what torch takes for an int or a float (a NumPy scalar) converted; the eager op checks the rest."""
+    if value is None or isinstance(value, str | bool | torch.SymInt | torch.SymFloat):
+        return value
+    if name in ("ignore_index", "chunk_size") and not isinstance(value, int):
+        return operator.index(value)
+    if name in ("label_smoothing", "z_loss", "softcap") and not isinstance(value, float):
+        return float(value)
+    return value
+
+
 def call(op: str, tensors: dict[str, Tensor | None], **options) -> Tensor | tuple[Tensor, Tensor]:
     """``op`` through the custom ops: the path the public functions take under torch.compile; the loss, or
     (loss, lse) when ``options`` has ``return_lse=True``. ``options`` are the op's keyword arguments."""
@@ -245,6 +258,6 @@ def call(op: str, tensors: dict[str, Tensor | None], **options) -> Tensor | tupl
     # class weights are differentiable with probability targets (the eager op refuses the rest)
     needs = [grad_enabled and t is not None and t.requires_grad and t.is_floating_point() for t in ordered]
     padded = ordered + [None] * (ARITY - len(ordered))
-    values = [options.get(name, DEFAULTS[name]) for name in OPTION_NAMES]
+    values = [_as_option(name, options.get(name, DEFAULTS[name])) for name in OPTION_NAMES]
     outputs = loss_lse_and_grads(op, *padded, needs, *values)
     return (outputs[0], outputs[1]) if options.get("return_lse") else outputs[0]

@@ -39,9 +39,11 @@ def check_float_tensor(name: str, value: object) -> torch.Tensor:
 def check_reduction(reduction: object) -> str:
     """ "mean", "sum" or "none"; torch's deprecated "elementwise_mean" is "mean", with torch's warning."""
     if reduction == "elementwise_mean":
-        warnings.warn(
-            "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.", stacklevel=3
-        )
+        if not torch.compiler.is_compiling():  # Dynamo does not trace warnings.warn; eager warns
+            warnings.warn(
+                "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+                stacklevel=3,
+            )
         return "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")

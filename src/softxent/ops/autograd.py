@@ -376,23 +376,29 @@ def _eager(loss: Loss) -> Callable[..., Tensor]:
     return loss.eager
 
 
+def _eager_in(loss: Loss, inputs: Sequence[Tensor | None], chosen: Sequence[int]):
+    """The eager composition as a function of the inputs at ``chosen`` (the others held), and those inputs'
+    values (:func:`_live`)."""
+    eager = _eager(loss)
+    live = _live(inputs)
+
+    def of_chosen(*values: Tensor) -> Tensor:
+        args = list(live)
+        for index, value in zip(chosen, values, strict=True):
+            args[index] = value
+        return eager(*args)
+
+    return of_chosen, tuple(live[index] for index in chosen)
+
+
 def differentiable_grads(
     loss: Loss, inputs: Sequence[Tensor | None], needs: Sequence[bool], grad_loss: Tensor
 ) -> list[Tensor | None]:
     """grad_loss·∂loss/∂input for each input in ``needs``, differentiable at every level (a backward under
     create_graph=True or inside nested torch.func transforms): the eager composition's vjp."""
-    eager = _eager(loss)
-    live = _live(inputs)
-    wanted = [index for index, need in enumerate(needs) if need]
-
-    def of_wanted(*values: Tensor) -> Tensor:
-        args = list(live)
-        for index, value in zip(wanted, values, strict=True):
-            args[index] = value
-        return eager(*args)
-
+    of_wanted, values = _eager_in(loss, inputs, [index for index, need in enumerate(needs) if need])
     with torch.enable_grad():
-        _, vjp = torch.func.vjp(of_wanted, *(live[index] for index in wanted))
+        _, vjp = torch.func.vjp(of_wanted, *values)
         found = iter(vjp(grad_loss))
     return [next(found) if need else None for need in needs]
 
@@ -400,18 +406,10 @@ def differentiable_grads(
 def _eager_jvp(loss: Loss, inputs: Sequence[Tensor | None], tangents: Sequence[Tensor | None]) -> Tensor:
     """The eager composition's tangent J·ṫ, as the vjp of its (linear) vjp: reverse mode only, so that it
     runs inside a dual level of ``torch.autograd.forward_ad`` too (which cannot nest)."""
-    eager = _eager(loss)
-    live = _live(inputs)
     moving = [index for index, t in enumerate(tangents) if t is not None]
-
-    def of_moving(*values: Tensor) -> Tensor:
-        args = list(live)
-        for index, value in zip(moving, values, strict=True):
-            args[index] = value
-        return eager(*args)
-
+    of_moving, values = _eager_in(loss, inputs, moving)
     with torch.enable_grad():
-        output, vjp = torch.func.vjp(of_moving, *(live[index] for index in moving))
+        output, vjp = torch.func.vjp(of_moving, *values)
         _, vjp_of_vjp = torch.func.vjp(vjp, torch.zeros_like(output))
         (tangent,) = vjp_of_vjp(tuple(tangents[index] for index in moving))
     return tangent
