@@ -51,8 +51,9 @@ gathering the float32 logits would cost. The logits op all-reduces five numbers 
 of Σexp, Σq·(z − m), Σq and z_y): 20·N bytes, O(N). The linear head does the same a chunk of rows at a
 time, for the rows whose target is not ignored (it drops the others before the matmul), and adds the
 all-reduce of dX, N·D float32: O(N·D), the size of x itself, independent of V. Both run one all-gather of
-seven int64 per rank that checks shapes and targets across the ranks (56·P bytes; 48·P before the
-targets' kind joined it, as in the first RESULTS.md entry). These are the results'
+nine int64 per rank that checks each rank's status, shapes and targets (range and checksum) across the
+ranks (72·P bytes; 56·P before the status and checksum joined it, 48·P before the targets' kind, as in
+the earlier RESULTS.md entries). These are the results'
 sizes on a rank; a ring all-reduce of B bytes moves 2·(P − 1)/P·B bytes in and out of each rank.
 A volume-only run (P = 2, D = 16, no timing) repeats the count at N ∈ {1024, 2048} × V ∈ {64000, 128000}
 to show that the bytes follow N and not V.

@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_distributed.py"
 FLOAT32_BYTES = 4
-SHAPE_CHECK_BYTES = 7 * 8  # the all-gather of seven int64 per rank that checks shapes, targets and their kind
+# the all-gather of nine int64 per rank that checks status, shapes, targets (range, checksum) and their kind
+SHAPE_CHECK_BYTES = 9 * 8
 MAX_NUMBERS_PER_ROW = 8  # the logits op all-reduces 5 (a max, then Σexp, Σq·(z − m), Σq, z_y)
 
 

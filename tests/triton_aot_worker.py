@@ -121,7 +121,8 @@ def run_softmax(dtype: str, rows: int, classes: int, options: dict[str, Any]) ->
         impl="triton",
     )
     if options.get("inplace"):
-        softxent.cross_entropy(logits.requires_grad_(), target, inplace_backward=True, **kwargs).backward()
+        computed = logits.requires_grad_() * 1.0  # inplace_backward refuses a leaf that requires grad
+        softxent.cross_entropy(computed, target, inplace_backward=True, **kwargs).backward()
     elif options.get("forward_only"):
         softxent.cross_entropy(logits, target, **kwargs)
     else:

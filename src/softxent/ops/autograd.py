@@ -129,12 +129,14 @@ def _interpreters() -> list:
     return retrieve_all_functorch_interpreters()
 
 
+def _under_jvp() -> bool:
+    return any(interpreter.key() == TransformType.Jvp for interpreter in _interpreters())
+
+
 def forward_mode_active() -> bool:
     """Whether tangents may flow forward through the call (torch.func.jvp / jacfwd, or a dual level of
     ``torch.autograd.forward_ad``)."""
-    if any(interpreter.key() == TransformType.Jvp for interpreter in _interpreters()):
-        return True
-    return torch.autograd.forward_ad._current_level >= 0
+    return _under_jvp() or torch.autograd.forward_ad._current_level >= 0
 
 
 def needs_grad(*tensors: Tensor | None) -> tuple[bool, ...]:
@@ -142,7 +144,7 @@ def needs_grad(*tensors: Tensor | None) -> tuple[bool, ...]:
     on and ``requires_grad``) or by forward mode (any floating tensor under torch.func.jvp, one with a
     tangent under ``torch.autograd.forward_ad``). None entries: never."""
     enabled = torch.is_grad_enabled()
-    under_jvp = any(interpreter.key() == TransformType.Jvp for interpreter in _interpreters())
+    under_jvp = _under_jvp()
     dual = not under_jvp and torch.autograd.forward_ad._current_level >= 0
 
     def wanted(t: Tensor | None) -> bool:
