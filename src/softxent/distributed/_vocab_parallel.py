@@ -411,6 +411,13 @@ def _check_logits_call(
     return _LogitsCall(options, target, backend, batch_shape, probabilities, facts)
 
 
+def _check_like_input(name: str, tensor: Tensor, input: Tensor) -> None:
+    """``tensor`` has the input's dtype and device."""
+    if tensor.dtype != input.dtype:
+        raise TypeError(f"{name}: expected {input.dtype} like the input, got {tensor.dtype}")
+    check.check_same_device(name, tensor, input.device)
+
+
 class _LinearCall(NamedTuple):
     options: _Options
     x: Tensor
@@ -435,9 +442,7 @@ def _check_linear_call(
             f"weight_shard: expected shape (C_r, {input.shape[-1]}) (this rank's classes × the input's "
             f"in_features), got {tuple(weight_shard.shape)}"
         )
-    if weight_shard.dtype != input.dtype:
-        raise TypeError(f"weight_shard: expected {input.dtype} like the input, got {weight_shard.dtype}")
-    check.check_same_device("weight_shard", weight_shard, input.device)
+    _check_like_input("weight_shard", weight_shard, input)
     if bias_shard is not None:
         check.check_float_tensor("bias_shard", bias_shard)
         if tuple(bias_shard.shape) != (weight_shard.shape[0],):
@@ -445,9 +450,7 @@ def _check_linear_call(
                 f"bias_shard: expected shape ({weight_shard.shape[0]},) (one per class of the shard), got "
                 f"{tuple(bias_shard.shape)}"
             )
-        if bias_shard.dtype != input.dtype:
-            raise TypeError(f"bias_shard: expected {input.dtype} like the input, got {bias_shard.dtype}")
-        check.check_same_device("bias_shard", bias_shard, input.device)
+        _check_like_input("bias_shard", bias_shard, input)
     options = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, weight, input.device)
     chunk_size = check.check_chunk_size(chunk_size)
     target = _check_target(target, (*input.shape[:-1], weight_shard.shape[0]), options.ignore_index)

@@ -3,7 +3,7 @@ whole (N, C) matrix, with the gradient made in the same pass (6·N·D·C FLOPs, 
 
 A head (:class:`SoftmaxHead`, :class:`SigmoidHead`; the lean heads of :mod:`softxent.ops.slices` and the
 vocabulary-parallel head keep the same protocol) has ``run(x, W, b, target, *, grad_scale, needs)`` and
-``denominator(target, ct)``; :class:`softxent.ops.autograd.LinearHeadFunction` drives it. The chunk size and
+``denominator(target, ct)``; :func:`softxent.ops.autograd.linear_head` drives it. The chunk size and
 the gradient's dtype come from the backend's :class:`~softxent.ops.policy.Policy`.
 """
 
@@ -338,7 +338,7 @@ class SigmoidHead:
 
 
 class LinearHead(Protocol):
-    """What :class:`softxent.ops.autograd.LinearHeadFunction` drives: ``run`` gives (loss, dX, dW, db,
+    """What :func:`softxent.ops.autograd.linear_head` drives: ``run`` gives (loss, dX, dW, db,
     d_target) for a gradient scale (None: the loss alone), ``denominator`` "mean"'s denominator."""
 
     reduction: str

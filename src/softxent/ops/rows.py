@@ -1,7 +1,7 @@
 """The row drivers: the losses on given logits, in blocks of rows as the backend's policy cuts them.
 
 Every op produces its gradient in the forward pass (the loss and ŷ − y come out of the same pass over the
-logits), so backward only scales what forward left (:class:`softxent.ops.autograd.FusedLossFunction`). The
+logits), so backward only scales what forward left (:class:`softxent.ops.autograd.LossFunction`). The
 torch backend on a CPU works in cache-sized blocks; the Triton backend takes all rows in one block, so a
 call launches O(1) kernels whatever N. The only buffers of the full (N, C) size are the gradients.
 """

@@ -210,7 +210,7 @@ class LeanSigmoidHead:
     Memory beyond inputs and gradients: one (N, S) slice of logits (plus a float32 copy where the gradient is
     kept in float32) and the (N, D) float32 dX accumulator for low-precision inputs, independent of C;
     "mean" and "sum" add up the loss slice by slice, "none" returns the (N, C) loss. The head protocol of
-    :class:`softxent.ops.autograd.LinearHeadFunction` (``run``, ``denominator``, ``reduction``).
+    :func:`softxent.ops.autograd.linear_head` (``run``, ``denominator``, ``reduction``).
     """
 
     spec: SigmoidLoss
