@@ -31,6 +31,7 @@ if [ "$STAGES" != apps ]; then
   timeout 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" --import-mode=importlib -rfEs -n 8 \
     tests/test_triton_cross_entropy.py tests/test_triton_bce.py tests/test_triton_linear.py tests/test_lean.py \
     tests/test_launches.py tests/test_transforms.py::test_transforms_and_compile_on_cuda_with_the_triton_kernels \
+    tests/test_llm_ops.py::test_llm_ops_on_cuda \
     > "$OUT/tests.log" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | cut -c1-200 | tail -25
   stamp "bench --quick (170s)"

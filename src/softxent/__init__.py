@@ -26,6 +26,11 @@ _LAZY = {
     "cross_entropy": "softxent.functional",
     "linear_binary_cross_entropy": "softxent.functional",
     "linear_cross_entropy": "softxent.functional",
+    "LogProbs": "softxent.llm",
+    "distillation_loss": "softxent.llm",
+    "linear_distillation_loss": "softxent.llm",
+    "linear_log_probs": "softxent.llm",
+    "log_probs": "softxent.llm",
     "SigmoidClassifier": "softxent.estimators",
     "SoftmaxClassifier": "softxent.estimators",
 }
@@ -66,11 +71,16 @@ def __dir__() -> list[str]:
 
 __all__ = [
     *(_ESTIMATORS if _train_extra_installed() else ()),
+    "LogProbs",
     "__version__",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "distillation_loss",
     "linear_binary_cross_entropy",
     "linear_cross_entropy",
+    "linear_distillation_loss",
+    "linear_log_probs",
+    "log_probs",
     "nn",
     "reference",
 ]

@@ -6,8 +6,8 @@ the public functions in :mod:`softxent.functional` therefore call two custom ops
 
 * ``softxent::loss_lse_and_grads(op, t0, ..., t5, needs, <options>)`` runs the eager op and returns
   [loss, lse, ∂loss/∂tensor for each tensor asked for in ``needs``] (lse, not differentiable, only for
-  cross_entropy with ``return_lse=True``); for "mean" and "sum" the gradients come out of the fused
-  forward, so backward only scales them by the incoming gradient;
+  cross_entropy and linear_cross_entropy with ``return_lse=True``); for "mean" and "sum" the gradients
+  come out of the fused forward, so backward only scales them by the incoming gradient;
 * ``softxent::loss_backward(op, t0, ..., t5, needs, <options>, grad_loss)`` gives the gradients for a
   per-position incoming gradient (reduction="none"), recomputing as the eager op's backward does.
 
@@ -63,6 +63,7 @@ OPTIONS = {
         "softcap",
         "chunk_size",
         "memory",
+        "return_lse",
         "impl",
     ),
     "binary_cross_entropy_with_logits": ("reduction", "impl"),

@@ -91,14 +91,32 @@ def check_z_loss(z_loss: object) -> float:
     return float(z_loss)
 
 
-def check_softcap(softcap: object) -> float | None:
+def check_softcap(softcap: object, name: str = "softcap") -> float | None:
     if softcap is None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap: expected None or a finite float > 0, got {type(softcap).__name__}")
+        raise TypeError(f"{name}: expected None or a finite float > 0, got {type(softcap).__name__}")
     if not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap: expected None or a finite float > 0, got {softcap}")
+        raise ValueError(f"{name}: expected None or a finite float > 0, got {softcap}")
     return float(softcap)
+
+
+def check_temperature(temperature: object) -> float:
+    """A sampling temperature: a finite real number > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature: expected a float > 0, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite float > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_logit_scale(name: str, logit_scale: object) -> float:
+    """A factor the logits are multiplied by: a finite real number."""
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(logit_scale).__name__}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"{name}: expected a finite float, got {logit_scale}")
+    return float(logit_scale)
 
 
 def check_ignore_index(ignore_index: object) -> int:

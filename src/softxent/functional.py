@@ -450,8 +450,9 @@ def _apply_head(
     *,
     differentiable_target: bool,
     differentiable_weights: bool,
-) -> Tensor:
-    """A linear head's loss on (x, W, b, target, *weights), unbatched input (D,) taken as one row."""
+) -> tuple[Tensor, Tensor | None]:
+    """A linear head's (loss, lse or None) on (x, W, b, target, *weights), unbatched input (D,) taken as
+    one row."""
     unbatched = input.dim() == 1
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
@@ -459,8 +460,11 @@ def _apply_head(
         input, linear_weight, linear_bias, target if differentiable_target else None,
         *(weights if differentiable_weights else (None,) * len(weights)),
     )  # fmt: skip
-    loss, _ = autograd.apply(loss_fn, needs, input, linear_weight, linear_bias, target, *weights)
-    return loss.squeeze(0) if unbatched and not loss_fn.reduced else loss
+    loss, lse = autograd.apply(loss_fn, needs, input, linear_weight, linear_bias, target, *weights)
+    if unbatched:
+        loss = loss if loss_fn.reduced else loss.squeeze(0)
+        lse = None if lse is None else lse.squeeze(0)
+    return loss, lse
 
 
 def _softmax_head(
@@ -498,8 +502,9 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     memory: str = "speed",
+    return_lse: bool = False,
     impl: str = "auto",
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""Cross-entropy of a linear head without materializing the (N, C) logits.
 
     Computes ``cross_entropy(input @ linear_weight.T + linear_bias, target, weight, ...)`` — torch 2.13's
@@ -530,11 +535,13 @@ def linear_cross_entropy(
             "auto": "speed" where its chunk and float32 dW buffer fit in 80% of the memory the GPU has
             left (free, plus what torch's allocator holds unused), else "lean"; "speed" on a CPU and for a
             K-dimensional loss (:meth:`softxent.ops.policy.Policy.linear_memory`).
+        return_lse: also return the log-sum-exp of every position's logits (after the softcap; float32,
+            not differentiable), of the loss's "none" shape, as :func:`cross_entropy` does.
         impl: "auto", "torch" or "triton" (as in :func:`cross_entropy`).
 
     Returns:
-        The loss in float32 (float64 for float64 input). dW is accumulated in float32 for
-        low-precision inputs.
+        The loss in float32 (float64 for float64 input); with ``return_lse``, a tuple (loss, lse). dW is
+        accumulated in float32 for low-precision inputs.
 
     Example:
         >>> import torch, softxent
@@ -550,9 +557,10 @@ def linear_cross_entropy(
             dict(input=input, linear_weight=linear_weight, linear_bias=linear_bias, target=target,
                  weight=weight),
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, chunk_size=chunk_size, memory=memory, impl=impl,
+            softcap=softcap, chunk_size=chunk_size, memory=memory, return_lse=return_lse, impl=impl,
         )  # fmt: skip
     num_classes, out_features = _check_linear(input, linear_weight, linear_bias, class_dims=1)
+    return_lse = check.check_bool("return_lse", return_lse)
     check.check_tensor("target", target)
     check.check_same_device("target", target, input.device)
     reduction = check.check_reduction(reduction)
@@ -590,22 +598,34 @@ def linear_cross_entropy(
         else partial(check.check_class_values, num_classes=num_classes, ignore_index=ignore_index)
     )
     if _infinite_weights(class_weight):
-        loss_fn = autograd.composed(differentiable, reduction != "none")
+        lse = partial(_eager_linear_lse, loss_spec=bare) if return_lse else None
+        loss_fn = autograd.composed(differentiable, reduction != "none", lse)
     elif memory == "lean":
         lean_head = slices.LeanSoftmaxHead(
             bare, reduction, num_classes, chunk_size, backend.slice_stats, backend.slice_grad, backend.policy
         )
-        loss_fn = autograd.lean_softmax_head(lean_head, differentiable, check_target)
+        loss_fn = autograd.lean_softmax_head(lean_head, differentiable, check_target, with_lse=return_lse)
     else:
         head = chunks.SoftmaxHead(
-            bare, reduction, num_classes, out_features, chunk_size, backend.softmax_block, backend.policy
-        )
+            bare, reduction, num_classes, out_features, chunk_size, backend.softmax_block, backend.policy,
+            with_lse=return_lse,
+        )  # fmt: skip
         make_head = partial(_softmax_head, check_target=check_target, head=head)
-        loss_fn = autograd.linear_head(make_head, reduction, differentiable, unfused=(4,))
-    return _apply_head(
+        loss_fn = autograd.linear_head(
+            make_head, reduction, differentiable, unfused=(4,), with_lse=return_lse
+        )
+    loss, lse = _apply_head(
         loss_fn, input, linear_weight, linear_bias, target, (class_weight,),
         differentiable_target=probabilities, differentiable_weights=probabilities,
     )  # fmt: skip
+    return (loss, lse) if return_lse else loss
+
+
+def _eager_linear_lse(
+    x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
+    *, loss_spec: spec.SoftmaxLoss,
+) -> Tensor:  # fmt: skip
+    return eager.softmax_lse(eager.linear_logits(x, linear_weight, linear_bias), loss_spec)
 
 
 def _check_bce_weights(
@@ -810,7 +830,7 @@ def linear_binary_cross_entropy(
     return _apply_head(
         loss_fn, input, linear_weight, linear_bias, target, (weight, pos_weight),
         differentiable_target=True, differentiable_weights=False,
-    )  # fmt: skip
+    )[0]  # fmt: skip
 
 
 _compile.register(

@@ -26,16 +26,23 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
+    "DIVERGENCES",
+    "LogProbs",
     "cross_entropy",
     "cross_entropy_grad",
     "cross_entropy_grad_probs",
+    "distillation_loss",
+    "distillation_loss_grad",
     "linear_cross_entropy",
+    "log_probs",
+    "log_probs_grad",
     "log_softmax",
     "logsumexp",
     "sigmoid_binary_cross_entropy",
     "sigmoid_binary_cross_entropy_grad",
     "softmax",
     "softmax_jacobian",
+    "transformed_logits",
 ]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -510,3 +517,259 @@ def sigmoid_binary_cross_entropy_grad(
     z, y, w, p, positive_scale = _binary_terms(logits, target, weight, pos_weight)
     grad = w * (positive_scale * _sigmoid(z) - p * y)
     return grad / z.size if reduction == "mean" else grad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-token statistics of the output layer (RL, preference training) and distillation
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LogProbs(NamedTuple):
+    """Per-position statistics of softmax(z) for a class-index target y (each of the target's shape)."""
+
+    log_probs: np.ndarray  # log ŷ_y
+    entropy: np.ndarray  # H = −Σ_c ŷ_c log ŷ_c
+    is_top1: np.ndarray  # y is the first argmax of z (bool)
+    log_sum_sq_probs: np.ndarray  # log Σ_c ŷ_c²
+    mean_logits: np.ndarray  # (1/C) Σ_c z_c
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
+
+
+def transformed_logits(
+    logits: ArrayLike, *, logit_scale: float = 1.0, softcap: float | None = None, temperature: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""z = c·tanh(s·l / c) / T (scale s, then softcap c, then temperature T; without a softcap
+    z = s·l / T) and its elementwise derivative dz/dl = (s / T)·(1 − tanh²(s·l / c)).
+
+    Shapes: ``logits`` of any shape -> (z, dz/dl) of the same shape.
+
+    >>> z, slope = transformed_logits([2.0], logit_scale=0.5, temperature=2.0)
+    >>> print(z, slope)
+    [0.5] [0.25]
+    """
+    _check_softcap(softcap)
+    _check_temperature(temperature)
+    scaled = _as_float64(logits) * logit_scale
+    if softcap is None:
+        return scaled / temperature, np.full(scaled.shape, logit_scale / temperature)
+    tanh = np.tanh(scaled / softcap)
+    return softcap * tanh / temperature, (logit_scale / temperature) * (1.0 - tanh**2)
+
+
+def _entropy_terms(log_p: np.ndarray) -> np.ndarray:
+    """ŷ·log ŷ with 0·log 0 = 0."""
+    with np.errstate(invalid="ignore"):
+        return np.where(np.exp(log_p) > 0, np.exp(log_p) * log_p, 0.0)
+
+
+def log_probs(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+) -> LogProbs:
+    r"""Per-token log-probability, entropy, top-1 hit, log Σŷ² and mean logit of softmax(z), z the
+    :func:`transformed_logits` of ``logits``:
+
+        log ŷ_y = z_y − lse(z),   H = −Σ_c ŷ_c log ŷ_c,   log Σ_c ŷ_c² = lse(2z) − 2·lse(z)
+
+    Every field is 0 (False) where the target equals ``ignore_index``.
+
+    Shapes: ``logits`` (..., C), ``target`` (...) class indices in [0, C) or ``ignore_index``.
+
+    >>> out = log_probs(np.log([[0.5, 0.25, 0.25]]), np.array([0]))
+    >>> print(out.log_probs.round(4), out.entropy.round(4), out.is_top1)
+    [-0.6931] [1.0397] [ True]
+    """
+    z, _ = transformed_logits(logits, logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    target = np.asarray(target).astype(np.int64)
+    counted = target != ignore_index
+    safe = np.where(counted, target, 0)
+    log_p = log_softmax(z)
+    picked = np.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
+    entropy = -np.sum(_entropy_terms(log_p), axis=-1)
+    sum_sq = logsumexp(2.0 * log_p)
+    return LogProbs(
+        np.where(counted, picked, 0.0),
+        np.where(counted, entropy, 0.0),
+        counted & (np.argmax(z, axis=-1) == safe),
+        np.where(counted, sum_sq, 0.0),
+        np.where(counted, z.mean(axis=-1), 0.0),
+    )
+
+
+def log_probs_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    grad_log_probs: ArrayLike | None,
+    grad_entropy: ArrayLike | None,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+) -> np.ndarray:
+    r"""∂L/∂logits for L = Σ g·log ŷ_y + Σ h·H (``grad_log_probs`` g, ``grad_entropy`` h, of the target's
+    shape; None for 0), through the softmax Jacobian J = diag(ŷ) − ŷŷᵀ (:func:`softmax_jacobian`):
+
+        ∂ log ŷ_y/∂z = Jᵀ·(e_y / ŷ_y) = e_y − ŷ
+        ∂H/∂z = Jᵀ·(−(log ŷ + 1)) = −ŷ ⊙ (log ŷ + H)
+
+    then times dz/dl (:func:`transformed_logits`). Ignored positions get 0.
+
+    >>> grad = log_probs_grad(np.zeros((1, 2)), np.array([0]), np.ones(1), None)
+    >>> print(grad)
+    [[ 0.5 -0.5]]
+    """
+    z, slope = transformed_logits(logits, logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    target = np.asarray(target).astype(np.int64)
+    counted = target != ignore_index
+    safe = np.where(counted, target, 0)
+    log_p = log_softmax(z)
+    jacobian = softmax_jacobian(z)
+    # ∂L/∂ŷ, then ∂L/∂z = Jᵀ·∂L/∂ŷ
+    grad_probs = np.zeros(z.shape)
+    if grad_log_probs is not None:
+        g = np.where(counted, _as_float64(grad_log_probs), 0.0)
+        one_hot = np.eye(z.shape[-1])[safe]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            grad_probs += np.where(one_hot > 0, g[..., None] / np.exp(log_p), 0.0)
+    if grad_entropy is not None:
+        h = np.where(counted, _as_float64(grad_entropy), 0.0)
+        with np.errstate(invalid="ignore"):
+            grad_probs += h[..., None] * -(np.where(np.isfinite(log_p), log_p, 0.0) + 1.0)
+    grad_z = np.einsum("...jk,...j->...k", jacobian, grad_probs)
+    return grad_z * slope
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _kl(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+    """KL(p ‖ q) = Σ p·(log p − log q) over the last axis, 0·log 0 = 0."""
+    p = np.exp(log_p)
+    with np.errstate(invalid="ignore"):
+        return np.sum(np.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+
+
+def _divergence_terms(log_ps: np.ndarray, log_pt: np.ndarray, divergence: str, beta: float) -> np.ndarray:
+    """Per-position divergence (see :func:`distillation_loss`) of log-probabilities (..., C)."""
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        return _kl(log_pt, log_ps)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        return _kl(log_ps, log_pt)
+    log_m = np.logaddexp(np.log(beta) + log_pt, np.log1p(-beta) + log_ps)
+    return beta * _kl(log_pt, log_m) + (1.0 - beta) * _kl(log_ps, log_m)
+
+
+def _distillation_setup(
+    student_logits, teacher_logits, divergence, beta, temperature, target, ignore_index, student, teacher
+):
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta: expected a float in [0, 1], got {beta!r}")
+    z_s, slope = transformed_logits(student_logits, temperature=temperature, **student)
+    z_t, _ = transformed_logits(teacher_logits, temperature=temperature, **teacher)
+    counted = np.ones(z_s.shape[:-1], dtype=bool) if target is None else np.asarray(target) != ignore_index
+    return log_softmax(z_s), log_softmax(z_t), slope, counted
+
+
+def distillation_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    target: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+) -> float | np.ndarray:
+    r"""A divergence between the teacher's and the student's next-token distributions, p_t = softmax(z_t)
+    and p_s = softmax(z_s) of the :func:`transformed_logits` (each model with its own scale and softcap,
+    both at ``temperature``; no T² factor):
+
+        forward_kl = KL(p_t ‖ p_s),   reverse_kl = KL(p_s ‖ p_t),
+        jsd = β·KL(p_t ‖ m) + (1 − β)·KL(p_s ‖ m),   m = β·p_t + (1 − β)·p_s
+
+    jsd at β = 0 is forward_kl and at β = 1 reverse_kl (the limits TRL's GKD takes there). Positions whose
+    ``target`` equals ``ignore_index`` are left out: "mean" averages over the others (nan if none), "none"
+    gives 0 there.
+
+    Shapes: logits (..., C) each; target None or (...). Returns a float, or (...) for "none".
+
+    >>> print(round(distillation_loss(np.log([[0.5, 0.5]]), np.log([[0.25, 0.75]])), 4))
+    0.1308
+    """
+    _check_reduction(reduction)
+    log_ps, log_pt, _, counted = _distillation_setup(
+        student_logits, teacher_logits, divergence, beta, temperature, target, ignore_index,
+        dict(logit_scale=student_logit_scale, softcap=student_softcap),
+        dict(logit_scale=teacher_logit_scale, softcap=teacher_softcap),
+    )  # fmt: skip
+    losses = np.where(counted, _divergence_terms(log_ps, log_pt, divergence, beta), 0.0)
+    return _reduce(losses, reduction, float(counted.sum()))
+
+
+def distillation_loss_grad(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    target: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+) -> np.ndarray:
+    r"""∂L/∂student_logits of :func:`distillation_loss` (the teacher gets none): with D the divergence as
+    a function of p_s, ∂D/∂z_s = Jᵀ·∂D/∂p_s (J = diag(p_s) − p_s p_sᵀ), where
+
+        forward_kl: ∂D/∂p_s = −p_t / p_s            ->  ∂D/∂z_s = p_s − p_t
+        reverse_kl: ∂D/∂p_s = log p_s − log p_t + 1  ->  ∂D/∂z_s = p_s ⊙ (log p_s − log p_t − D)
+        jsd:        ∂D/∂p_s = (1 − β)·(log p_s − log m)
+
+    then times dz_s/dl (:func:`transformed_logits`). For "none" it is the gradient of the sum.
+
+    >>> grad = distillation_loss_grad(np.log([[0.5, 0.5]]), np.log([[0.25, 0.75]]))
+    >>> print(grad.round(4))
+    [[ 0.25 -0.25]]
+    """
+    _check_reduction(reduction)
+    log_ps, log_pt, slope, counted = _distillation_setup(
+        student_logits, teacher_logits, divergence, beta, temperature, target, ignore_index,
+        dict(logit_scale=student_logit_scale, softcap=student_softcap),
+        dict(logit_scale=teacher_logit_scale, softcap=teacher_softcap),
+    )  # fmt: skip
+    p_s, p_t = np.exp(log_ps), np.exp(log_pt)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+            grad_probs = np.where(p_s > 0, -p_t / p_s, 0.0)
+        elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+            grad_probs = np.where(p_s > 0, log_ps - log_pt + 1.0, 0.0)
+        else:
+            log_m = np.logaddexp(np.log(beta) + log_pt, np.log1p(-beta) + log_ps)
+            grad_probs = np.where(p_s > 0, (1.0 - beta) * (log_ps - log_m), 0.0)
+    grad_z = np.einsum(
+        "...jk,...j->...k", softmax_jacobian(np.where(np.isfinite(log_ps), log_ps, -np.inf)), grad_probs
+    )
+    grad_z = np.where(counted[..., None], grad_z, 0.0) * slope
+    if reduction == "mean":
+        grad_z = grad_z / counted.sum()
+    return grad_z

@@ -446,6 +446,7 @@ def linear_head(
     eager: Eager,
     unfused: tuple[int, ...] = (),
     forward_mode: str | None = None,
+    with_lse: bool = False,
 ) -> Loss:
     """A chunked linear head (:class:`softxent.ops.chunks.LinearHead`) on tensors (x, W, b, target,
     *weights), ``make_head(target, weights)`` building the head for a call's target and loss weights (and
@@ -465,11 +466,13 @@ def linear_head(
         denominator, anything_counts = head.denominator(target, ct)
         if reduction == "none" or not any(needs):
             loss = head.run(x, weight, bias, target, grad_scale=None, needs=(False,) * 4)[0]
-            return Forward(reduce(loss, reduction, denominator))
+            loss, lse = loss.unbind(-1) if with_lse else (loss, None)
+            return Forward(reduce(loss, reduction, denominator), lse)
         scale = reduction_scale(reduction, denominator, anything_counts, ct).to(x.device)
         loss, *grads = head.run(x, weight, bias, target, grad_scale=scale, needs=tuple(needs[:4]))
+        loss, lse = loss.unbind(-1) if with_lse else (loss, None)
         grads = cast_grads(tensors[:4], grads)
-        return Forward(reduce(loss, reduction, denominator), grads=(*grads, *(None for _ in weights)))
+        return Forward(reduce(loss, reduction, denominator), lse, grads=(*grads, *(None for _ in weights)))
 
     def backward(tensors, state, grad_loss, needs) -> Grads:
         x, weight, bias, target, *weights = tensors
@@ -488,10 +491,12 @@ def linear_head(
     )  # fmt: skip
 
 
-def lean_softmax_head(head: LeanSoftmaxHead, eager: Eager, check_target: Callable[[Tensor], None]) -> Loss:
+def lean_softmax_head(
+    head: LeanSoftmaxHead, eager: Eager, check_target: Callable[[Tensor], None], with_lse: bool = False
+) -> Loss:
     """:class:`softxent.ops.slices.LeanSoftmaxHead` on tensors (x, W, b, target, weight): the forward pass
     keeps only per-row (m, log Σexp, coeff), O(N), and backward recomputes each slice's logits with the
-    incoming gradient folded into the scale."""
+    incoming gradient folded into the scale. ``with_lse``: the forward also gives each row's lse."""
 
     def prepared(target: Tensor, weight: Tensor | None, ct: torch.dtype) -> tuple[LeanSoftmaxHead, Targets]:
         lean = replace(head, spec=replace(head.spec, weight=weight))
@@ -504,7 +509,8 @@ def lean_softmax_head(head: LeanSoftmaxHead, eager: Eager, check_target: Callabl
         lean, targets = prepared(target, class_weight, ct)
         loss, coeff, m, log_sum_exp = lean.forward_stats(x, weight, bias, targets)
         denominator, _ = mean_denominator(target, lean.spec, head.num_classes, ct)
-        return Forward(reduce(loss, head.reduction, denominator), state=(m, log_sum_exp, coeff))
+        lse = m + log_sum_exp if with_lse else None
+        return Forward(reduce(loss, head.reduction, denominator), lse, state=(m, log_sum_exp, coeff))
 
     def backward(tensors, state, grad_loss, needs) -> Grads:
         x, weight, bias, target, class_weight = tensors
@@ -520,3 +526,158 @@ def lean_softmax_head(head: LeanSoftmaxHead, eager: Eager, check_target: Callabl
     return Loss(
         forward, eager, reduced=head.reduction != "none", backward=backward, state_size=3, unfused=(4,)
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-token statistics: several outputs, two of them differentiable (softxent.ops.log_probs)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _bound(eager: Callable[..., object], inputs: Sequence[Tensor | None], chosen: Sequence[int]):
+    """``eager`` as a function of the inputs at ``chosen`` (the others held at their :func:`_live`
+    values), and those inputs' values."""
+    live = _live(inputs)
+
+    def of_chosen(*values: Tensor):
+        args = list(live)
+        for index, value in zip(chosen, values, strict=True):
+            args[index] = value
+        return eager(*args)
+
+    return of_chosen, tuple(live[index] for index in chosen)
+
+
+def _outputs_vjp(eager, inputs, needs, cotangents) -> list[Tensor | None]:
+    """Σ_k ⟨cotangent_k, ∂output_k/∂input⟩ for each input in ``needs``, through the eager composition
+    (differentiable at every level); a None cotangent counts as 0."""
+    of_wanted, values = _bound(eager, inputs, [index for index, need in enumerate(needs) if need])
+    with torch.enable_grad():
+        outputs, vjp = torch.func.vjp(of_wanted, *values)
+        found = iter(
+            vjp(
+                tuple(
+                    torch.zeros_like(out) if cot is None else cot.to(out.dtype)
+                    for out, cot in zip(outputs, cotangents, strict=True)
+                )
+            )
+        )
+    return [next(found) if need else None for need in needs]
+
+
+def _outputs_jvp(eager, inputs, tangents) -> tuple[Tensor, ...]:
+    """The eager composition's output tangents J·ṫ, as the vjp of its (linear) vjp (:func:`_eager_jvp`)."""
+    moving = [index for index, t in enumerate(tangents) if t is not None]
+    of_moving, values = _bound(eager, inputs, moving)
+    with torch.enable_grad():
+        outputs, vjp = torch.func.vjp(of_moving, *values)
+        _, vjp_of_vjp = torch.func.vjp(vjp, tuple(torch.zeros_like(out) for out in outputs))
+        (output_tangents,) = vjp_of_vjp(tuple(tangents[index] for index in moving))
+    return output_tangents
+
+
+class TokenStatsFunction(torch.autograd.Function):
+    """``TokenStatsFunction.apply(op, needs, *tensors)`` -> (log_probs, entropy, is_top1,
+    log_sum_sq_probs, mean_logits, stats, *state), each (N,) but stats (N, k) and the state: the Function
+    of :mod:`softxent.ops.log_probs`'s ops (``op``: :class:`~softxent.ops.log_probs.LogitsLogProbs` or
+    :class:`~softxent.ops.log_probs.LinearLogProbs`). log_probs and entropy are differentiable, in any
+    combination: an output no gradient reaches costs backward nothing.
+
+    Backward is the op's recompute with both incoming gradients folded in (through
+    :class:`TokenStatsGrads`, so vmap batches it), or the eager composition's vjp where the gradient will be
+    differentiated (``create_graph=True``, nested torch.func). Nothing saved is modified, so a retained graph
+    runs backward again. Forward mode: the eager composition's tangent. vmap: where only the rows (the
+    logits or x, and the target) are batched, the batch is folded into the rows (one call); else one call
+    per sample."""
+
+    @staticmethod
+    def forward(op, needs: tuple[bool, ...], *tensors: Tensor | None):  # type: ignore[override]
+        stats, state = op.forward(tensors, needs)
+        outputs = [stats[:, column].clone() for column in range(5)]
+        outputs[2] = outputs[2] != 0
+        return (*outputs, stats, *state)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, needs, *tensors = inputs
+        ctx.op, ctx.needs, ctx.count, ctx.outputs = op, needs, len(tensors), len(output)
+        ctx.level = maybe_current_level()
+        ctx.mark_non_differentiable(*(t for t in output[2:] if t is not None))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*tensors, *output[5:])
+        ctx.save_for_forward(*tensors)
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy, *_):  # type: ignore[override]
+        count = ctx.count
+        if grad_log_probs is None and grad_entropy is None:
+            return (None,) * (2 + count)
+        saved = ctx.saved_tensors
+        tensors, stats, state = saved[:count], saved[count], saved[count + 1 :]
+        if _graph_wanted(ctx.level, tensors, backward=True):
+            grads = _outputs_vjp(ctx.op.eager, tensors, ctx.needs, (grad_log_probs, grad_entropy))
+        else:
+            grads = TokenStatsGrads.apply(
+                ctx.op, ctx.needs, count, grad_log_probs, grad_entropy, *tensors, stats, *state
+            )
+        return None, None, *grads
+
+    @staticmethod
+    def jvp(ctx, _op, _needs, *tangents):
+        tensors = ctx.saved_tensors[: ctx.count]
+        moving = tuple(t if need else None for t, need in zip(tangents, ctx.needs, strict=True))
+        if any(t is not None for t in moving):
+            log_probs, entropy = _outputs_jvp(ctx.op.eager, tensors, moving)
+        else:
+            log_probs = entropy = None
+        return (log_probs, entropy, *([None] * (ctx.outputs - 2)))
+
+    @staticmethod
+    def vmap(info, in_dims, op, needs, *tensors):
+        dims = in_dims[2:]
+        rows = op.row_args
+        if all(dim is None for index, dim in enumerate(dims) if index not in rows):
+            batch = info.batch_size
+            folded = list(tensors)
+            for index in rows:
+                t = _batch_first(tensors[index], dims[index], batch)
+                folded[index] = t.reshape(-1, *t.shape[2:])
+            outputs = TokenStatsFunction.apply(op, needs, *folded)
+            outputs = tuple(None if t is None else t.reshape(batch, -1, *t.shape[1:]) for t in outputs)
+            return outputs, tuple(None if t is None else 0 for t in outputs)
+
+        def call(*sample: Tensor | None) -> tuple:
+            return TokenStatsFunction.apply(op, needs, *sample)
+
+        return _per_sample(info, dims, call, tensors)
+
+
+def _batch_first(t: Tensor, dim: int | None, batch_size: int) -> Tensor:
+    return t.movedim(dim, 0) if dim is not None else t.expand(batch_size, *t.shape)
+
+
+class TokenStatsGrads(torch.autograd.Function):
+    """``TokenStatsGrads.apply(op, needs, count, grad_log_probs, grad_entropy, *tensors, stats, *state)``:
+    the gradients of :class:`TokenStatsFunction` from its op's recompute; a Function so that vmap can batch
+    it (a call per sample); never differentiated (a differentiable backward takes the eager composition)."""
+
+    @staticmethod
+    def forward(op, needs, count: int, grad_log_probs, grad_entropy, *saved):  # type: ignore[override]
+        tensors, stats, state = saved[:count], saved[count], saved[count + 1 :]
+        grads = op.backward(tensors, stats, state, grad_log_probs, grad_entropy, needs)
+        grads = tuple(grad if need else None for grad, need in zip(grads, needs, strict=False))
+        return cast_grads(tensors[: len(grads)], grads) + (None,) * (count - len(grads))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):  # type: ignore[override]
+        raise RuntimeError("softxent: a recomputed gradient is not differentiable; use create_graph=True")
+
+    @staticmethod
+    def vmap(info, in_dims, op, needs, count, grad_log_probs, grad_entropy, *saved):
+        def call(grad_log_probs, grad_entropy, *saved):
+            return TokenStatsGrads.apply(op, needs, count, grad_log_probs, grad_entropy, *saved)
+
+        return _per_sample(info, in_dims[3:], call, (grad_log_probs, grad_entropy, *saved))

@@ -222,13 +222,15 @@ class SoftmaxHead:
     # one block of rows' loss and gradient (torch_blocks.softmax_xent_block's contract)
     block_fn: Callable[..., tuple[Tensor, Tensor]]
     policy: Policy
+    # also give each position's lse: the loss comes back as (..., 2), [loss, lse], and no row is dropped
+    with_lse: bool = False
 
     def _view(self, rows: Tensor) -> Tensor:
         return class_last(rows.view(rows.shape[0], self.num_classes, *self.out_features))
 
     def _kept_rows(self, target: Tensor) -> Tensor | None:
         """Indices of rows with at least one counted position, or None when every row counts."""
-        if target.is_floating_point():
+        if target.is_floating_point() or self.with_lse:
             return None
         counted = (
             (target != self.spec.ignore_index).reshape(target.shape[0], math.prod(self.out_features)).any(1)
@@ -248,7 +250,7 @@ class SoftmaxHead:
 
         def block(logits, start, stop, scale, grad_out, target_grad_out):
             rows_target = target_kept[start:stop]
-            loss, _ = self.block_fn(
+            loss, lse = self.block_fn(
                 self._view(logits),
                 self._view(rows_target) if probabilities else rows_target,
                 self.spec,
@@ -256,14 +258,14 @@ class SoftmaxHead:
                 grad_out=None if grad_out is None else self._view(grad_out),
                 target_grad_out=None if target_grad_out is None else self._view(target_grad_out),
             )
-            return loss
+            return torch.stack((loss, lse), -1) if self.with_lse else loss
 
         loss, grad_x, grad_weight, grad_bias, grad_target = linear_head_pass(
             x_kept,
             linear_weight.reshape(math.prod(linear_weight.shape[:-1]), linear_weight.shape[-1]),
             None if linear_bias is None else linear_bias.reshape(-1),
             block,
-            loss_shape=(x_kept.shape[0], *self.out_features),
+            loss_shape=(x_kept.shape[0], *self.out_features, *((2,) if self.with_lse else ())),
             grad_scale=scale_kept,
             need_dx=need_dx,
             need_dw=need_dw,

@@ -65,7 +65,7 @@ def sigmoid_binary_cross_entropy(input: Tensor, target: Tensor, spec: SigmoidLos
     )
 
 
-def _logits(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def linear_logits(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x·Wᵀ + b in the compute dtype for x (N, D) and W (C, d1, ..., dk, D): (N, C, d1, ..., dk)."""
     ct = compute_dtype(x.dtype)
     flat_weight = weight.reshape(-1, weight.shape[-1]).to(ct)
@@ -77,11 +77,11 @@ def linear_softmax_cross_entropy(
     x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, spec: SoftmaxLoss, reduction: str
 ) -> Tensor:
     """The loss of :func:`softxent.linear_cross_entropy` for x (N, D), W (C, [d1, ..., dk,] D)."""
-    return softmax_cross_entropy(_logits(x, weight, bias), target, spec, reduction)
+    return softmax_cross_entropy(linear_logits(x, weight, bias), target, spec, reduction)
 
 
 def linear_sigmoid_binary_cross_entropy(
     x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, spec: SigmoidLoss, reduction: str
 ) -> Tensor:
     """The loss of :func:`softxent.linear_binary_cross_entropy` for x (N, D), W (C, D), target (N, C)."""
-    return sigmoid_binary_cross_entropy(_logits(x, weight, bias), target, spec, reduction)
+    return sigmoid_binary_cross_entropy(linear_logits(x, weight, bias), target, spec, reduction)
