@@ -155,10 +155,6 @@ def _eager_cross_entropy(
     return eager.softmax_cross_entropy(input, target, replace(loss_spec, weight=weight), reduction)
 
 
-def _batch_first(t: Tensor, dim: int | None, batch_size: int) -> Tensor:
-    return t.movedim(dim, 0) if dim is not None else t.expand(batch_size, *t.shape)
-
-
 def _fold_batch(
     batch_size: int,
     in_dims: Sequence[int | None],
@@ -179,7 +175,7 @@ def _fold_batch(
     if any(dim is not None for dim in in_dims[2:]) or any(needs[2:]):
         return None
     input, target = (
-        _batch_first(t, dim, batch_size) for t, dim in zip(tensors[:2], in_dims[:2], strict=True)
+        autograd.batch_first(t, dim, batch_size) for t, dim in zip(tensors[:2], in_dims[:2], strict=True)
     )
     if into_rows:
         folded = (input.reshape(-1, *input.shape[2:]), target.reshape(-1, *target.shape[2:]))

@@ -639,7 +639,7 @@ class TokenStatsFunction(torch.autograd.Function):
             batch = info.batch_size
             folded = list(tensors)
             for index in rows:
-                t = _batch_first(tensors[index], dims[index], batch)
+                t = batch_first(tensors[index], dims[index], batch)
                 folded[index] = t.reshape(-1, *t.shape[2:])
             outputs = TokenStatsFunction.apply(op, needs, *folded)
             outputs = tuple(None if t is None else t.reshape(batch, -1, *t.shape[1:]) for t in outputs)
@@ -651,7 +651,8 @@ class TokenStatsFunction(torch.autograd.Function):
         return _per_sample(info, dims, call, tensors)
 
 
-def _batch_first(t: Tensor, dim: int | None, batch_size: int) -> Tensor:
+def batch_first(t: Tensor, dim: int | None, batch_size: int) -> Tensor:
+    """A vmap argument with its batch dimension first (``dim`` None: expanded to ``batch_size``)."""
     return t.movedim(dim, 0) if dim is not None else t.expand(batch_size, *t.shape)
 
 
