@@ -37,3 +37,14 @@ def test_run_case_reports_time_and_memory():
     result = bench_llm.run_case("ce:softxent", 1, bench_llm.SMOKE_SHAPE)
     assert result["seconds"] > 0
     assert result["peak_mib"] >= 0
+
+
+@pytest.mark.parametrize("provider", ["eager", "softxent"])
+def test_dw_error_is_measured_against_float64(provider):
+    """The GPU table's dW error column, run here on the CPU: bf16 steps are within a few bf16 ulps of the
+    float64 step on the same inputs, and the float64 step itself has no error."""
+    error = bench_llm.dw_error("jsd", provider, bench_llm.SMOKE_SHAPE, device="cpu", rows=16)
+    assert 0.0 < error < 0.05
+    step, params = bench_llm.make_step("jsd", "eager", bench_llm.SMOKE_SHAPE, True, rows=16, exact=True)
+    step()
+    assert params[1].grad.dtype == torch.float64

@@ -150,7 +150,8 @@ def log_probs(
         logit_scale: s, a factor applied first (models with a logit multiplier).
         softcap: None, or c > 0: z = c·tanh(s·l / c) / T (Gemma 2).
         ignore_index: positions with this target give 0 and no gradient.
-        impl: "auto" or "torch".
+        impl: "auto" (Triton for CUDA tensors where triton is installed, else torch ops), "torch" or
+            "triton" (CUDA tensors, or any in Triton's interpreter, TRITON_INTERPRET=1).
 
     Returns:
         :class:`LogProbs`, each field of the target's shape.
@@ -174,7 +175,7 @@ def log_probs(
     shape = tuple(logits.shape[:-1])
     num_classes = logits.shape[-1]
     target = _check_token_target(target, shape, num_classes, ignore_index, logits.device)
-    op = token_ops.LogitsLogProbs(transform, ignore_index, backend.policy)
+    op = token_ops.LogitsLogProbs(transform, ignore_index, backend)
     rows = (logits.reshape(-1, num_classes), target.reshape(-1))
     return _token_outputs(op, autograd.needs_grad(rows[0], None), rows, shape)
 
@@ -236,7 +237,7 @@ def linear_log_probs(
     backend = backends.select(impl, input.device)
     shape = tuple(input.shape[:-1])
     target = _check_token_target(target, shape, num_classes, ignore_index, input.device)
-    op = token_ops.LinearLogProbs(transform, ignore_index, chunk_size, backend.policy)
+    op = token_ops.LinearLogProbs(transform, ignore_index, chunk_size, backend)
     rows = (input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, target.reshape(-1))
     return _token_outputs(op, autograd.needs_grad(*rows[:3], None), rows, shape)
 
@@ -297,19 +298,19 @@ def _reduced(per_position, divergence: distillation.Divergence, reduction: str, 
     return reduce(per_position(*tensors, divergence), reduction, den)
 
 
-def _logits_forward(tensors, needs, *, divergence, reduction, policy) -> autograd.Forward:
+def _logits_forward(tensors, needs, *, divergence, reduction, backend) -> autograd.Forward:
     student, teacher, target = tensors
     ct = compute_dtype(student.dtype)
     den, anything = distillation.denominator(
         target, student.shape[0], divergence.ignore_index, ct, student.device
     )
     if not needs[0]:
-        loss = distillation.divergence_rows(student, teacher, target, divergence, policy)
+        loss = distillation.divergence_rows(student, teacher, target, divergence, backend)
         return autograd.Forward(reduce(loss, reduction, den))
     scale = reduction_scale(reduction, den, anything, ct).to(student.device)
     grad = student.new_empty(student.shape)
     loss = distillation.divergence_rows(
-        student, teacher, target, divergence, policy, grad_scale=scale, grad_out=grad
+        student, teacher, target, divergence, backend, grad_scale=scale, grad_out=grad
     )
     return autograd.Forward(reduce(loss, reduction, den), grads=(grad, None, None))
 
@@ -355,7 +356,8 @@ def distillation_loss(
         target: None (every position counts) or integer labels ``(...)`` marking ignored positions.
         reduction: "mean", "sum" or "none".
         student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap: each model's own.
-        impl: "auto" or "torch".
+        impl: "auto" (Triton for CUDA tensors where triton is installed, else torch ops), "torch" or
+            "triton" (CUDA tensors, or any in Triton's interpreter, TRITON_INTERPRET=1).
 
     Returns:
         float32 (float64 for float64 students): a scalar, or ``(...)`` for "none".
@@ -391,7 +393,7 @@ def distillation_loss(
     vocabulary = student_logits.shape[-1]
     rows = (student_logits.reshape(-1, vocabulary), teacher_logits.reshape(-1, vocabulary), target)
     loss_fn = autograd.Loss(
-        partial(_logits_forward, divergence=spec, reduction=reduction, policy=backend.policy),
+        partial(_logits_forward, divergence=spec, reduction=reduction, backend=backend),
         partial(_reduced, distillation.eager_divergence, spec, reduction),
         reduced=reduction != "none",
         class_dim=1,
@@ -494,7 +496,7 @@ def linear_distillation_loss(
     backend = backends.select(impl, student_input.device)
     shape = tuple(student_input.shape[:-1])
     target = _check_positions(target, shape, student_input.device)
-    head = distillation.DistillationHead(spec, reduction, chunk_size, backend.policy)
+    head = distillation.DistillationHead(spec, reduction, chunk_size, backend)
     loss_fn = autograd.linear_head(
         partial(_distillation_head, head=head), reduction, partial(_reduced, _eager_linear, spec, reduction)
     )

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from softxent import _validate as check
+from softxent.ops import distillation, log_probs, torch_blocks
 from softxent.ops import policy as policies
-from softxent.ops import torch_blocks
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,10 @@ class Backend:
     softmax_block / sigmoid_block: a block of rows' loss and gradient (the contracts of
     :func:`softxent.ops.torch_blocks.softmax_xent_block`, :func:`~.torch_blocks.sigmoid_bce_block`);
     slice_stats / slice_grad: a vocabulary slice's statistics and gradient (the lean and vocabulary-parallel
-    heads; :func:`softxent.ops.torch_blocks.slice_stats` / :func:`~softxent.ops.torch_blocks.slice_grad`).
+    heads; :func:`softxent.ops.torch_blocks.slice_stats` / :func:`~softxent.ops.torch_blocks.slice_grad`);
+    log_prob_stats / log_prob_grad: a block's per-token statistics and their gradient
+    (:func:`softxent.ops.log_probs.stats_block` / :func:`~softxent.ops.log_probs.grad_block`);
+    divergence_block: a block's distillation divergence (:func:`softxent.ops.distillation.divergence_block`).
     """
 
     name: str
@@ -37,6 +40,9 @@ class Backend:
     sigmoid_block: Callable[..., object]
     slice_stats: Callable[..., None]
     slice_grad: Callable[..., None]
+    log_prob_stats: Callable[..., object]
+    log_prob_grad: Callable[..., None]
+    divergence_block: Callable[..., object]
 
 
 @functools.cache
@@ -53,9 +59,12 @@ def triton_available() -> bool:
 @functools.cache
 def _triton_functions() -> tuple[Callable[..., object], ...]:
     """The Triton kernels' launchers."""
-    from softxent.ops.triton import bce, cross_entropy, slices
+    from softxent.ops.triton import bce, cross_entropy, log_probs, slices
 
-    return cross_entropy.softmax_xent_block, bce.sigmoid_bce_block, slices.slice_stats, slices.slice_grad
+    return (
+        cross_entropy.softmax_xent_block, bce.sigmoid_bce_block, slices.slice_stats, slices.slice_grad,
+        log_probs.stats_block, log_probs.grad_block, log_probs.divergence_block,
+    )  # fmt: skip
 
 
 def backend_name(impl: str, device: torch.device) -> str:
@@ -89,4 +98,7 @@ _TORCH_FUNCTIONS = (
     torch_blocks.sigmoid_bce_block,
     torch_blocks.slice_stats,
     torch_blocks.slice_grad,
+    log_probs.stats_block,
+    log_probs.grad_block,
+    distillation.divergence_block,
 )

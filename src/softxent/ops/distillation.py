@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,10 @@ from torch import Tensor
 
 from softxent.ops import chunks
 from softxent.ops.log_probs import Transform
-from softxent.ops.policy import Policy
 from softxent.ops.spec import compute_dtype
+
+if TYPE_CHECKING:  # the backends module imports these blocks
+    from softxent.ops.backends import Backend
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -132,19 +135,19 @@ def divergence_rows(
     teacher: Tensor,
     target: Tensor | None,
     divergence: Divergence,
-    policy: Policy,
+    backend: Backend,
     *,
     grad_scale: Tensor | None = None,
     grad_out: Tensor | None = None,
 ) -> Tensor:
-    """:func:`divergence_block` over the row blocks of ``policy``: (N, V) logits, ``grad_scale`` 0-d or
-    (N,)."""
+    """The backend's divergence block (:func:`divergence_block`'s contract) over the row blocks of its
+    policy: (N, V) logits, ``grad_scale`` 0-d or (N,)."""
     rows, columns = student.shape
     loss = torch.empty(rows, dtype=compute_dtype(student.dtype), device=student.device)
     counted = _counted(target, divergence.ignore_index)
-    for start, stop in policy.row_blocks(rows, columns):
+    for start, stop in backend.policy.row_blocks(rows, columns):
         scale = grad_scale if grad_scale is None or grad_scale.dim() == 0 else grad_scale[start:stop]
-        loss[start:stop] = divergence_block(
+        loss[start:stop] = backend.divergence_block(
             student[start:stop], teacher[start:stop], divergence,
             None if counted is None else counted[start:stop], grad_scale=scale,
             grad_out=None if grad_out is None else grad_out[start:stop],
@@ -197,7 +200,7 @@ class DistillationHead:
     divergence: Divergence
     reduction: str
     chunk_rows: int | None
-    policy: Policy
+    backend: Backend
     teacher_input: Tensor | None = None
     teacher_weight: Tensor | None = None
     teacher_bias: Tensor | None = None
@@ -229,15 +232,16 @@ class DistillationHead:
                 torch.addmm(bias, teacher_x[start:stop], self.teacher_weight.t(), out=teacher)
             else:
                 torch.mm(teacher_x[start:stop], self.teacher_weight.t(), out=teacher)
+            block_target = None if target is None else target[start:stop]
             return divergence_rows(
-                logits, teacher, None if target is None else target[start:stop], self.divergence, self.policy,
-                grad_scale=scale, grad_out=grad_out,
+                logits, teacher, block_target, self.divergence, self.backend, grad_scale=scale,
+                grad_out=grad_out,
             )  # fmt: skip
 
         loss, grad_x, grad_weight, grad_bias, _ = chunks.linear_head_pass(
             x, linear_weight, linear_bias, block, loss_shape=(x.shape[0],), grad_scale=grad_scale,
             need_dx=need_dx, need_dw=need_dw, need_db=need_db, target_grad_like=None,
-            chunk_rows=self.chunk_rows, policy=self.policy,
+            chunk_rows=self.chunk_rows, policy=self.backend.policy,
         )  # fmt: skip
         if kept is not None:
             rows = self.teacher_input.shape[0]

@@ -19,14 +19,15 @@ A frozen head (only x needs a gradient, as under LoRA) instead forms dX of log �
 (e_y − ŷ)·slope·W per chunk, and backward scales it by g: 4·N·D·V FLOPs in all, two vocabulary-sized
 matmuls. An entropy gradient on top of that costs one recompute of the logits and their dX in backward.
 
-The per-block math runs in torch ops (any device); the drivers cut rows as the backend's policy says.
+The per-block math here is in torch ops (any device); :mod:`softxent.ops.triton.log_probs` has it as
+Triton kernels. The ops run their backend's blocks, cutting rows as its policy says.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ from softxent import _validate as check
 from softxent.ops import chunks
 from softxent.ops.policy import Policy
 from softxent.ops.spec import compute_dtype
+
+if TYPE_CHECKING:  # the backends module imports these blocks
+    from softxent.ops.backends import Backend
 
 # The columns of the per-row statistics the forward pass produces; the first five are the op's outputs.
 STATS = ("log_probs", "entropy", "is_top1", "log_sum_sq_probs", "mean_logits", "m", "log_sum_exp")
@@ -164,11 +168,12 @@ def _cut(t: Tensor | None, start: int, stop: int) -> Tensor | None:
 
 @dataclass(frozen=True)
 class LogitsLogProbs:
-    """The statistics of (N, V) logits, in the row blocks of ``policy`` (tensors (logits, target))."""
+    """The statistics of (N, V) logits, in the row blocks of the backend's policy (tensors (logits,
+    target))."""
 
     transform: Transform
     ignore_index: int
-    policy: Policy
+    backend: Backend
     row_args: ClassVar[tuple[int, ...]] = (0, 1)  # the tensors with a row per position (vmap folds them)
 
     def forward(self, tensors: Sequence[Tensor | None], needs) -> tuple[Tensor, tuple[Tensor | None, ...]]:
@@ -177,8 +182,8 @@ class LogitsLogProbs:
         stats = torch.empty(
             logits.shape[0], len(STATS), dtype=compute_dtype(logits.dtype), device=logits.device
         )
-        for start, stop in _blocks(self.policy, *logits.shape):
-            stats[start:stop] = stats_block(
+        for start, stop in _blocks(self.backend.policy, *logits.shape):
+            stats[start:stop] = self.backend.log_prob_stats(
                 logits[start:stop], target[start:stop], self.transform, self.ignore_index
             )
         return stats, ()
@@ -186,8 +191,8 @@ class LogitsLogProbs:
     def backward(self, tensors, stats: Tensor, state, grad_log_probs, grad_entropy, needs):
         logits, target = tensors
         grad = torch.empty_like(logits)
-        for start, stop in _blocks(self.policy, *logits.shape):
-            grad_block(
+        for start, stop in _blocks(self.backend.policy, *logits.shape):
+            self.backend.log_prob_grad(
                 logits[start:stop], target[start:stop], self.transform, self.ignore_index,
                 *(stats[start:stop, STATS.index(name)] for name in ("m", "log_sum_exp", "entropy")),
                 _cut(grad_log_probs, start, stop), _cut(grad_entropy, start, stop), grad[start:stop],
@@ -221,7 +226,7 @@ class LinearLogProbs:
     transform: Transform
     ignore_index: int
     chunk_rows: int | None
-    policy: Policy
+    backend: Backend
     row_args: ClassVar[tuple[int, ...]] = (0, 3)
 
     def _kept(self, target: Tensor) -> Tensor | None:
@@ -235,7 +240,7 @@ class LinearLogProbs:
             x, weight, bias, block, loss_shape=(x.shape[0], columns),
             grad_scale=torch.ones((), dtype=compute_dtype(x.dtype), device=x.device) if grad else None,
             need_dx=needs[0], need_dw=needs[1], need_db=needs[2], target_grad_like=None,
-            chunk_rows=self.chunk_rows, policy=self.policy,
+            chunk_rows=self.chunk_rows, policy=self.backend.policy,
         )  # fmt: skip
 
     def forward(self, tensors: Sequence[Tensor | None], needs) -> tuple[Tensor, tuple[Tensor | None, ...]]:
@@ -250,8 +255,8 @@ class LinearLogProbs:
         def block(logits, start, stop, scale, grad_out, _):
             block_target = rows_target[start:stop]
             out = torch.empty(stop - start, len(STATS), dtype=ct, device=x.device)
-            for first, last in _blocks(self.policy, stop - start, columns):
-                out[first:last] = stats_block(
+            for first, last in _blocks(self.backend.policy, stop - start, columns):
+                out[first:last] = self.backend.log_prob_stats(
                     logits[first:last], block_target[first:last], self.transform, self.ignore_index,
                     None if grad_out is None else grad_out[first:last],
                 )  # fmt: skip
@@ -285,9 +290,9 @@ class LinearLogProbs:
 
         def block(logits, start, stop, scale, grad_out, _):
             chunk_stats = rows_stats[start:stop]
-            for first, last in _blocks(self.policy, stop - start, columns):
+            for first, last in _blocks(self.backend.policy, stop - start, columns):
                 a, b = start + first, start + last
-                grad_block(
+                self.backend.log_prob_grad(
                     logits[first:last], rows_target[a:b], self.transform, self.ignore_index,
                     *(chunk_stats[first:last, STATS.index(name)] for name in ("m", "log_sum_exp", "entropy")),
                     _cut(rows_glp, a, b), _cut(rows_gh, a, b), grad_out[first:last],

@@ -9,11 +9,11 @@ call launches O(1) kernels whatever N. The only buffers of the full (N, C) size 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from softxent.ops.backends import Backend
 from softxent.ops.policy import Policy
 from softxent.ops.spec import (
     SigmoidLoss,
@@ -24,6 +24,9 @@ from softxent.ops.spec import (
     reduce,
     reduction_scale,
 )
+
+if TYPE_CHECKING:  # the backends module imports the drivers
+    from softxent.ops.backends import Backend
 
 
 def over_blocks(
