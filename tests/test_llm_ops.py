@@ -59,13 +59,16 @@ def _loss(out, g, h):
 @pytest.mark.parametrize("options", TRANSFORMS)
 @pytest.mark.parametrize("which", ["both", "log_probs", "entropy"])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_linear_log_probs_match_the_oracle(options, which, frozen, impl, rng):
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_linear_log_probs_match_the_oracle(options, which, frozen, memory, impl, rng):
     """Values and gradients of every input for each combination of incoming gradients, on (B, S, D) input
-    with ignored positions, in chunks that do not divide the rows."""
+    with ignored positions, in chunks of rows (speed) or vocabulary slices (lean) that do not divide them."""
     x, weight, b, target = _head(rng, (3, 41), 16, 97)
     if frozen:
         weight, b = weight.detach(), b.detach()
-    out = softxent.linear_log_probs(x, weight, target, linear_bias=b, chunk_size=13, impl=impl, **options)
+    out = softxent.linear_log_probs(
+        x, weight, target, linear_bias=b, chunk_size=13, memory=memory, impl=impl, **options
+    )
     logits = _logits(x, weight, b)
     expected = reference.log_probs(logits, to_numpy(target), **options)
     for name, got, want in zip(out._fields, out, expected, strict=True):
@@ -154,19 +157,22 @@ def test_log_probs_extreme_logits_masks_and_all_ignored(impl):
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     ignored = torch.full((5,), -100)
-    none = softxent.linear_log_probs(x, weight, ignored, impl=impl)
-    assert all(bool((t == 0).all()) for t in none)
-    dx, dw = torch.autograd.grad((none.log_probs + none.entropy).sum(), (x, weight))
-    assert bool((dx == 0).all())
-    assert bool((dw == 0).all())
+    for memory in ("speed", "lean"):
+        none = softxent.linear_log_probs(x, weight, ignored, memory=memory, impl=impl)
+        assert all(bool((t == 0).all()) for t in none), memory
+        dx, dw = torch.autograd.grad((none.log_probs + none.entropy).sum(), (x, weight))
+        assert bool((dx == 0).all()), memory
+        assert bool((dw == 0).all()), memory
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_log_probs_no_worse_than_eager(dtype, impl, rng):
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_low_precision_log_probs_no_worse_than_eager(dtype, memory, impl, rng):
     x, weight, _b, target = _head(rng, (67,), 64, 301, dtype=torch.float32, bias=False)
     x_low, w_low = x.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_()
     g, h = _weights(rng, target.shape, "both")
-    out = softxent.linear_log_probs(x_low, w_low, target, chunk_size=32, impl=impl)
+    chunk = 32 if memory == "speed" else 100  # rows a chunk, or classes a slice
+    out = softxent.linear_log_probs(x_low, w_low, target, chunk_size=chunk, memory=memory, impl=impl)
     mine = torch.autograd.grad(_loss(out, g.float(), h.float()), (x_low, w_low))
     log_p = F.linear(x_low, w_low).float().log_softmax(-1)
     counted = target != -100
@@ -204,12 +210,16 @@ def test_frozen_head_forms_dx_in_the_forward_pass(rng):
 def test_log_probs_second_derivatives_and_transforms(rng):
     x, weight, _, target = _head(rng, (6,), 5, 9, bias=False)
 
-    def both(x, weight):
-        out = softxent.linear_log_probs(x, weight, target, softcap=2.0, temperature=0.8, chunk_size=4)
-        return out.log_probs, out.entropy
+    for memory in ("speed", "lean"):
 
-    assert gradcheck(both, (x, weight))
-    assert gradgradcheck(both, (x, weight))
+        def both(x, weight, memory=memory):
+            out = softxent.linear_log_probs(
+                x, weight, target, softcap=2.0, temperature=0.8, chunk_size=4, memory=memory
+            )
+            return out.log_probs, out.entropy
+
+        assert gradcheck(both, (x, weight))
+        assert gradgradcheck(both, (x, weight))
     logits = torch.randn(6, 9, generator=rng, dtype=torch.float64, requires_grad=True)
     assert gradcheck(lambda z: softxent.log_probs(z, target).entropy, (logits,), check_forward_ad=True)
     plain = logits.detach()
@@ -479,9 +489,14 @@ def test_bad_input_names_the_argument():
             r"target: expected None or integer labels",
         ),
         (
-            lambda: softxent.linear_log_probs(x, w, y, memory="lean"),
+            lambda: softxent.linear_distillation_loss(x, w, x, w, memory="lean"),
             ValueError,
-            r"memory: expected 'speed' or 'auto' for linear_log_probs",
+            r"memory: expected 'speed' or 'auto' for linear_distillation_loss",
+        ),
+        (
+            lambda: softxent.linear_log_probs(x, w, y, memory="light"),
+            ValueError,
+            r"memory: expected 'speed', 'lean' or 'auto', got 'light'",
         ),
         (
             lambda: softxent.linear_cross_entropy(x, w, y, return_lse=1),

@@ -28,6 +28,17 @@ elif case == "linear":
     w = torch.randn(16384, 256).requires_grad_()
     y = torch.randint(0, 16384, (2048,))
     run = lambda: softxent.linear_cross_entropy(x, w, y, chunk_size=256).backward()
+elif case.startswith("log_probs_"):  # per-token log-probs and entropy, chunks of 256 rows or slices of 2048
+    x = torch.randn(2048, 256).requires_grad_()
+    w = torch.randn(16384, 256).requires_grad_()
+    y = torch.randint(0, 16384, (2048,))
+    a, b = torch.randn(2048), torch.randn(2048)
+    memory = case[len("log_probs_"):]
+    chunk = 256 if memory == "speed" else 2048
+
+    def run():
+        out = softxent.linear_log_probs(x, w, y, chunk_size=chunk, memory=memory)
+        ((out.log_probs * a).sum() + (out.entropy * b).sum()).backward()
 else:  # the multi-label head, "speed" (chunks of 256 rows) or "lean" (slices of 2048 classes)
     x = torch.randn(2048, 256).requires_grad_()
     w = torch.randn(16384, 256).requires_grad_()
@@ -79,4 +90,16 @@ def test_linear_binary_cross_entropy_never_materializes_the_logits(memory):
     peak = _peak(f"bce_{memory}")
     # measured 56-64 MiB: the gradients, one chunk and the elementwise temporaries of 4 MiB row blocks
     assert peak <= grads_mib + chunk_mib + 45, f"peak {peak:.0f} MiB above the inputs"
+    assert peak < 0.75 * logits_mib
+
+
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_linear_log_probs_never_materialize_the_logits(memory):
+    """Per-token log-probs and entropy with both gradients: one chunk of rows or one vocabulary slice of
+    logits (16 MiB) and its temporaries, never the (N, V) logits."""
+    logits_mib = 2048 * 16384 * 4 / 2**20  # 128 MiB if the (N, V) logits existed
+    grads_mib = (16384 * 256 + 2048 * 256) * 4 / 2**20  # dW + dX: 18 MiB
+    chunk_mib = 256 * 16384 * 4 / 2**20  # one chunk (256 rows) or slice (2048 classes) of logits: 16 MiB
+    peak = _peak(f"log_probs_{memory}")
+    assert peak <= grads_mib + 4 * chunk_mib + 20, f"peak {peak:.0f} MiB above the inputs"
     assert peak < 0.75 * logits_mib

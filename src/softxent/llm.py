@@ -9,6 +9,7 @@ incoming gradient is per token, and the eager composition for second derivatives
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import replace
 from functools import partial
@@ -213,9 +214,13 @@ def linear_log_probs(
         linear_weight: ``(V, D)``; linear_bias: ``(V,)`` or None; both of the input's dtype.
         target: ``(...)`` (the input's shape without D) class indices or ``ignore_index``.
         temperature, logit_scale, softcap, ignore_index, impl: as in :func:`log_probs`.
-        chunk_size: rows per chunk (default: the policy's, about 16M logits on a CPU).
-        memory: "speed", "auto" (both: chunks of rows, extra memory one chunk of logits plus dW's float32
-            sum for low-precision inputs).
+        chunk_size: rows per chunk (default: the policy's, about 16M logits on a CPU); with
+            ``memory="lean"``, classes per slice (default: 64 MiB of logits).
+        memory: "speed" (chunks of rows: extra memory one chunk of logits plus dW's float32 sum for
+            low-precision inputs), "lean" (vocabulary slices of all rows: one (N, S) slice of logits, O(N)
+            statistics and dX's float32 sum for low-precision inputs, independent of V; 8·N·D·V FLOPs, 6
+            for a frozen head), or "auto" (speed where its memory fits on the device, else lean; speed on a
+            CPU).
 
     Returns:
         :class:`LogProbs`, each field of the target's shape.
@@ -233,11 +238,15 @@ def linear_log_probs(
     transform = _transform(temperature, logit_scale, softcap)
     ignore_index = check.check_ignore_index(ignore_index)
     chunk_size = check.check_chunk_size(chunk_size)
-    _check_row_memory("linear_log_probs", memory)
+    memory = check.check_memory(memory)
     backend = backends.select(impl, input.device)
     shape = tuple(input.shape[:-1])
     target = _check_token_target(target, shape, num_classes, ignore_index, input.device)
-    op = token_ops.LinearLogProbs(transform, ignore_index, chunk_size, backend)
+    if memory == "auto":
+        rows = math.prod(shape)
+        memory = backend.policy.linear_memory(rows, input.shape[-1], num_classes, input.dtype, input.device)
+    head = token_ops.LeanLinearLogProbs if memory == "lean" else token_ops.LinearLogProbs
+    op = head(transform, ignore_index, chunk_size, backend)
     rows = (input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, target.reshape(-1))
     return _token_outputs(op, autograd.needs_grad(*rows[:3], None), rows, shape)
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from softxent import _validate as check
 from softxent.ops import chunks
 from softxent.ops.policy import Policy
+from softxent.ops.slices import slice_backward, slice_logits, vocabulary_slices
 from softxent.ops.spec import compute_dtype
 
 if TYPE_CHECKING:  # the backends module imports these blocks
@@ -230,10 +231,7 @@ class LinearLogProbs:
     row_args: ClassVar[tuple[int, ...]] = (0, 3)
 
     def _kept(self, target: Tensor) -> Tensor | None:
-        if target.device.type != "cpu":
-            return None
-        counted = target != self.ignore_index
-        return None if bool(counted.all()) else counted.nonzero().squeeze(1)
+        return kept_rows(target, self.ignore_index)
 
     def _pass(self, x, weight, bias, block, columns: int, *, grad: bool, needs=(False, False, False)):
         return chunks.linear_head_pass(
@@ -309,9 +307,25 @@ class LinearLogProbs:
         return grad_x, grad_weight, grad_bias
 
     def eager(self, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor]:
-        ct = compute_dtype(x.dtype)
-        logits = F.linear(x.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
-        return eager_log_probs(self.transform.eager(logits), target, self.ignore_index)
+        return eager_linear_log_probs(self.transform, self.ignore_index, x, weight, bias, target)
+
+
+def kept_rows(target: Tensor, ignore_index: int) -> Tensor | None:
+    """The rows whose target counts, for CPU tensors where some do not (a host read); else None (all
+    rows)."""
+    if target.device.type != "cpu":
+        return None
+    counted = target != ignore_index
+    return None if bool(counted.all()) else counted.nonzero().squeeze(1)
+
+
+def eager_linear_log_probs(
+    transform: Transform, ignore_index: int, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(log ŷ_y, H) through the head in differentiable torch ops (the logits formed)."""
+    ct = compute_dtype(x.dtype)
+    logits = F.linear(x.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
+    return eager_log_probs(transform.eager(logits), target, ignore_index)
 
 
 def eager_log_probs(z: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -322,3 +336,201 @@ def eager_log_probs(z: Tensor, target: Tensor, ignore_index: int) -> tuple[Tenso
     probs = log_p.exp()
     entropy = -torch.where(probs > 0, probs * log_p, 0.0).sum(-1)
     return log_prob, torch.where(counted, entropy, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Through a linear head in vocabulary slices (memory="lean")
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Running:
+    """Per-row online statistics over the slices seen so far (the Triton statistics kernel's, in torch):
+    m, S = Σe^{z−m}, A = Σe^{z−m}(z − m), Q = Σe^{2(z−m)}, Σz, the first argmax and its value, z_y."""
+
+    m: Tensor
+    s: Tensor
+    a: Tensor
+    q: Tensor
+    total: Tensor
+    best: Tensor
+    best_index: Tensor
+    z_y: Tensor
+
+    @classmethod
+    def empty(cls, rows: int, ct: torch.dtype, device) -> _Running:
+        def full(value: float) -> Tensor:
+            return torch.full((rows,), value, dtype=ct, device=device)
+
+        index = torch.zeros(rows, dtype=torch.int64, device=device)
+        return cls(
+            full(-torch.inf), full(0.0), full(0.0), full(0.0), full(0.0), full(-torch.inf), index, full(0.0)
+        )
+
+    def fold(self, z: Tensor, start: int, rows: slice, target: Tensor, counted: Tensor) -> None:
+        """Fold z (B, S), the columns start: of ``rows``, into those rows' statistics (rescaled as the max
+        rises); ``target``, ``counted`` of those rows."""
+        m, s, a, q = self.m[rows], self.s[rows], self.a[rows], self.q[rows]
+        slice_max = z.amax(-1)
+        m_new = torch.maximum(m, slice_max)
+        rise = torch.where(m_new == m, 0.0, m_new - m)
+        decay = torch.exp(-rise)
+        a = torch.where((s == 0) | (rise == 0), a, a - rise * s) * decay
+        s = s * decay
+        q = q * decay * decay
+        shifted = z - torch.where(m_new == -torch.inf, 0.0, m_new).unsqueeze(-1)
+        e = shifted.exp()
+        self.s[rows] = s + e.sum(-1)
+        self.a[rows] = a + torch.where(e > 0, e * shifted, 0.0).sum(-1)
+        self.q[rows] = q + torch.linalg.vecdot(e, e)
+        self.m[rows] = m_new
+        self.total[rows] += z.sum(-1)
+        best = self.best[rows]
+        take = slice_max > best
+        self.best[rows] = torch.where(take, slice_max, best)
+        self.best_index[rows] = torch.where(take, z.argmax(-1) + start, self.best_index[rows])
+        local = target - start
+        inside = counted & (local >= 0) & (local < z.shape[1])
+        picked = z.gather(-1, torch.where(inside, local, 0).unsqueeze(-1)).squeeze(-1)
+        self.z_y[rows] = torch.where(inside, picked, self.z_y[rows])
+
+    def stats(self, target: Tensor, counted: Tensor, columns: int) -> Tensor:
+        """The (N, len(STATS)) statistics of :func:`stats_block`."""
+        log_sum_exp = self.s.log()
+        outputs = (
+            (self.z_y - self.m) - log_sum_exp,
+            log_sum_exp - self.a / self.s,
+            (self.best_index == target).to(self.m.dtype),
+            self.q.log() - 2.0 * log_sum_exp,
+            self.total / columns,
+        )
+        outputs = [torch.where(counted, t, 0.0) for t in outputs]
+        return torch.stack([*outputs, self.m, log_sum_exp], dim=-1)
+
+
+def slice_grad(
+    logits: Tensor,
+    start: int,
+    transform: Transform,
+    target: Tensor,
+    stats: Tensor,
+    grad_log_probs: Tensor | None,
+    grad_entropy: Tensor | None,
+) -> Tensor:
+    """A slice's G_v = [g·(e_y − ŷ) − h·ŷ ⊙ (log ŷ + H)]·dz/dl (N, S) in the compute dtype, from the rows'
+    statistics (N, len(STATS)); g, h (N,) already 0 on rows that do not count."""
+    ct = compute_dtype(logits.dtype)
+    z, slope = transform.apply(logits, ct)
+    m, log_sum_exp, entropy = (
+        stats[:, STATS.index(name)].unsqueeze(-1) for name in ("m", "log_sum_exp", "entropy")
+    )
+    log_p = (z - m).sub_(log_sum_exp)
+    probs = log_p.exp()
+    if grad_entropy is not None:
+        grad = torch.where(probs > 0, probs * (log_p + entropy), 0.0).mul_(-grad_entropy.unsqueeze(-1))
+        if grad_log_probs is not None:
+            grad.sub_(probs.mul_(grad_log_probs.unsqueeze(-1)))
+    else:
+        grad = probs.mul_(-grad_log_probs.unsqueeze(-1))
+    if grad_log_probs is not None:
+        local = target - start
+        inside = (local >= 0) & (local < z.shape[1])
+        grad.scatter_add_(
+            -1,
+            torch.where(inside, local, 0).unsqueeze(-1),
+            torch.where(inside, grad_log_probs, 0.0).unsqueeze(-1),
+        )
+    if not (isinstance(slope, float) and slope == 1.0):
+        grad.mul_(slope)
+    return grad
+
+
+@dataclass(frozen=True)
+class LeanLinearLogProbs:
+    """The statistics of x·Wᵀ + b in vocabulary slices of all rows (memory="lean"; tensors as
+    :class:`LinearLogProbs`'): extra memory one (N, S) slice of logits and its temporaries, O(N) statistics
+    and, for low-precision inputs, the (N, D) float32 dX sum, independent of V.
+
+    Forward: each slice's logits fold into per-row online statistics (2·N·D·V FLOPs). Backward: each
+    slice's logits again, G_v in the compute dtype, dW_v = G_vᵀ·x and db_v written whole, dX += G_v·W_v
+    (6·N·D·V; a frozen head 4·N·D·V, as its forward cannot form dX before the last slice's normalizer).
+    The slice math runs in torch ops on every backend. Rows whose target is ignored are dropped before the
+    matmuls (CPU tensors)."""
+
+    transform: Transform
+    ignore_index: int
+    slice_columns: int | None
+    backend: Backend
+    row_args: ClassVar[tuple[int, ...]] = (0, 3)
+
+    def _kept(self, target: Tensor) -> Tensor | None:
+        return kept_rows(target, self.ignore_index)
+
+    def forward(self, tensors: Sequence[Tensor | None], needs) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        x, weight, bias, target = tensors
+        check.check_class_values(target, weight.shape[0], self.ignore_index)
+        ct = compute_dtype(x.dtype)
+        kept = self._kept(target)
+        rows_x, rows_target = (x, target) if kept is None else (x[kept], target[kept])
+        columns = weight.shape[0]
+        counted, _ = _target_rows(rows_target, self.ignore_index)
+        running = _Running.empty(rows_x.shape[0], ct, x.device)
+        if rows_x.shape[0]:
+            for _, start, stop, logits in vocabulary_slices(
+                rows_x, columns, self.slice_columns, self.backend.policy
+            ):
+                slice_logits(rows_x, weight, bias, start, stop, logits)
+                # cache-sized blocks of the slice's rows bound the temporaries
+                for first, last in _blocks(self.backend.policy, rows_x.shape[0], stop - start):
+                    z, _ = self.transform.apply(logits[first:last], ct)
+                    rows = slice(first, last)
+                    running.fold(z, start, rows, rows_target[rows], counted[rows])
+        stats = running.stats(rows_target, counted, columns)
+        if kept is not None:
+            stats = stats.new_zeros(x.shape[0], len(STATS)).index_copy_(0, kept, stats)
+        return stats, ()
+
+    def backward(self, tensors, stats: Tensor, state, grad_log_probs, grad_entropy, needs):
+        x, weight, bias, target = tensors
+        need_dx, need_dw, need_db = needs[0], needs[1], needs[2] and bias is not None
+        ct = compute_dtype(x.dtype)
+        low = self.backend.policy.grad_in_input_dtype
+        grad_x = torch.zeros(x.shape, dtype=ct, device=x.device) if need_dx else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=x.dtype if low else ct, device=x.device) if need_dw else None
+        )
+        grad_bias = torch.zeros(weight.shape[0], dtype=ct, device=x.device) if need_db else None
+        kept = self._kept(target)
+        pick = (lambda t: t) if kept is None else (lambda t: None if t is None else t[kept])
+        rows_x, rows_target, rows_stats = pick(x), pick(target), pick(stats)
+        counted, _ = _target_rows(rows_target, self.ignore_index)
+        g, h = (
+            None if t is None else torch.where(counted, pick(t).to(ct), 0.0)
+            for t in (grad_log_probs, grad_entropy)
+        )
+        rows_grad_x = (
+            grad_x if kept is None or grad_x is None else torch.zeros(rows_x.shape, dtype=ct, device=x.device)
+        )
+        x_ct = rows_x if rows_x.dtype == ct or low else rows_x.to(ct)
+        if rows_x.shape[0]:
+            for _, start, stop, logits in vocabulary_slices(
+                rows_x, weight.shape[0], self.slice_columns, self.backend.policy, need_dx
+            ):
+                slice_logits(rows_x, weight, bias, start, stop, logits)
+                # G_v over the slice's logits where it has their dtype, else into a compute-dtype buffer
+                grad = (
+                    logits if low or x.dtype == ct else torch.empty(logits.shape, dtype=ct, device=x.device)
+                )
+                for first, last in _blocks(self.backend.policy, rows_x.shape[0], stop - start):
+                    rows = slice(first, last)
+                    grad[rows] = slice_grad(
+                        logits[rows], start, self.transform, rows_target[rows], rows_stats[rows],
+                        None if g is None else g[rows], None if h is None else h[rows],
+                    )  # fmt: skip
+                slice_backward(grad, x_ct, weight[start:stop], start, rows_grad_x, grad_weight, grad_bias)
+        if kept is not None and grad_x is not None:
+            grad_x.index_copy_(0, kept, rows_grad_x)
+        return grad_x, grad_weight, grad_bias
+
+    def eager(self, x: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor]:
+        return eager_linear_log_probs(self.transform, self.ignore_index, x, weight, bias, target)
