@@ -172,18 +172,51 @@ def _options(**given) -> list[object]:
 def test_custom_ops_pass_opcheck(rng):
     x, w, b, target, upstream = _inputs(rng)
     options = _options(reduction="sum", label_smoothing=0.1, impl="torch")
-    args = ("linear_cross_entropy", x, w, b, target, None, None, [True, True, True, False, False], *options)
+    args = (
+        "linear_cross_entropy",
+        x,
+        w,
+        b,
+        target,
+        None,
+        None,
+        None,
+        [True, True, True, False, False],
+        *options,
+    )
     torch.library.opcheck(torch.ops.softxent.loss_lse_and_grads.default, args)
     lse_options = _options(reduction="mean", ignore_index=-100, return_lse=True, impl="torch")
-    lse_args = ("cross_entropy", x @ w.T, target, None, None, None, None, [True, False, False], *lse_options)
+    lse_args = ("cross_entropy", x @ w.T, target, *[None] * 5, [True, False, False], *lse_options)
     torch.library.opcheck(torch.ops.softxent.loss_lse_and_grads.default, lse_args)
     none_options = _options(reduction="none", ignore_index=-100, impl="torch")
-    backward_args = ("cross_entropy", x @ w.T, target, None, None, None, None, [True, False, False])
+    backward_args = ("cross_entropy", x @ w.T, target, *[None] * 5, [True, False, False])
     torch.library.opcheck(
         torch.ops.softxent.loss_backward.default,
         (*backward_args, *none_options, upstream),
         test_utils=("test_schema", "test_faketensor"),  # it is itself a backward: no gradient to check
     )
+
+
+def test_llm_custom_ops_pass_opcheck(rng):
+    """The per-token statistics' two custom ops and distillation through the loss ops."""
+    x, w, b, target, _ = _inputs(rng)
+    options = (0.8, 1.0, 3.0, -100, None, "speed", "torch")  # temperature, scale, softcap, ignore, ...
+    torch.library.opcheck(
+        torch.ops.softxent.token_stats.default, ("linear_log_probs", x, w, b, target, *options)
+    )
+    g, h = torch.randn(target.shape, generator=rng), torch.randn(target.shape, generator=rng)
+    torch.library.opcheck(
+        torch.ops.softxent.token_stats_backward.default,
+        ("linear_log_probs", x, w, b, target, [True, True, True, False], *options, g, h),
+        test_utils=("test_schema", "test_faketensor"),  # it is itself a backward: no gradient to check
+    )
+    teacher = torch.randn(x.shape, generator=rng)
+    distill = _options(reduction="mean", ignore_index=-100, memory="auto", divergence="jsd", beta=0.3)
+    torch.library.opcheck(
+        torch.ops.softxent.loss_lse_and_grads.default,
+        ("linear_distillation_loss", x, w, b, teacher, w.detach(), None, target,
+         [True, True, True, False, False, False, False], *distill),
+    )  # fmt: skip
 
 
 def test_compiled_errors_are_the_eager_ones(rng):

@@ -255,18 +255,64 @@ def test_log_probs_retained_graph_runs_backward_twice(rng):
         torch.testing.assert_close(a, c)
 
 
-def test_log_probs_under_torch_compile(rng):
-    x, weight, _, target = _head(rng, (2, 9), 8, 31, dtype=torch.float32, bias=False)
+@pytest.mark.parametrize("memory", ["speed", "lean"])
+def test_log_probs_under_torch_compile(memory, rng):
+    """One graph (fullgraph=True: the ops are custom ops, no graph break): an RL loss with an entropy bonus
+    on (B, S, D) input, the top-1 hit logged; an entropy only logged (detached); values and gradients equal
+    the eager op's."""
+    x, weight, b, target = _head(rng, (2, 9), 8, 31, dtype=torch.float32)
 
-    def rl_loss(x, weight, target):
-        out = softxent.linear_log_probs(x, weight, target, temperature=0.9)
-        return -(out.log_probs.sum() + 0.01 * out.entropy.sum())
+    def rl_loss(x, weight, b, target):
+        out = softxent.linear_log_probs(x, weight, target, linear_bias=b, temperature=0.9, memory=memory)
+        return -(out.log_probs.sum() + 0.01 * out.entropy.sum()), out.is_top1.float().mean()
 
-    compiled = torch.compile(rl_loss, backend="aot_eager")
-    loss = compiled(x, weight, target)
-    grads = torch.autograd.grad(loss, (x, weight))
-    eager = rl_loss(x, weight, target)
-    want = torch.autograd.grad(eager, (x, weight))
+    def logged_entropy(logits, target):
+        out = softxent.log_probs(logits, target, softcap=5.0)
+        return out.log_probs.sum(), out.entropy.detach().mean()
+
+    for fn, args in ((rl_loss, (x, weight, b, target)), (logged_entropy, (x @ weight.T, target))):
+        compiled = torch.compile(fn, fullgraph=True)
+        loss, logged = compiled(*args)
+        differentiable = [a for a in args if a.requires_grad]
+        grads = torch.autograd.grad(loss, differentiable)
+        eager, eager_logged = fn(*args)
+        want = torch.autograd.grad(eager, differentiable)
+        torch.testing.assert_close(loss, eager)
+        torch.testing.assert_close(logged, eager_logged)
+        for a, c in zip(grads, want, strict=True):
+            torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_distillation_under_torch_compile(reduction, rng):
+    """Both distillation ops in one graph each, the teacher without gradient (its weight requires grad, as
+    a teacher model's parameters do, and gets none)."""
+    xs, ws, _, target = _head(rng, (3, 7), 8, 29, dtype=torch.float32)
+    xt = torch.randn(3, 7, 6, generator=rng)
+    wt = torch.randn(29, 6, generator=rng, requires_grad=True)
+
+    def kd(xs, ws, xt, wt, target):
+        fused = softxent.linear_distillation_loss(
+            xs,
+            ws,
+            xt,
+            wt,
+            divergence="jsd",
+            beta=0.3,
+            target=target,
+            reduction=reduction,
+            teacher_softcap=4.0,
+        )
+        on_logits = softxent.distillation_loss(
+            xs @ ws.T, (xt @ wt.T).detach(), divergence="reverse_kl", target=target, reduction=reduction
+        )
+        return (fused + on_logits).sum()
+
+    compiled = torch.compile(kd, fullgraph=True)
+    loss = compiled(xs, ws, xt, wt, target)
+    grads = torch.autograd.grad(loss, (xs, ws))
+    eager = kd(xs, ws, xt, wt, target)
+    want = torch.autograd.grad(eager, (xs, ws))
     torch.testing.assert_close(loss, eager)
     for a, c in zip(grads, want, strict=True):
         torch.testing.assert_close(a, c)

@@ -11,8 +11,15 @@ the public functions in :mod:`softxent.functional` therefore call two custom ops
 * ``softxent::loss_backward(op, t0, ..., t5, needs, <options>, grad_loss)`` gives the gradients for a
   per-position incoming gradient (reduction="none"), recomputing as the eager op's backward does.
 
+The per-token statistics (:func:`softxent.log_probs`, :func:`softxent.linear_log_probs`) have five outputs,
+two differentiable, whose incoming gradients are known only in backward: ``softxent::token_stats`` gives
+the outputs, ``softxent::token_stats_backward`` the gradients for the incoming ones (None for an output no
+gradient reached), recomputing the forward and running the eager backward (2·N·D·V FLOPs more than eager
+autograd's 8 through a linear head). Distillation (:func:`softxent.distillation_loss`,
+:func:`softxent.linear_distillation_loss`) takes the loss ops, its teacher tensors never differentiated.
+
 ``op`` names the function (the public ops register themselves with :func:`register`, so this module does
-not import them), t0, ..., t5 are its tensor arguments in a fixed order (``TENSOR_ARGS``, None past its
+not import them), t0, ..., t6 are its tensor arguments in a fixed order (``TENSOR_ARGS``, None past its
 last; separate arguments because autograd does not look into lists of optional tensors). The other
 arguments are typed arguments of the custom ops (``OPTIONS``, every op's the same list, each op reading
 its own), never formatted into a name or a string at trace time: Dynamo passes an ``ignore_index`` it made
@@ -22,6 +29,7 @@ Gradients that are not asked for come back as empty placeholders (custom ops ret
 
 from __future__ import annotations
 
+import importlib
 import operator
 from collections.abc import Callable, Sequence
 
@@ -41,9 +49,25 @@ TENSOR_ARGS = {
         "weight",
         "pos_weight",
     ),
+    "distillation_loss": ("student_logits", "teacher_logits", "target"),
+    "linear_distillation_loss": (
+        "student_input",
+        "student_weight",
+        "student_bias",
+        "teacher_input",
+        "teacher_weight",
+        "teacher_bias",
+        "target",
+    ),
 }
+# Tensors an op never differentiates, whatever their requires_grad (the teacher of distillation).
+NO_GRADIENT = frozenset({"teacher_logits", "teacher_input", "teacher_weight", "teacher_bias"})
 
 
+DISTILLATION_OPTIONS = (
+    "divergence", "beta", "temperature", "ignore_index", "reduction", "student_logit_scale",
+    "student_softcap", "teacher_logit_scale", "teacher_softcap", "impl",
+)  # fmt: skip
 # The non-tensor arguments each op takes (the custom ops take the union, ``DEFAULTS`` where an op has none).
 OPTIONS = {
     "cross_entropy": (
@@ -68,10 +92,13 @@ OPTIONS = {
     ),
     "binary_cross_entropy_with_logits": ("reduction", "impl"),
     "linear_binary_cross_entropy": ("reduction", "chunk_size", "memory", "impl"),
+    "distillation_loss": DISTILLATION_OPTIONS,
+    "linear_distillation_loss": (*DISTILLATION_OPTIONS, "chunk_size", "memory"),
 }
 DEFAULTS: dict[str, object] = dict(
     reduction="mean", ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None, return_lse=False,
-    chunk_size=None, memory="speed", impl="auto",
+    chunk_size=None, memory="speed", impl="auto", divergence="forward_kl", beta=0.5, temperature=1.0,
+    student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0, teacher_softcap=None,
 )  # fmt: skip
 
 
@@ -126,6 +153,9 @@ def _run(
     leaves = [
         None if t is None else t.detach().requires_grad_(need) for t, need in zip(batched, needs, strict=True)
     ]
+    if op not in EAGER_OPS:  # registered on import of their modules, which may not have happened yet
+        importlib.import_module("softxent.functional")
+        importlib.import_module("softxent.llm")
     with torch.enable_grad():
         result = EAGER_OPS[op](**dict(zip(names, leaves, strict=True)), **options)
     loss, lse = result if isinstance(result, tuple) else (result, None)
@@ -144,20 +174,24 @@ def _run(
     return loss, lse, grads
 
 
-ARITY = 6  # the most tensor arguments of any op
+ARITY = 7  # the most tensor arguments of any op
 Optional = Tensor | None
 
 
 @torch.library.custom_op("softxent::loss_lse_and_grads", mutates_args=())
 def loss_lse_and_grads(
     op: str, t0: Tensor, t1: Optional, t2: Optional, t3: Optional, t4: Optional, t5: Optional,
-    needs: list[bool], reduction: str, ignore_index: int | None, label_smoothing: float, z_loss: float,
-    softcap: float | None, return_lse: bool, chunk_size: int | None, memory: str, impl: str,
+    t6: Optional, needs: list[bool], reduction: str, ignore_index: int | None, label_smoothing: float,
+    z_loss: float, softcap: float | None, return_lse: bool, chunk_size: int | None, memory: str, impl: str,
+    divergence: str, beta: float, temperature: float, student_logit_scale: float,
+    student_softcap: float | None, teacher_logit_scale: float, teacher_softcap: float | None,
 ) -> list[Tensor]:  # fmt: skip
-    tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
-    options = _options(
-        op, (reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_size, memory, impl)
-    )
+    tensors = [t0, t1, t2, t3, t4, t5, t6][: len(TENSOR_ARGS[op])]
+    options = _options(op, (
+        reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_size, memory, impl,
+        divergence, beta, temperature, student_logit_scale, student_softcap, teacher_logit_scale,
+        teacher_softcap,
+    ))  # fmt: skip
     loss, lse, grads = _run(op, tensors, needs, options, want_grads=reduction != "none")
     return [loss, _placeholder(loss) if lse is None else lse, *grads]
 
@@ -165,14 +199,18 @@ def loss_lse_and_grads(
 @torch.library.custom_op("softxent::loss_backward", mutates_args=())
 def loss_backward(
     op: str, t0: Tensor, t1: Optional, t2: Optional, t3: Optional, t4: Optional, t5: Optional,
-    needs: list[bool], reduction: str, ignore_index: int | None, label_smoothing: float, z_loss: float,
-    softcap: float | None, return_lse: bool, chunk_size: int | None, memory: str, impl: str,
+    t6: Optional, needs: list[bool], reduction: str, ignore_index: int | None, label_smoothing: float,
+    z_loss: float, softcap: float | None, return_lse: bool, chunk_size: int | None, memory: str, impl: str,
+    divergence: str, beta: float, temperature: float, student_logit_scale: float,
+    student_softcap: float | None, teacher_logit_scale: float, teacher_softcap: float | None,
     grad_loss: Tensor,
 ) -> list[Tensor]:  # fmt: skip
-    tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
-    options = _options(
-        op, (reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_size, memory, impl)
-    )
+    tensors = [t0, t1, t2, t3, t4, t5, t6][: len(TENSOR_ARGS[op])]
+    options = _options(op, (
+        reduction, ignore_index, label_smoothing, z_loss, softcap, return_lse, chunk_size, memory, impl,
+        divergence, beta, temperature, student_logit_scale, student_softcap, teacher_logit_scale,
+        teacher_softcap,
+    ))  # fmt: skip
     return _run(op, tensors, needs, options, want_grads=True, grad_loss=grad_loss)[2]
 
 
@@ -180,13 +218,17 @@ def _loss_shape(op: str, tensors: Sequence[Tensor | None], reduction: str) -> tu
     if reduction != "none":
         return ()
     named = dict(zip(TENSOR_ARGS[op], tensors, strict=True))
-    input = named["input"]
+    input = named.get("input")
     if op == "cross_entropy":
         return tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.dim() >= 2 else ()
     if op == "linear_cross_entropy":
         return tuple(input.shape[:-1]) + tuple(named["linear_weight"].shape[1:-1])
     if op == "linear_binary_cross_entropy":
         return tuple(named["target"].shape)
+    if op == "distillation_loss":
+        return tuple(named["student_logits"].shape[:-1])
+    if op == "linear_distillation_loss":
+        return tuple(named["student_input"].shape[:-1])
     return tuple(input.shape)
 
 
@@ -195,8 +237,8 @@ def _grad_like(tensor: Tensor | None, need: bool, loss: Tensor) -> Tensor:
 
 
 @loss_lse_and_grads.register_fake
-def _(op, t0, t1, t2, t3, t4, t5, needs, reduction, *options):
-    tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
+def _(op, t0, t1, t2, t3, t4, t5, t6, needs, reduction, *options):
+    tensors = [t0, t1, t2, t3, t4, t5, t6][: len(TENSOR_ARGS[op])]
     return_lse = dict(zip(OPTION_NAMES[1:], options, strict=True))["return_lse"]
     dtype = torch.float64 if t0.dtype == torch.float64 else torch.float32
     loss = t0.new_empty(_loss_shape(op, tensors, reduction), dtype=dtype)
@@ -207,8 +249,8 @@ def _(op, t0, t1, t2, t3, t4, t5, needs, reduction, *options):
 
 
 @loss_backward.register_fake
-def _(op, t0, t1, t2, t3, t4, t5, needs, *options_and_grad):
-    tensors = [t0, t1, t2, t3, t4, t5][: len(TENSOR_ARGS[op])]
+def _(op, t0, t1, t2, t3, t4, t5, t6, needs, *options_and_grad):
+    tensors = [t0, t1, t2, t3, t4, t5, t6][: len(TENSOR_ARGS[op])]
     grad_loss = options_and_grad[-1]
     return [_grad_like(t, need, grad_loss) for t, need in zip(tensors, needs, strict=True)]
 
@@ -246,7 +288,9 @@ def _as_option(name: str, value: object) -> object:
         return value
     if name in ("ignore_index", "chunk_size") and not isinstance(value, int):
         return operator.index(value)
-    if name in ("label_smoothing", "z_loss", "softcap") and not isinstance(value, float):
+    floats = ("label_smoothing", "z_loss", "softcap", "beta", "temperature", "logit_scale",
+              "student_logit_scale", "student_softcap", "teacher_logit_scale", "teacher_softcap")  # fmt: skip
+    if name in floats and not isinstance(value, float):
         return float(value)
     return value
 
@@ -257,8 +301,151 @@ def call(op: str, tensors: dict[str, Tensor | None], **options) -> Tensor | tupl
     ordered = [tensors.get(name) for name in TENSOR_ARGS[op]]
     grad_enabled = torch.is_grad_enabled()
     # class weights are differentiable with probability targets (the eager op refuses the rest)
-    needs = [grad_enabled and t is not None and t.requires_grad and t.is_floating_point() for t in ordered]
+    needs = [
+        grad_enabled
+        and t is not None
+        and t.requires_grad
+        and t.is_floating_point()
+        and name not in NO_GRADIENT
+        for name, t in zip(TENSOR_ARGS[op], ordered, strict=True)
+    ]
     padded = ordered + [None] * (ARITY - len(ordered))
     values = [_as_option(name, options.get(name, DEFAULTS[name])) for name in OPTION_NAMES]
     outputs = loss_lse_and_grads(op, *padded, needs, *values)
     return (outputs[0], outputs[1]) if options.get("return_lse") else outputs[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The per-token statistics (softxent.log_probs, softxent.linear_log_probs): five outputs, two differentiable
+# ----------------------------------------------------------------------------------------------------------
+
+# The tensor arguments, in the order the custom ops take them (t0, t1, t2, t3; None past the last).
+TOKEN_ARGS = {
+    "log_probs": ("logits", "target"),
+    "linear_log_probs": ("input", "linear_weight", "linear_bias", "target"),
+}
+TOKEN_OPTIONS = ("temperature", "logit_scale", "softcap", "ignore_index", "chunk_size", "memory", "impl")
+TOKEN_DEFAULTS: dict[str, object] = dict(
+    temperature=1.0, logit_scale=1.0, softcap=None, ignore_index=-100, chunk_size=None, memory="auto",
+    impl="auto",
+)  # fmt: skip
+TOKEN_OPS: dict[str, Callable[..., Sequence[Tensor]]] = {}
+
+
+def register_token_ops(*ops: Callable[..., Sequence[Tensor]]) -> None:
+    """Make the per-token ops callable by name from their custom ops."""
+    for op in ops:
+        if op.__name__ not in TOKEN_ARGS:
+            raise ValueError(f"op: expected one of {sorted(TOKEN_ARGS)}, got {op.__name__!r}")
+        TOKEN_OPS[op.__name__] = op
+
+
+def _token_op(op: str) -> Callable[..., Sequence[Tensor]]:
+    """The registered per-token op (softxent.llm registers them on import; the custom ops may be called
+    before anything imported it, e.g. by torch.library.opcheck)."""
+    if op not in TOKEN_OPS:
+        importlib.import_module("softxent.llm")
+    return TOKEN_OPS[op]
+
+
+def _token_kwargs(op: str, tensors: Sequence[Tensor | None], values: Sequence[object]) -> dict[str, object]:
+    options = dict(zip(TOKEN_OPTIONS, values, strict=True))
+    if op == "log_probs":
+        del options["chunk_size"], options["memory"]
+    return {**dict(zip(TOKEN_ARGS[op], tensors, strict=False)), **options}
+
+
+@torch.library.custom_op("softxent::token_stats", mutates_args=())
+def token_stats(
+    op: str, t0: Tensor, t1: Tensor, t2: Optional, t3: Optional, temperature: float, logit_scale: float,
+    softcap: float | None, ignore_index: int, chunk_size: int | None, memory: str, impl: str,
+) -> list[Tensor]:  # fmt: skip
+    tensors = [t0, t1, t2, t3][: len(TOKEN_ARGS[op])]
+    values = (temperature, logit_scale, softcap, ignore_index, chunk_size, memory, impl)
+    with torch.no_grad():
+        outputs = _token_op(op)(**_token_kwargs(op, tensors, values))
+    return [t.detach() for t in outputs]
+
+
+@token_stats.register_fake
+def _(op, t0, t1, t2, t3, *options):
+    target = t1 if op == "log_probs" else t3
+    dtype = torch.float64 if t0.dtype == torch.float64 else torch.float32
+    values = [target.new_empty(target.shape, dtype=dtype) for _ in range(5)]
+    values[2] = target.new_empty(target.shape, dtype=torch.bool)
+    return values
+
+
+@torch.library.custom_op("softxent::token_stats_backward", mutates_args=())
+def token_stats_backward(
+    op: str, t0: Tensor, t1: Tensor, t2: Optional, t3: Optional, needs: list[bool], temperature: float,
+    logit_scale: float, softcap: float | None, ignore_index: int, chunk_size: int | None, memory: str,
+    impl: str, grad_log_probs: Optional, grad_entropy: Optional,
+) -> list[Tensor]:  # fmt: skip
+    """∂(Σ g·log ŷ_y + Σ h·H)/∂tensor for each tensor in ``needs``: the eager op again on detached leaves
+    (its forward, then its backward: 2·N·D·V FLOPs more than eager autograd's 8 through a linear head)."""
+    names = TOKEN_ARGS[op]
+    tensors = [t0, t1, t2, t3][: len(names)]
+    leaves = [
+        None if t is None else t.detach().requires_grad_(need)
+        for t, need in zip(tensors, needs, strict=False)
+    ]
+    values = (temperature, logit_scale, softcap, ignore_index, chunk_size, memory, impl)
+    grads = [_placeholder(t0) for _ in tensors]
+    wanted = [leaf for leaf, need in zip(leaves, needs, strict=False) if need]
+    if not wanted or (grad_log_probs is None and grad_entropy is None):
+        return grads
+    with torch.enable_grad():
+        out = _token_op(op)(**_token_kwargs(op, leaves, values))
+        # below autograd only the op's own Function is recorded: no arithmetic on its outputs, the incoming
+        # gradients go in as grad_outputs
+        pairs = [
+            (t, g) for t, g in zip(out[:2], (grad_log_probs, grad_entropy), strict=True) if g is not None
+        ]
+        outputs, upstream = zip(*pairs, strict=True)
+        upstream = [g.to(t.dtype) for t, g in pairs]
+        found = iter(torch.autograd.grad(outputs, wanted, upstream, allow_unused=True))
+    for i, need in enumerate(needs[: len(tensors)]):
+        if need:
+            grad = next(found)
+            grads[i] = torch.zeros_like(tensors[i]) if grad is None else grad
+    return grads
+
+
+@token_stats_backward.register_fake
+def _(op, t0, t1, t2, t3, needs, *rest):
+    tensors = [t0, t1, t2, t3][: len(TOKEN_ARGS[op])]
+    return [
+        torch.empty_like(t) if need and t is not None else t0.new_empty(0)
+        for t, need in zip(tensors, needs, strict=False)
+    ]
+
+
+def _token_setup_context(ctx, inputs, output):
+    op, *tensors = inputs[:5]
+    ctx.op, ctx.options = op, inputs[5:]
+    ctx.needs = [t is not None and t.requires_grad and t.is_floating_point() for t in tensors]
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*tensors)
+
+
+def _token_backward(ctx, grad_outputs):
+    grad_log_probs, grad_entropy = grad_outputs[0], grad_outputs[1]
+    saved = ctx.saved_tensors
+    grads = token_stats_backward(ctx.op, *saved, ctx.needs, *ctx.options, grad_log_probs, grad_entropy)
+    grads = [g if need else None for g, need in zip(grads, ctx.needs, strict=False)]
+    grads += [None] * (4 - len(grads))
+    return None, *grads, *([None] * len(TOKEN_OPTIONS))
+
+
+torch.library.register_autograd("softxent::token_stats", _token_backward, setup_context=_token_setup_context)
+
+
+def token_call(op: str, tensors: dict[str, Tensor | None], **options) -> list[Tensor]:
+    """``op`` (log_probs or linear_log_probs) through the custom ops, the path under torch.compile: its five
+    outputs. ``options`` are the op's keyword arguments."""
+    ordered = [tensors.get(name) for name in TOKEN_ARGS[op]]
+    ordered += [None] * (4 - len(ordered))
+    values = [_as_option(name, options.get(name, TOKEN_DEFAULTS[name])) for name in TOKEN_OPTIONS]
+    return token_stats(op, *ordered, *values)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from softxent import _compile
 from softxent import _validate as check
 from softxent.ops import autograd, backends, distillation
 from softxent.ops import log_probs as token_ops
@@ -114,13 +115,33 @@ def _check_row_memory(op: str, memory: object) -> str:
     return memory
 
 
+def _reshaped(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``t`` reshaped, or ``t`` itself where it has that shape already: under torch.compile the ops run in
+    a custom op, below autograd, where even a no-op view would cut a tensor off its graph."""
+    if tuple(t.shape) == tuple(shape) or (
+        len(shape) == t.dim() and shape[0] == -1 and t.shape[1:] == shape[1:]
+    ):
+        return t
+    return t.reshape(shape)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(..., C) as (N, C) for the custom-op call (traced by Dynamo, so recorded by autograd)."""
+    return t.reshape(-1, t.shape[-1]) if t.dim() > 2 else t
+
+
+def _flat_target(target: object, lead: tuple[int, ...]) -> object:
+    """A target of the input's leading shape as (N,); anything else as given, for the op's own check."""
+    if isinstance(target, Tensor) and target.dim() > 1 and tuple(target.shape) == lead:
+        return target.reshape(-1)
+    return target
+
+
 def _token_outputs(op, needs: tuple[bool, ...], tensors: tuple[Tensor | None, ...], shape) -> LogProbs:
     outputs = autograd.TokenStatsFunction.apply(op, needs, *tensors)
-    return LogProbs(*(t.reshape(shape) for t in outputs[:5]))
+    return LogProbs(*(_reshaped(t, shape) for t in outputs[:5]))
 
 
-# Under torch.compile these run as eager calls (a graph break), not traced.
-@torch.compiler.disable
 def log_probs(
     logits: Tensor,
     target: Tensor,
@@ -167,6 +188,14 @@ def log_probs(
         >>> logits.grad  # e_y − ŷ
         tensor([[ 0.2144, -0.1753, -0.0391]])
     """
+    if torch.compiler.is_compiling():
+        lead = tuple(logits.shape[:-1])
+        outputs = _compile.token_call(
+            "log_probs", dict(logits=_rows(logits), target=_flat_target(target, lead)),
+            temperature=temperature, logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
+            impl=impl,
+        )  # fmt: skip
+        return LogProbs(*(t.reshape(lead) for t in outputs))
     check.check_float_tensor("logits", logits)
     if logits.dim() == 0:
         raise ValueError("logits: expected shape (..., V), got shape ()")
@@ -177,12 +206,10 @@ def log_probs(
     num_classes = logits.shape[-1]
     target = _check_token_target(target, shape, num_classes, ignore_index, logits.device)
     op = token_ops.LogitsLogProbs(transform, ignore_index, backend)
-    rows = (logits.reshape(-1, num_classes), target.reshape(-1))
+    rows = (_reshaped(logits, (-1, num_classes)), _reshaped(target, (-1,)))
     return _token_outputs(op, autograd.needs_grad(rows[0], None), rows, shape)
 
 
-# Under torch.compile these run as eager calls (a graph break), not traced.
-@torch.compiler.disable
 def linear_log_probs(
     input: Tensor,
     linear_weight: Tensor,
@@ -234,6 +261,17 @@ def linear_log_probs(
         >>> torch.allclose(out.log_probs, eager, atol=1e-5)
         True
     """
+    if torch.compiler.is_compiling():
+        lead = tuple(input.shape[:-1])
+        tensors = dict(
+            input=_rows(input), linear_weight=linear_weight, linear_bias=linear_bias,
+            target=_flat_target(target, lead),
+        )  # fmt: skip
+        outputs = _compile.token_call(
+            "linear_log_probs", tensors, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+            ignore_index=ignore_index, chunk_size=chunk_size, memory=memory, impl=impl,
+        )  # fmt: skip
+        return LogProbs(*(t.reshape(lead) for t in outputs))
     num_classes = _check_head(("input", "linear_weight", "linear_bias"), input, linear_weight, linear_bias)
     transform = _transform(temperature, logit_scale, softcap)
     ignore_index = check.check_ignore_index(ignore_index)
@@ -247,7 +285,7 @@ def linear_log_probs(
         memory = backend.policy.linear_memory(rows, input.shape[-1], num_classes, input.dtype, input.device)
     head = token_ops.LeanLinearLogProbs if memory == "lean" else token_ops.LinearLogProbs
     op = head(transform, ignore_index, chunk_size, backend)
-    rows = (input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, target.reshape(-1))
+    rows = (_reshaped(input, (-1, input.shape[-1])), linear_weight, linear_bias, _reshaped(target, (-1,)))
     return _token_outputs(op, autograd.needs_grad(*rows[:3], None), rows, shape)
 
 
@@ -324,8 +362,6 @@ def _logits_forward(tensors, needs, *, divergence, reduction, backend) -> autogr
     return autograd.Forward(reduce(loss, reduction, den), grads=(grad, None, None))
 
 
-# Under torch.compile these run as eager calls (a graph break), not traced.
-@torch.compiler.disable
 def distillation_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -381,6 +417,19 @@ def distillation_loss(
         >>> torch.allclose(loss, eager)
         True
     """
+    if torch.compiler.is_compiling():
+        lead = tuple(student_logits.shape[:-1])
+        tensors = dict(
+            student_logits=_rows(student_logits), teacher_logits=_rows(teacher_logits),
+            target=_flat_target(target, lead),
+        )  # fmt: skip
+        loss = _compile.call(
+            "distillation_loss", tensors, divergence=divergence, beta=beta, temperature=temperature,
+            ignore_index=ignore_index, reduction=reduction, student_logit_scale=student_logit_scale,
+            student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
+            teacher_softcap=teacher_softcap, impl=impl,
+        )  # fmt: skip
+        return loss.reshape(lead) if reduction == "none" else loss
     check.check_float_tensor("student_logits", student_logits)
     check.check_float_tensor("teacher_logits", teacher_logits)
     if student_logits.dim() == 0:
@@ -400,7 +449,7 @@ def distillation_loss(
     shape = tuple(student_logits.shape[:-1])
     target = _check_positions(target, shape, student_logits.device)
     vocabulary = student_logits.shape[-1]
-    rows = (student_logits.reshape(-1, vocabulary), teacher_logits.reshape(-1, vocabulary), target)
+    rows = (_reshaped(student_logits, (-1, vocabulary)), teacher_logits.reshape(-1, vocabulary), target)
     loss_fn = autograd.Loss(
         partial(_logits_forward, divergence=spec, reduction=reduction, backend=backend),
         partial(_reduced, distillation.eager_divergence, spec, reduction),
@@ -408,7 +457,7 @@ def distillation_loss(
         class_dim=1,
     )
     loss, _ = autograd.apply(loss_fn, autograd.needs_grad(rows[0], None, None), *rows)
-    return loss.reshape(shape) if reduction == "none" else loss
+    return _reshaped(loss, shape) if reduction == "none" else loss
 
 
 def _distillation_head(
@@ -426,8 +475,6 @@ def _eager_linear(x, weight, bias, target, teacher_x, teacher_weight, teacher_bi
     )
 
 
-# Under torch.compile these run as eager calls (a graph break), not traced.
-@torch.compiler.disable
 def linear_distillation_loss(
     student_input: Tensor,
     student_weight: Tensor,
@@ -479,6 +526,20 @@ def linear_distillation_loss(
         >>> torch.allclose(loss, eager)
         True
     """
+    if torch.compiler.is_compiling():
+        lead = tuple(student_input.shape[:-1])
+        tensors = dict(
+            student_input=_rows(student_input), student_weight=student_weight, student_bias=student_bias,
+            teacher_input=_rows(teacher_input), teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+            target=_flat_target(target, lead),
+        )  # fmt: skip
+        loss = _compile.call(
+            "linear_distillation_loss", tensors, divergence=divergence, beta=beta, temperature=temperature,
+            ignore_index=ignore_index, reduction=reduction, student_logit_scale=student_logit_scale,
+            student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
+            teacher_softcap=teacher_softcap, chunk_size=chunk_size, memory=memory, impl=impl,
+        )  # fmt: skip
+        return loss.reshape(lead) if reduction == "none" else loss
     num_classes = _check_head(
         ("student_input", "student_weight", "student_bias"), student_input, student_weight, student_bias
     )
@@ -510,10 +571,14 @@ def linear_distillation_loss(
         partial(_distillation_head, head=head), reduction, partial(_reduced, _eager_linear, spec, reduction)
     )
     tensors = (
-        student_input.reshape(-1, student_input.shape[-1]), student_weight, student_bias, target,
+        _reshaped(student_input, (-1, student_input.shape[-1])), student_weight, student_bias, target,
         teacher_input.reshape(-1, teacher_input.shape[-1]).detach(), teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
     )  # fmt: skip
     needs = autograd.needs_grad(*tensors[:3], None, None, None, None)
     loss, _ = autograd.apply(loss_fn, needs, *tensors)
-    return loss.reshape(shape) if reduction == "none" else loss
+    return _reshaped(loss, shape) if reduction == "none" else loss
+
+
+_compile.register(distillation_loss, linear_distillation_loss)
+_compile.register_token_ops(log_probs, linear_log_probs)
