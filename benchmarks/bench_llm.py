@@ -11,6 +11,7 @@ Providers:
   eager         the logits formed (F.linear, log_softmax; torch's own ops)
   trl           TRL's ChunkedLogProbFunction / ChunkedDivergenceFunction (trl/kernels, torch tiles on a CPU)
   softxent      softxent.linear_log_probs / softxent.linear_distillation_loss
+  softxent-lean softxent.linear_log_probs(..., memory="lean"): vocabulary slices of all rows
 The floor printed beside them: the arithmetic's matmuls (vocabulary-sized, 2·N·D·V FLOPs each) at the rate
 of one (N, D)×(D, V) matmul measured in the same run: ce 3, logprobs 4, frozen 2, fkl/jsd 4.
 
@@ -51,7 +52,7 @@ GPU_SHAPE = (8192, 4096, 128256)
 SMOKE_SHAPE = (64, 32, 500)
 ERROR_ROWS = 1024
 FAMILIES = {
-    "logprobs": ("eager", "trl", "softxent"),
+    "logprobs": ("eager", "trl", "softxent", "softxent-lean"),
     "frozen": ("eager", "trl", "softxent"),
     "fkl": ("eager", "trl", "softxent"),
     "jsd": ("eager", "trl", "softxent"),
@@ -142,7 +143,8 @@ def make_step(
                     x, w, None, target, 1.0, 32768, None, 1.0, outputs
                 )
             else:
-                out = softxent.linear_log_probs(x, w, target)
+                memory = "lean" if provider == "softxent-lean" else "auto"
+                out = softxent.linear_log_probs(x, w, target, memory=memory)
                 log_probs, entropy = out.log_probs, out.entropy
             total = (a * log_probs).sum()
             return total + (b * entropy).sum() if family == "logprobs" else total
