@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from softxent.ops import policy
-from softxent.ops.triton import bce, cross_entropy, slices
+from softxent.ops.triton import bce, cross_entropy, log_probs, slices
 
 
 class StandInDriver:
@@ -63,7 +63,7 @@ def compile_only(kernel, grid: tuple[int, ...], *args: object, **meta: object) -
 def aot(arch: int) -> Iterator[None]:
     """Within the block, launches compile for sm_``arch`` and do not run (the stand-in driver stays
     active afterwards: there is no real one to go back to)."""
-    modules = (cross_entropy, bce, slices)
+    modules = (cross_entropy, bce, slices, log_probs)
     launchers = [module.launch for module in modules]
     driver.set_active(StandInDriver(GPUTarget("cuda", arch, 32)))
     for module in modules:
@@ -157,6 +157,35 @@ def run_lean() -> None:
         ).backward()
 
 
+def run_llm() -> None:
+    """The per-token statistics and distillation kernels: rows in registers (517 classes) and streaming
+    (40000), each transform, each incoming-gradient combination, a frozen head, every divergence."""
+    import softxent
+
+    for dtype, classes, softcap in itertools.product(("float32", "bfloat16"), (517, 40000), (None, 30.0)):
+        dt = getattr(torch, dtype)
+        logits = torch.randn(300, classes).to(dt).requires_grad_()
+        target = torch.randint(0, classes, (300,))
+        for which in ("both", "log_probs", "entropy"):
+            out = softxent.log_probs(logits, target, temperature=0.9, softcap=softcap, impl="triton")
+            total = out.log_probs.sum() if which != "entropy" else 0.0
+            total = total + (out.entropy.sum() if which != "log_probs" else 0.0)
+            total.backward()
+        x = torch.randn(300, 32).to(dt).requires_grad_()
+        frozen = torch.randn(classes, 32).to(dt)
+        softxent.linear_log_probs(
+            x, frozen, target, softcap=softcap, impl="triton"
+        ).log_probs.sum().backward()
+        teacher = torch.randn(300, classes).to(dt)
+        for divergence, beta in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)):
+            softxent.distillation_loss(
+                logits, teacher, divergence=divergence, beta=beta, teacher_softcap=softcap, impl="triton"
+            ).backward()
+            softxent.distillation_loss(
+                logits.detach(), teacher, divergence=divergence, beta=beta, impl="triton"
+            )
+
+
 def resources(cubin: bytes, cuobjdump: str) -> dict[str, int]:
     """Registers, stack (spills) and shared memory of the one function in ``cubin`` (cuobjdump's
     ``-res-usage``: "REG:40 STACK:0 SHARED:0 LOCAL:0 ...")."""
@@ -183,6 +212,7 @@ def main() -> None:
             run_softmax(*case)
         run_bce()
         run_lean()
+        run_llm()
     records = {}
     for kernel, meta, compiled in COMPILED:
         constexprs = {k: v for k, v in meta.items() if k != "num_warps"}

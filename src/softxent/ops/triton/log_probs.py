@@ -129,7 +129,7 @@ def _log_prob_stats_kernel(
     offsets = rows * logits_stride
     y, counted, out_of_range = _token_rows(target_ptr, rows, row_mask, num_classes, ignore_index)
     raw_y = tl.load(logits_ptr + offsets + y, mask=counted, other=0.0)
-    z_y, _ = _transformed(raw_y[:, None], counted[:, None], inner, outer, slope_scale, HAS_SOFTCAP)
+    z_y, _slope_y = _transformed(raw_y[:, None], counted[:, None], inner, outer, slope_scale, HAS_SOFTCAP)
     z_y = tl.where(counted, tl.sum(z_y, 1), 0.0)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     s = tl.zeros([ROWS], tl.float32)
@@ -153,7 +153,7 @@ def _log_prob_stats_kernel(
             mask = row_mask[:, None] & (cols < num_classes)[None, :]
             raw = tl.load(logits_ptr + offsets[:, None] + cols[None, :], mask=mask, other=0.0,
                           eviction_policy="evict_last")  # fmt: skip
-            z, _ = _transformed(raw, mask, inner, outer, slope_scale, HAS_SOFTCAP)
+            z, slope = _transformed(raw, mask, inner, outer, slope_scale, HAS_SOFTCAP)
             m, s, a, q = _online(m, s, a, q, z)
             total += tl.sum(tl.where(mask, z, 0.0), 1)
             best, best_index = _first_max(z, cols, best, best_index, num_classes)
@@ -200,7 +200,7 @@ def _log_prob_grad_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     offsets = rows * logits_stride
-    y, counted, _ = _token_rows(target_ptr, rows, row_mask, num_classes, ignore_index)
+    y, counted, _out_of_range = _token_rows(target_ptr, rows, row_mask, num_classes, ignore_index)
     m = tl.load(m_ptr + rows * stats_stride, mask=row_mask, other=0.0)
     log_sum_exp = tl.load(lse_ptr + rows * stats_stride, mask=row_mask, other=0.0)
     entropy = tl.load(entropy_ptr + rows * stats_stride, mask=row_mask, other=0.0)
@@ -352,7 +352,7 @@ def _divergence_tiles(student_ptr, s_offsets, teacher_ptr, t_offsets, cols, mask
     raw_s = tl.load(student_ptr + s_offsets[:, None] + cols[None, :], mask=mask, other=0.0)
     raw_t = tl.load(teacher_ptr + t_offsets[:, None] + cols[None, :], mask=mask, other=0.0)
     z_s, slope = _transformed(raw_s, mask, s_inner, s_outer, s_slope, S_SOFTCAP)
-    z_t, _ = _transformed(raw_t, mask, t_inner, t_outer, t_slope, T_SOFTCAP)
+    z_t, _teacher_slope = _transformed(raw_t, mask, t_inner, t_outer, t_slope, T_SOFTCAP)
     return z_s, slope, z_t
 
 
