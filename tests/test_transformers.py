@@ -559,29 +559,50 @@ def test_peft_lora_head_that_the_merged_weight_cannot_reproduce_is_refused(rng: 
         assert dropout.eval()(**batch).logits is not None
 
 
-def test_trl_sft_trainer_is_refused_with_the_reason(rng: torch.Generator, tmp_path: Path) -> None:
-    """TRL's SFTTrainer computes its loss through a fused LM head of its own (``fused_lm_head=True``), so
-    softxent's patch would never run there: enable() says so instead of doing nothing silently."""
+def test_trl_sft_trainer_runs_on_softxent_with_trl_numbers(rng: torch.Generator, tmp_path: Path) -> None:
+    """TRL's SFTTrainer computes its loss through its own fused LM head (``fused_lm_head=True``); enable()
+    routes that head through softxent (softxent.integrations.trl). Two real training steps log the loss,
+    gradient norm and entropy TRL's own kernel logs; loss options are refused there."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    data = datasets.Dataset.from_list(
-        [{"input_ids": row["input_ids"].tolist()} for row in _training_data(rng, 8)]
-    )
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
     tokenizers = pytest.importorskip("tokenizers")
+    import softxent.integrations.trl as sx_trl
+
+    rows = [{"input_ids": row["input_ids"].tolist()} for row in _training_data(rng, 8)]
     vocabulary = {str(token): token for token in range(VOCAB)}
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="0")),
         pad_token="0",
         eos_token="2",
     )
-    trainer = trl.SFTTrainer(
-        model=make_model("qwen2", rng), args=args, train_dataset=data, processing_class=tokenizer
-    )
-    with pytest.raises(
-        ValueError, match=r"trainer: TRL's SFTTrainer computes its loss with its own fused LM head"
-    ):
-        sx.enable(trainer)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+
+    def train(patched: bool) -> dict[str, list[float]]:
+        torch.manual_seed(seed)
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, logging_steps=1,
+            per_device_train_batch_size=4, seed=seed, save_strategy="no", bf16=False,  # float32 numbers
+        )  # fmt: skip
+        trainer = trl.SFTTrainer(
+            model=make_model("qwen2", torch.Generator().manual_seed(seed)), args=args,
+            train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+        )  # fmt: skip
+        if patched:
+            with pytest.raises(ValueError, match=r"options: TRL's SFTTrainer .* expected no loss options"):
+                sx.enable(trainer, label_smoothing=0.1)
+            assert sx.enable(trainer) is trainer
+            assert sx_trl.enabled()
+        try:
+            trainer.train()
+        finally:
+            sx_trl.disable()
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+        return {key: [entry[key] for entry in logged] for key in ("loss", "grad_norm", "entropy")}
+
+    theirs, ours = train(False), train(True)
+    assert len(ours["loss"]) == len(theirs["loss"]) == 2
+    for key, values in ours.items():  # every number the trainer logs per step
+        np.testing.assert_allclose(values, theirs[key], rtol=1e-4, err_msg=key)
 
 
 def test_hf_benchmark_smoke_run(tmp_path: Path) -> None:

@@ -699,7 +699,12 @@ def revert(model: PreTrainedModel) -> PreTrainedModel:
 
 def enable(trainer: Trainer, **options: Any) -> Trainer:
     """Patches ``trainer.model`` (a causal LM, or a PEFT model of one) with :func:`apply`, for a
-    ``transformers.Trainer`` or a TRL trainer built on it; returns the trainer. Call it before ``train()``.
+    ``transformers.Trainer``; returns the trainer. Call it before ``train()``.
+
+    A TRL trainer whose model carries TRL's fused LM head (SFT, DPO, KTO, GRPO, RLOO: the model's forward
+    takes ``fused_lm_head=True``) computes its loss there, so this routes TRL's head through softxent
+    instead (:func:`softxent.integrations.trl.enable`, process-wide); ``options`` (the loss options of
+    :func:`apply`) do not apply to it and are refused (ValueError).
 
     Example::
 
@@ -714,11 +719,15 @@ def enable(trainer: Trainer, **options: Any) -> Trainer:
     forward = _causal_lm(model, "trainer.model").__dict__.get("forward")
     code = getattr(getattr(forward, "__func__", forward), "__code__", None)
     if code is not None and f"{os.sep}trl{os.sep}" in code.co_filename:
-        raise ValueError(
-            f"trainer: TRL's {type(trainer).__name__} computes its loss with its own fused LM head "
-            "(model(..., fused_lm_head=True)), so softxent's patch would never run; train it as it is, or "
-            "use transformers.Trainer with softxent"
-        )
+        if options:
+            raise ValueError(
+                f"options: TRL's {type(trainer).__name__} computes its loss with its own fused LM head, "
+                f"which softxent serves as it is; expected no loss options, got {sorted(options)}"
+            )
+        from softxent.integrations import trl as trl_integration  # imports TRL: only for TRL trainers
+
+        trl_integration.enable()
+        return trainer
     apply(model, **options)
     return trainer
 

@@ -1,0 +1,140 @@
+"""softxent inside TRL: softxent.integrations.trl.enable() routes TRL's own fused LM head
+(trl.trainer.utils.add_fused_lm_head, what its SFT, DPO, KTO, GRPO and RLOO trainers install) and its
+distillation loss through softxent's ops. Each test runs TRL's code as a trainer does, with TRL's kernels
+and then with softxent's, and compares every output and gradient; nothing of softxent is replaced."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="TRL is not installed")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+from trl.trainer import distillation_trainer  # noqa: E402
+from trl.trainer import utils as trl_utils  # noqa: E402
+
+import softxent.integrations.trl as sx_trl  # noqa: E402
+
+VOCAB = 211
+
+
+def _llama(seed: int, **config) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, **config,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).float()
+
+
+@pytest.fixture
+def restored():
+    """Every test leaves TRL as it found it."""
+    yield
+    sx_trl.disable()
+
+
+def _fused_step(model, input_ids, labels, outputs):
+    model.zero_grad()
+    out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    loss = out.loss - 0.01 * (out.entropy * out.label_mask).sum() / out.label_mask.sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.usefixtures("restored")
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fused_lm_head_matches_trl_kernel(softcap, rng):
+    """TRL's fused forward (its masking, compaction and loss) with every optional output, a temperature,
+    a softcap and prompt/padding positions (-100): the loss, the five per-token outputs and every
+    parameter's gradient equal what TRL's own kernel gives."""
+    model = _llama(0, final_logit_softcapping=softcap) if softcap else _llama(0)
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    trl_utils.add_fused_lm_head(model, temperature=0.7, outputs=outputs)
+    model.train()
+    input_ids = torch.randint(3, VOCAB, (3, 17), generator=rng)
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # the prompt
+    labels[1, 12:] = -100  # padding
+    theirs, their_grads = _fused_step(model, input_ids, labels, outputs)
+    sx_trl.enable()
+    assert trl_utils._ChunkedLogProbFunction is sx_trl.LogProbFunction
+    ours, our_grads = _fused_step(model, input_ids, labels, outputs)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    for name in outputs:
+        mine, expected = getattr(ours, name), getattr(theirs, name)
+        assert mine.shape == expected.shape, name
+        if name == "is_top1":
+            assert torch.equal(mine, expected)
+        else:
+            torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5, msg=name)
+    assert our_grads.keys() == their_grads.keys()
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.usefixtures("restored")
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distillation_loss_matches_trl_kernel(beta, rng):
+    """TRL's DistillationTrainer loss function on a student and a teacher of another width: the loss, the
+    entropy it logs and the student's gradients equal TRL's."""
+    torch.manual_seed(1)
+    student_h = torch.randn(2, 9, 16, generator=rng, requires_grad=True)
+    student_w = (torch.randn(VOCAB, 16, generator=rng) / 4).requires_grad_()
+    teacher_h, teacher_w = torch.randn(2, 9, 24, generator=rng), torch.randn(VOCAB, 24, generator=rng) / 5
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+
+    def run():
+        student_h.grad = student_w.grad = None
+        loss, entropy, count = distillation_trainer._chunked_divergence_loss(
+            student_h, teacher_h, student_w, teacher_w, mask, beta, temperature=0.8, teacher_logit_scale=1.3
+        )
+        loss.backward()
+        return loss.detach(), entropy.detach(), count, student_h.grad.clone(), student_w.grad.clone()
+
+    theirs = run()
+    sx_trl.enable()
+    ours = run()
+    for name, mine, expected in zip(("loss", "entropy", "count", "dh", "dW"), ours, theirs, strict=True):
+        torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.usefixtures("restored")
+def test_enable_is_reversible_and_checks_the_version(monkeypatch):
+    own = trl_utils._ChunkedLogProbFunction, distillation_trainer.ChunkedDivergenceFunction
+    sx_trl.enable()
+    sx_trl.enable()  # twice: still one saved original
+    assert sx_trl.enabled()
+    sx_trl.disable()
+    assert not sx_trl.enabled()
+    assert (trl_utils._ChunkedLogProbFunction, distillation_trainer.ChunkedDivergenceFunction) == own
+    # the version check reads trl.__version__: a release whose private hooks are unknown is refused
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(RuntimeError, match=r"trl: expected one of the versions 1\.16\.x .*got 1\.17\.0"):
+        sx_trl.enable()
+    assert not sx_trl.enabled()
+
+
+def test_trl_benchmark_smoke_run(tmp_path):
+    """benchmarks/bench_trl.py end to end at a tiny shape: every variant computes the same loss."""
+    output = tmp_path / "bench_trl.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_trl.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--repeats", "1", "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {row["variant"]: row for row in json.loads(output.read_text())["rows"]}
+    assert rows.keys() == {"logits", "trl", "softxent"}
+    for row in rows.values():
+        assert abs(row["loss"] - rows["logits"]["loss"]) <= 1e-5 * abs(rows["logits"]["loss"])
