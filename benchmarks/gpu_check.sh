@@ -2,8 +2,8 @@
 # One time-boxed call on a GPU machine that checks and measures softxent's GPU path, so that partial results
 # come back even when a stage runs out of time. From the project root there:
 #
-#     bash benchmarks/gpu_check.sh [all|kernels|apps]   (all: 10.7 minutes at most, more than one call's
-#                                                         10: run kernels (7.3) and apps (3.3) as two calls)
+#     bash benchmarks/gpu_check.sh [all|kernels|apps]   (all: 11.7 minutes at most, more than one call's
+#                                                         10: run kernels (7.3) and apps (4.3) as two calls)
 #
 # kernels: the kernels' tests on CUDA (80 s); benchmarks/bench_gpu.py --quick (170 s: every family, the
 # peers in the same run, the targets as pass/miss lines); its --sweep of the row kernel's launch shapes
@@ -12,7 +12,8 @@
 # --device cuda (90 s: per-token log-probs and distillation against TRL's kernels and Liger's fused linear
 # JSD, issue 25; TRL needs transformers there, in .whl/ with its pure-Python dependencies if not installed).
 # apps: the estimators' GPU tests (30 s); benchmarks/bench_hf.py (80 s: one Llama training step, unpatched
-# and patched, eager and compiled); bench_classifier.py --scale 1000000 (90 s: SoftmaxClassifier on CUDA
+# and patched, eager and compiled); bench_trl.py --device cuda (60 s: TRL's fused head with its Triton
+# kernel and with softxent's, Llama-3 head, bf16, issue 26; needs TRL and transformers there); bench_classifier.py --scale 1000000 (90 s: SoftmaxClassifier on CUDA
 # against 2 CPU threads, both solvers, issue 16's GPU target).
 # The GPU machines run their own torch and triton (2.11 and 3.6 when last seen): the project's pins do not
 # apply there. The peers' wheels, if any, in .whl/ (see bench_gpu.py's docstring). Logs and JSON go to $OUT
@@ -56,12 +57,14 @@ if [ "$STAGES" != kernels ]; then
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/estimator_tests.log" | cut -c1-200 | tail -10
   stamp "bench_hf (80s)"
   timeout 80 python3 benchmarks/bench_hf.py --json "$OUT/hf.json" > "$OUT/hf.log" 2>&1
+  stamp "bench_trl (60s)"
+  timeout 60 python3 benchmarks/bench_trl.py --device cuda --json "$OUT/trl.json" > "$OUT/trl.log" 2>&1
   stamp "bench_classifier --scale (90s)"
   (cd benchmarks && timeout 90 python3 bench_classifier.py --scale 1000000) > "$OUT/scale.log" 2>&1
 fi
 
 stamp tables
-for log in quick sweep breakdown llm hf scale; do
+for log in quick sweep breakdown llm hf trl scale; do
   [ -f "$OUT/$log.log" ] || continue
   case $log in
     quick) grep -E "^\||^- " "$OUT/quick.log" | tail -80 ;;
@@ -69,6 +72,7 @@ for log in quick sweep breakdown llm hf scale; do
     breakdown) grep -E "^\||^###|^breakdown .*(Error|error)" "$OUT/breakdown.log" | tail -60 ;;
     llm) grep -E "^\||^- |Error" "$OUT/llm.log" | tail -30 ;;
     hf) grep -E "^\||^##" "$OUT/hf.log" | tail -8 ;;
+    trl) grep -E "^\||Error" "$OUT/trl.log" | tail -8 ;;
     scale) grep -E "^\|" "$OUT/scale.log" | tail -8 ;;
   esac
 done

@@ -5,6 +5,7 @@ and then with softxent's, and compares every output and gradient; nothing of sof
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -121,6 +122,103 @@ def test_enable_is_reversible_and_checks_the_version(monkeypatch):
     with pytest.raises(RuntimeError, match=r"trl: expected one of the versions 1\.16\.x .*got 1\.17\.0"):
         sx_trl.enable()
     assert not sx_trl.enabled()
+
+
+def _word_tokenizer():
+    """Token ids written as words ("17 5 203"): a tokenizer for TRL's text datasets without a download."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({str(t): t for t in range(VOCAB)}, unk_token="0")
+    )
+    words.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="0", eos_token="2")
+
+
+def _logged(trainer) -> list[dict[str, float]]:
+    """The numbers a trainer logged each step (its wall-clock step_time left out)."""
+    return [
+        {key: value for key, value in entry.items() if isinstance(value, float) and key != "step_time"}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+
+
+def _assert_same_logs(ours, theirs) -> None:
+    assert len(ours) == len(theirs) >= 2
+    for step, (mine, expected) in enumerate(zip(ours, theirs, strict=True)):
+        assert mine.keys() == expected.keys()
+        for key, value in expected.items():
+            assert mine[key] == pytest.approx(value, rel=1e-4, abs=1e-7), f"step {step + 1}: {key}"
+
+
+@pytest.mark.usefixtures("restored")
+def test_dpo_trainer_logs_trl_numbers(rng, tmp_path):
+    """Two real DPOTrainer steps (policy and reference model through the fused head, float32): every
+    number it logs (loss, grad_norm, rewards, log-probs, entropy, ...) equals TRL's own kernel's."""
+    datasets = pytest.importorskip("datasets")
+
+    def words(n: int) -> str:
+        return " ".join(str(int(t)) for t in torch.randint(3, VOCAB, (n,), generator=rng))
+
+    rows = [{"prompt": words(5), "chosen": words(4), "rejected": words(6)} for _ in range(8)]
+    tokenizer = _word_tokenizer()
+
+    def train(patched: bool) -> list[dict[str, float]]:
+        model = _llama(2)
+        args = trl.DPOConfig(
+            output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, logging_steps=1,
+            per_device_train_batch_size=4, save_strategy="no", bf16=False, learning_rate=1e-3, seed=3,
+        )  # fmt: skip
+        trainer = trl.DPOTrainer(
+            model=model, ref_model=copy.deepcopy(model), args=args,
+            train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+        )  # fmt: skip
+        if patched:
+            sx_trl.enable()
+        trainer.train()
+        sx_trl.disable()
+        return _logged(trainer)
+
+    theirs = train(False)
+    _assert_same_logs(train(True), theirs)
+
+
+@pytest.mark.usefixtures("restored")
+def test_grpo_trainer_logs_trl_numbers(rng, tmp_path):
+    """Two real GRPOTrainer steps in float32 with a reference model (beta > 0), two iterations a
+    generation batch and a high-entropy token mask (top_entropy_quantile): every number it logs (loss,
+    grad_norm, kl, entropy, rewards, clip ratios, ...) equals TRL's own kernel's. Sampling draws the same
+    completions in both runs: softxent's ops draw no random numbers."""
+    datasets = pytest.importorskip("datasets")
+
+    def words(n: int) -> str:
+        return " ".join(str(int(t)) for t in torch.randint(3, VOCAB, (n,), generator=rng))
+
+    rows = [{"prompt": words(5)} for _ in range(8)]
+    path = tmp_path / "policy"  # GRPO loads its reference model from the policy's path
+    _llama(2).save_pretrained(path)
+
+    def reward(completions, **_):
+        return [0.01 * len(completion) + 0.1 * completion.count("7") for completion in completions]
+
+    def train(patched: bool) -> list[dict[str, float]]:
+        args = trl.GRPOConfig(
+            output_dir=str(tmp_path / "out"), max_steps=2, report_to=[], use_cpu=True, logging_steps=1,
+            per_device_train_batch_size=4, num_generations=4, max_completion_length=8, save_strategy="no",
+            bf16=False, learning_rate=1e-3, seed=3, beta=0.04, num_iterations=2, top_entropy_quantile=0.5,
+        )  # fmt: skip
+        trainer = trl.GRPOTrainer(
+            model=str(path), reward_funcs=reward, args=args, train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=_word_tokenizer(),
+        )  # fmt: skip
+        if patched:
+            sx_trl.enable()
+        trainer.train()
+        sx_trl.disable()
+        return _logged(trainer)
+
+    theirs = train(False)
+    _assert_same_logs(train(True), theirs)
 
 
 def test_trl_benchmark_smoke_run(tmp_path):
