@@ -13,8 +13,9 @@
 # JSD, issue 25; TRL needs transformers there, in .whl/ with its pure-Python dependencies if not installed).
 # apps: the estimators' GPU tests (30 s); benchmarks/bench_hf.py (80 s: one Llama training step, unpatched
 # and patched, eager and compiled); bench_trl.py --device cuda (60 s: TRL's fused head with its Triton
-# kernel and with softxent's, Llama-3 head, bf16, issue 26; needs TRL and transformers there); bench_classifier.py --scale 1000000 (90 s: SoftmaxClassifier on CUDA
-# against 2 CPU threads, both solvers, issue 16's GPU target).
+# kernel and with softxent's, Llama-3 head, bf16, issue 26; needs TRL and transformers there);
+# bench_classifier.py --scale 1000000 (90 s: SoftmaxClassifier on CUDA against 2 CPU threads, both solvers,
+# issue 16's GPU target).
 # The GPU machines run their own torch and triton (2.11 and 3.6 when last seen): the project's pins do not
 # apply there. The peers' wheels, if any, in .whl/ (see bench_gpu.py's docstring). Logs and JSON go to $OUT
 # (default /tmp/out); the tables are printed last.
