@@ -306,3 +306,27 @@ def test_compiled_takes_torchs_spellings_of_arguments(rng):
         )
         expected = torch.nn.functional.cross_entropy(logits, target, **options)
         assert_close(compiled(logits, target), to_numpy(expected), 1e-6, str(options))
+
+
+def test_compiled_losses_are_not_views_under_dynamic_shapes(rng):
+    """transformers' Trainer scales the loss in place (``loss *= ...``). After torch.compile recompiles for
+    dynamic shapes, a custom op that returned a view made the compiled loss a view, and that in-place
+    scaling raised "Output 0 of CompiledFunction is a view and is being modified inplace"."""
+    weight = torch.randn(11, 4, generator=rng, requires_grad=True)
+
+    def losses(x, y, n):
+        linear = softxent.linear_cross_entropy(x.reshape(-1, 4), weight, y.reshape(-1), reduction="sum") / n
+        per_token = softxent.linear_log_probs(x, weight, y)
+        distill = softxent.linear_distillation_loss(x, weight, x.detach(), weight.detach(), reduction="none")
+        return linear, per_token.log_probs.sum(), per_token.entropy, distill
+
+    compiled = torch.compile(losses)
+    for batch in (4, 3, 2, 5):  # the third call onwards runs the graph compiled with dynamic shapes
+        x = torch.randn(batch, 5, 4, generator=rng, requires_grad=True)
+        y = torch.randint(0, 11, (batch, 5), generator=rng)
+        outputs = compiled(x, y, torch.tensor(3.0))
+        for output in outputs:
+            assert not output._is_view(), batch
+        loss = outputs[0]
+        loss *= 2.0  # as Trainer does
+        (loss + outputs[1] + outputs[2].sum() + outputs[3].sum()).backward()

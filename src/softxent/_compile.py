@@ -114,6 +114,12 @@ def register(*ops: Callable[..., Tensor | tuple[Tensor, Tensor]]) -> None:
         EAGER_OPS[op.__name__] = op
 
 
+def _own(t: Tensor) -> Tensor:
+    """``t`` detached, copied where it is a view (a custom op may not return one)."""
+    t = t.detach()
+    return t.clone() if t._is_view() else t
+
+
 def _placeholder(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
@@ -165,12 +171,15 @@ def _run(
         upstream = None if grad_loss is None else grad_loss.reshape(loss.shape)
         found = iter(torch.autograd.grad(loss, wanted, upstream))
         grads = [
-            next(found).reshape(t.shape) if need else grads[i]
+            _own(next(found).reshape(t.shape)) if need else grads[i]
             for i, (t, need) in enumerate(zip(tensors, needs, strict=True))
         ]
-    loss = loss.detach().reshape(_loss_shape(op, tensors, options["reduction"]))
+    # a custom op's outputs must not be views (of the eager op's tensors, or of each other): a compiled
+    # graph returning one hands Trainer a view it then scales in place ("Output 0 of CompiledFunction is a
+    # view and is being modified inplace"), so each is its own tensor
+    loss = _own(loss.reshape(_loss_shape(op, tensors, options["reduction"])))
     if lse is not None:
-        lse = lse.detach().reshape(_loss_shape(op, tensors, "none"))
+        lse = _own(lse.reshape(_loss_shape(op, tensors, "none")))
     return loss, lse, grads
 
 
@@ -364,7 +373,7 @@ def token_stats(
     values = (temperature, logit_scale, softcap, ignore_index, chunk_size, memory, impl)
     with torch.no_grad():
         outputs = _token_op(op)(**_token_kwargs(op, tensors, values))
-    return [t.detach() for t in outputs]
+    return [_own(t) for t in outputs]  # the five are columns of one statistics tensor
 
 
 @token_stats.register_fake
