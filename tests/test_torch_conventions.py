@@ -249,3 +249,13 @@ def test_class_weights_get_a_gradient_with_probability_targets_as_in_torch(impl)
     _assert_same(ours, theirs, [x, w, weight], torch.float64, "linear, weight with grad")
     with pytest.raises(ValueError, match="weight: expected a tensor that does not require grad"):
         softxent.cross_entropy(logits, torch.tensor([0, 1, 2, 3]), weight=weight, impl=impl)
+
+
+def test_the_top_level_namespace_is_the_public_api():
+    """dir(softxent) lists the public names only: no imports or helpers of the package's __init__."""
+    import softxent
+
+    assert dir(softxent) == sorted(softxent.__all__)
+    for leaked in ("PackageNotFoundError", "find_spec", "import_module", "version"):
+        assert leaked not in dir(softxent)
+        assert not hasattr(softxent, leaked), leaked

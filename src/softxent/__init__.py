@@ -11,13 +11,14 @@ The public names are imported on first use (PEP 562, as SciPy and scikit-image d
 ``from softxent import *`` leaves the estimators out where the ``train`` extra is not installed.
 """
 
-from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
-from importlib.util import find_spec
+from importlib import import_module as _import_module
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+from importlib.util import find_spec as _find_spec
 
 try:
-    __version__ = version("softxent")
-except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = _version("softxent")
+except _PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 # Public name -> the module that defines it.
@@ -41,18 +42,18 @@ _ESTIMATOR_MODULES = ("scipy", "sklearn", "safetensors")
 
 def _train_extra_installed() -> bool:
     """Whether the estimators' dependencies are installed (found without importing them)."""
-    return all(find_spec(module) is not None for module in _ESTIMATOR_MODULES)
+    return all(_find_spec(module) is not None for module in _ESTIMATOR_MODULES)
 
 
 def __getattr__(name: str) -> object:
     """A public function or estimator, or a submodule (``softxent.nn``), imported on first use."""
     module = _LAZY.get(name)
     if module is None:
-        if name.startswith("__") or find_spec(f"softxent.{name}") is None:
+        if name.startswith("__") or _find_spec(f"softxent.{name}") is None:
             raise AttributeError(f"module 'softxent' has no attribute {name!r}")
-        return import_module(f"softxent.{name}")
+        return _import_module(f"softxent.{name}")
     try:
-        value = getattr(import_module(module), name)
+        value = getattr(_import_module(module), name)
     except ModuleNotFoundError as error:
         if name not in _ESTIMATORS:
             raise
@@ -66,7 +67,8 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    """The public API only (helpers and imports of this module are not part of it)."""
+    return sorted(__all__)
 
 
 __all__ = [

@@ -23,8 +23,11 @@ The names patched are private to TRL, so :func:`enable` accepts the TRL versions
 refuses others, saying which are supported. Importing this module does not import TRL.
 
 Example:
-    >>> import softxent.integrations.trl as sx_trl  # doctest: +SKIP
-    >>> sx_trl.enable()  # then build and train GRPOTrainer, DPOTrainer, DistillationTrainer, ... as usual
+    >>> import softxent.integrations.trl as sx_trl
+    >>> sx_trl.enabled()
+    False
+    >>> sx_trl.enable()  # doctest: +SKIP
+    >>> # then build and train GRPOTrainer, DPOTrainer, DistillationTrainer, ... as usual
 """
 
 from __future__ import annotations
