@@ -13,6 +13,7 @@ import inspect
 import json
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,6 +49,15 @@ _MROPE = dict(rope_type="default", mrope_section=[2, 2, 2])
 
 CONFIGS: dict[str, Callable[[], object]] = {
     "cohere": lambda: transformers.CohereConfig(**_DECODER, logit_scale=0.5),
+    "falcon_h1": lambda: transformers.FalconH1Config(
+        **_DECODER,
+        mamba_d_ssm=32,
+        mamba_n_heads=4,
+        mamba_d_head=8,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        lm_head_multiplier=0.37,  # the forward multiplies the logits by it
+    ),
     "gemma": lambda: transformers.GemmaConfig(**_DECODER),
     "gemma2": lambda: transformers.Gemma2Config(**_DECODER, final_logit_softcapping=3.0),
     "gemma3": lambda: transformers.Gemma3Config(
@@ -85,6 +95,19 @@ CONFIGS: dict[str, Callable[[], object]] = {
         **_DECODER, num_local_experts=4, num_experts_per_tok=2, **_MOE
     ),
     "olmo2": lambda: transformers.Olmo2Config(**_DECODER),
+    "opt": lambda: transformers.OPTConfig(  # the forward makes the logits .contiguous()
+        vocab_size=VOCAB,
+        hidden_size=48,
+        ffn_dim=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     "phi3": lambda: transformers.Phi3Config(**_DECODER),
     "qwen2": lambda: transformers.Qwen2Config(**_DECODER),
     "qwen2_5_vl": lambda: transformers.Qwen2_5_VLConfig(
@@ -311,13 +334,19 @@ def _training_data(rng: torch.Generator, rows: int) -> list[dict[str, torch.Tens
 
 
 @pytest.mark.parametrize(
-    "compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"]
+    ("compiled", "label_smoothing"),
+    [(False, 0.0), pytest.param(True, 0.0, marks=pytest.mark.slow), (False, 0.1)],
+    ids=["eager", "compiled", "label_smoothing"],
 )
-def test_trainer_run_matches_unpatched(compiled: bool, rng: torch.Generator, tmp_path: Path) -> None:
+def test_trainer_run_matches_unpatched(
+    compiled: bool, label_smoothing: float, rng: torch.Generator, tmp_path: Path
+) -> None:
     """A short Trainer run with gradient accumulation (so num_items_in_batch reaches the loss), patched by
     ``enable(trainer)``: it logs the unpatched run's losses, ends with its weights, evaluates to the same loss
     and predicts the same logits (evaluation runs unfused, so compute_metrics gets them), and its loss goes
-    down; with ``torch_compile=True`` too (the fused loss is softxent's custom op in the compiled graph)."""
+    down; with ``torch_compile=True`` too (the fused loss is softxent's custom op in the compiled graph),
+    and with ``label_smoothing_factor`` (Trainer's LabelSmoother on the full logits, unpatched; the fused
+    loss with label smoothing, patched)."""
     data = _training_data(rng, rows=16)
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
 
@@ -338,10 +367,12 @@ def test_trainer_run_matches_unpatched(compiled: bool, rng: torch.Generator, tmp
             seed=0,
             disable_tqdm=True,
             torch_compile=compiled,
+            label_smoothing_factor=label_smoothing,
         )
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
         if patched:
             assert sx.enable(trainer) is trainer
+            assert trainer.label_smoother is None  # the model computes the smoothed loss, fused
         assert trainer.model_accepts_loss_kwargs  # the patched forward keeps the signature Trainer inspects
         trainer.train()
         # a training-mode forward with labels: the fused loss, without logits, where patched
@@ -364,6 +395,18 @@ def test_trainer_run_matches_unpatched(compiled: bool, rng: torch.Generator, tmp
         assert_close(weight, to_numpy(expected_weights[name]), 1e-4, f"trained {name}")
     assert predictions.shape == (8, SEQ, VOCAB)
     assert_close(predictions, expected_predictions.astype(np.float64), 1e-4, "predicted logits")
+
+
+class _Contiguous(transformers.LlamaForCausalLM):
+    """A head output converted before the loss (``.float()``): refused, naming the statement."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        hidden_states = self.model(input_ids=input_ids).last_hidden_state
+        logits = self.lm_head(hidden_states).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
 
 
 class _ShiftedLogits(transformers.LlamaForCausalLM):
@@ -437,6 +480,13 @@ def test_errors_name_the_argument(rng: torch.Generator) -> None:
     model = make_model("llama", rng)
     with pytest.raises(ValueError, match=r"memory: expected one of \('speed', 'lean', 'auto'\), got 'fast'"):
         sx.apply(model, memory="fast")
+    with pytest.raises(ValueError, match=r"label_smoothing: expected a float in \[0, 1\], got 1.5"):
+        sx.apply(model, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"z_loss: expected a finite float >= 0, got -0.1"):
+        sx.apply(model, z_loss=-0.1)
+    opt_like = _Contiguous(transformers.LlamaConfig(**_DECODER))
+    with pytest.raises(ValueError, match=r"it does `logits = self.lm_head\(hidden_states\).float\(\)`"):
+        sx.apply(opt_like)
     with pytest.raises(ValueError, match=r"impl: expected one of .* got 'cuda'"):
         sx.apply(model, impl="cuda")
     with pytest.raises(ValueError, match=r"fuse: expected one of \('training', 'always'\), got 'eval'"):
@@ -491,6 +541,38 @@ def test_compiled_fullgraph_matches_unpatched(model_type: str, rng: torch.Genera
         assert_close(grad, to_numpy(expected_grads[name]), TOL, f"grad of {name}")
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "granite"])  # plain, softcapped, scaled
+def test_loss_options_match_the_logits_loss(model_type: str, rng: torch.Generator) -> None:
+    """apply(label_smoothing=ε, z_loss=λ): the fused training loss and every gradient equal
+    F.cross_entropy(label_smoothing=ε) + λ·mean(lse²) on the model's own (softcapped, scaled) logits, and the
+    unfused evaluation loss is the same number."""
+    model = make_model(model_type, rng)
+    batch = make_batch(rng)
+    epsilon, lam = 0.1, 1e-3
+
+    def reference(**inputs: torch.Tensor) -> object:
+        out = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        logits = out.logits.float().reshape(-1, VOCAB)
+        target = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[..., 1:].reshape(-1)
+        counted = target != -100
+        loss = torch.nn.functional.cross_entropy(logits, target, label_smoothing=epsilon)
+        loss = loss + lam * (torch.logsumexp(logits[counted], dim=-1) ** 2).mean()
+        return transformers.modeling_outputs.CausalLMOutput(loss=loss, logits=out.logits)
+
+    expected, expected_grads = loss_and_grads(model, reference, **batch)
+    sx.apply(model, label_smoothing=epsilon, z_loss=lam)
+    patched, grads = loss_and_grads(model, **batch)
+    assert patched.logits is None
+    assert_close(patched.loss, to_numpy(expected.loss), TOL, "loss")
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert_close(grad, to_numpy(expected_grads[name]), TOL, f"grad of {name}")
+    with torch.no_grad():
+        evaluated = model.eval()(**batch)
+    assert evaluated.logits is not None
+    assert_close(evaluated.loss, to_numpy(expected.loss), TOL, "evaluation loss")
+
+
 def test_evaluation_keeps_the_logits_unless_fuse_always(rng: torch.Generator) -> None:
     """With labels, only a training step (train mode, gradients on) is fused: evaluation and no_grad return
     the logits and the unpatched loss, so compute_metrics and predict work; ``fuse="always"`` fuses them."""
@@ -540,21 +622,38 @@ def test_peft_lora_matches_unpatched(targets: list[str], rng: torch.Generator) -
 
 
 def test_peft_lora_head_that_the_merged_weight_cannot_reproduce_is_refused(rng: torch.Generator) -> None:
+    """Refused at apply(), in evaluation mode too (from_pretrained returns an eval-mode model); a head
+    replaced after apply() (an adapter added to it) is refused at the first fused step, naming the fix."""
     batch = make_batch(rng)
-    dropout = sx.apply(_peft(make_model("llama", rng), target_modules=["lm_head"], lora_dropout=0.1))
-    with pytest.raises(ValueError, match=r"the LoRA adapter 'default' on lm_head has lora_dropout=0.1"):
-        dropout(**batch)
-    dora = sx.apply(_peft(make_model("llama", rng), target_modules=["lm_head"], use_dora=True))
-    with pytest.raises(ValueError, match=r"the LoRA adapter 'default' on lm_head uses DoRA"):
-        dora(**batch)
-    with torch.no_grad():  # evaluation runs unfused: both work there
-        assert dropout.eval()(**batch).logits is not None
+    for lora, message in (
+        (dict(lora_dropout=0.1), r"the LoRA adapter 'default' on lm_head has lora_dropout=0.1"),
+        (dict(use_dora=True), r"the LoRA adapter 'default' on lm_head uses DoRA"),
+    ):
+        model = _peft(make_model("llama", rng), target_modules=["lm_head"], **lora)
+        with pytest.raises(ValueError, match=message):
+            sx.apply(model.eval())
+        assert not hasattr(model.get_base_model().lm_head, "_softxent_state")  # nothing was patched
+    peft_module = pytest.importorskip("peft")
+    model = _peft(make_model("llama", rng), target_modules=["q_proj"], lora_dropout=0.0)
+    sx.apply(model)
+    model.add_adapter("late", peft_module.LoraConfig(r=4, target_modules=["lm_head"], lora_dropout=0.1))
+    model.set_adapter("late")
+    with pytest.raises(ValueError, match=r"model: lm_head was replaced after softxent patched the model"):
+        model.train()(**batch)
+    with pytest.raises(ValueError, match=r"the LoRA adapter 'late' on lm_head has lora_dropout=0.1"):
+        sx.apply(model)
+    with torch.no_grad():  # evaluation runs unfused: it works there
+        assert model.eval()(**batch).logits is not None
 
 
-def test_trl_sft_trainer_runs_on_softxent_with_trl_numbers(rng: torch.Generator, tmp_path: Path) -> None:
-    """TRL's SFTTrainer computes its loss through its own fused LM head (``fused_lm_head=True``); enable()
-    routes that head through softxent (softxent.integrations.trl). Two real training steps log the loss,
-    gradient norm and entropy TRL's own kernel logs; loss options are refused there."""
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["plain", "label_smoothing"])
+def test_trl_sft_trainer_runs_on_softxent_with_trl_numbers(
+    label_smoothing: float, rng: torch.Generator, tmp_path: Path
+) -> None:
+    """TRL's SFTTrainer computes its loss through its own fused LM head (``fused_lm_head=True``), and
+    with label smoothing from the full logits; enable(trainer) routes both through softxent's fused head,
+    and so does apply(model) before the trainer is built (TRL's head bypasses the model's own loss). Two
+    real training steps log the loss, gradient norm and entropy TRL logs; loss options are refused."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     tokenizers = pytest.importorskip("tokenizers")
@@ -569,21 +668,30 @@ def test_trl_sft_trainer_runs_on_softxent_with_trl_numbers(rng: torch.Generator,
     )
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
 
-    def train(patched: bool) -> dict[str, list[float]]:
+    def train(how: str) -> dict[str, list[float]]:
+        sx_trl.disable()
         torch.manual_seed(seed)
         args = trl.SFTConfig(
             output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, logging_steps=1,
             per_device_train_batch_size=4, seed=seed, save_strategy="no", bf16=False,  # float32 numbers
+            label_smoothing_factor=label_smoothing,
         )  # fmt: skip
-        trainer = trl.SFTTrainer(
-            model=make_model("qwen2", torch.Generator().manual_seed(seed)), args=args,
-            train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-        )  # fmt: skip
-        if patched:
+        model = make_model("qwen2", torch.Generator().manual_seed(seed))
+        if how == "apply":
+            sx.apply(model)
+            assert sx_trl.enabled()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TRL deprecates label_smoothing_factor in SFT
+            trainer = trl.SFTTrainer(
+                model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                processing_class=tokenizer,
+            )  # fmt: skip
+        if how == "enable":
             with pytest.raises(ValueError, match=r"options: TRL's SFTTrainer .* expected no loss options"):
                 sx.enable(trainer, label_smoothing=0.1)
             assert sx.enable(trainer) is trainer
             assert sx_trl.enabled()
+            assert trainer.label_smoother is None  # the smoothed loss is the fused head's now
         try:
             trainer.train()
         finally:
@@ -591,10 +699,12 @@ def test_trl_sft_trainer_runs_on_softxent_with_trl_numbers(rng: torch.Generator,
         logged = [entry for entry in trainer.state.log_history if "loss" in entry]
         return {key: [entry[key] for entry in logged] for key in ("loss", "grad_norm", "entropy")}
 
-    theirs, ours = train(False), train(True)
-    assert len(ours["loss"]) == len(theirs["loss"]) == 2
-    for key, values in ours.items():  # every number the trainer logs per step
-        np.testing.assert_allclose(values, theirs[key], rtol=1e-4, err_msg=key)
+    theirs = train("theirs")
+    for how in ("enable", "apply") if label_smoothing == 0.0 else ("enable",):
+        ours = train(how)
+        assert len(ours["loss"]) == len(theirs["loss"]) == 2
+        for key, values in ours.items():  # every number the trainer logs per step
+            np.testing.assert_allclose(values, theirs[key], rtol=1e-4, err_msg=f"{how}: {key}")
 
 
 def test_hf_benchmark_smoke_run(tmp_path: Path) -> None:

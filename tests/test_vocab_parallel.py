@@ -64,18 +64,54 @@ def test_argument_errors() -> None:
         vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="reduction"):
         vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), reduction="avg")
-    with pytest.raises(ValueError, match=r"weight_shard: expected shape \(C_r, 3\)"):
+    with pytest.raises(ValueError, match=r"linear_weight: expected shape \(C_r, 3\)"):
         vocab_parallel_linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 5), torch.tensor([0, 1]))
-    with pytest.raises(TypeError, match=r"weight_shard: expected torch\.float32"):
+    with pytest.raises(TypeError, match=r"linear_weight: expected torch\.float32"):
         vocab_parallel_linear_cross_entropy(
             torch.randn(2, 3), torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1])
         )
-    with pytest.raises(ValueError, match=r"bias_shard: expected shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"linear_bias: expected shape \(4,\)"):
         vocab_parallel_linear_cross_entropy(
-            torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), bias_shard=torch.randn(5)
+            torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), linear_bias=torch.randn(5)
         )
     with pytest.raises(TypeError, match=r"group: expected a torch\.distributed ProcessGroup"):
         vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), group="world")
+    with pytest.raises(
+        ValueError,
+        match=r"weight: expected the class weights, a 1-D tensor of shape \(C,\) .* got shape \(4, 3\) "
+        r"\(the linear head's weight is linear_weight\)",
+    ):  # the linear weight passed as the class weights, by the name of softxent.linear_cross_entropy's
+        vocab_parallel_linear_cross_entropy(
+            torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), weight=torch.randn(4, 3)
+        )
+    with pytest.raises(
+        ValueError, match=r"ignore_index: expected None when target holds class probabilities"
+    ):
+        vocab_parallel_linear_cross_entropy(
+            torch.randn(2, 3), torch.randn(4, 3), torch.rand(2, 4), ignore_index=-100
+        )
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_the_linear_loss_takes_linear_cross_entropys_arguments() -> None:
+    """Drop-in for softxent.linear_cross_entropy: the same argument names and defaults (ignore_index None:
+    -100 for class indices), the same result on one rank."""
+    import inspect
+
+    import softxent
+
+    mine = inspect.signature(vocab_parallel_linear_cross_entropy).parameters
+    single = inspect.signature(softxent.linear_cross_entropy).parameters
+    for name, parameter in mine.items():
+        if name != "group":
+            assert name in single, name
+            assert parameter.default == single[name].default, name
+    x, w, b = torch.randn(7, 5), torch.randn(11, 5), torch.randn(11)
+    target = torch.tensor([0, 3, -100, 10, 2, -100, 7])
+    torch.testing.assert_close(
+        vocab_parallel_linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.2),
+        softxent.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.2),
+    )
 
 
 @pytest.mark.usefixtures("single_process_group")

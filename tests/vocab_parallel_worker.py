@@ -219,7 +219,7 @@ def check_linear_cases(check: Checker, rank: int, world: int, seed: int, impl: s
         w_vp = w[mine].clone().requires_grad_()
         b_vp = b[mine].clone().requires_grad_() if b is not None else None
         loss = vocab_parallel_linear_cross_entropy(
-            x_vp, w_vp, target, bias_shard=b_vp, weight=weight, reduction=reduction,
+            x_vp, w_vp, target, linear_bias=b_vp, weight=weight, reduction=reduction,
             chunk_size=chunk_size, impl=impl, **options,
         )  # fmt: skip
         upstream = on(torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5)
@@ -301,7 +301,7 @@ def check_probability_cases(check: Checker, rank: int, world: int, seed: int, im
         x_vp, w_vp, b_vp = (t.clone().requires_grad_() for t in (x, w[mine], b[mine]))
         target = probs[:, mine].clone().requires_grad_()
         loss = vocab_parallel_linear_cross_entropy(
-            x_vp, w_vp, target, bias_shard=b_vp, weight=weight, reduction=reduction,
+            x_vp, w_vp, target, linear_bias=b_vp, weight=weight, reduction=reduction,
             chunk_size=8 if i % 2 else None, impl=impl, **options,
         )  # fmt: skip
         (loss * (upstream if reduction == "none" else 1.0)).sum().backward()
@@ -389,8 +389,8 @@ def check_errors(check: Checker, rank: int, world: int, seed: int) -> None:
     bias = on(torch.randn(w_shard.shape[0] + (1 if rank == 0 else 0)))
     check.raises(
         "one rank's bias of the wrong shape",
-        "bias_shard: expected shape" if rank == 0 else "rank 0: bias_shard: expected shape",
-        lambda: vocab_parallel_linear_cross_entropy(on(torch.randn(6, 4)), w_shard, target, bias_shard=bias),
+        "linear_bias: expected shape" if rank == 0 else "rank 0: linear_bias: expected shape",
+        lambda: vocab_parallel_linear_cross_entropy(on(torch.randn(6, 4)), w_shard, target, linear_bias=bias),
     )
     # the group still works after the errors (every rank raised, none is left waiting)
     loss = vocab_parallel_cross_entropy(shard, target)

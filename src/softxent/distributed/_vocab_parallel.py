@@ -330,6 +330,12 @@ def _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, we
     checked there, against every shard's classes)."""
     if weight is not None:
         check.check_float_tensor("weight", weight)
+        if weight.dim() != 1:
+            raise ValueError(
+                "weight: expected the class weights, a 1-D tensor of shape (C,) over the whole vocabulary, "
+                f"got shape {tuple(weight.shape)}"
+                + (" (the linear head's weight is linear_weight)" if weight.dim() == 2 else "")
+            )
         check.check_same_device("weight", weight, device)
         check.check_no_grad("weight", weight)
     return _Options(
@@ -429,38 +435,44 @@ class _LinearCall(NamedTuple):
 
 
 def _check_linear_call(
-    input, weight_shard, bias_shard, target, weight, impl, chunk_size, reduction, label_smoothing,
+    input, linear_weight, linear_bias, target, weight, impl, chunk_size, reduction, label_smoothing,
     ignore_index, z_loss, softcap,
 ) -> _LinearCall:  # fmt: skip
     """:func:`vocab_parallel_linear_cross_entropy`'s checks of this rank's arguments alone."""
     check.check_float_tensor("input", input)
-    check.check_float_tensor("weight_shard", weight_shard)
+    check.check_float_tensor("linear_weight", linear_weight)
     if input.dim() == 0:
         raise ValueError("input: expected shape (..., in_features), got shape ()")
-    if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
         raise ValueError(
-            f"weight_shard: expected shape (C_r, {input.shape[-1]}) (this rank's classes × the input's "
-            f"in_features), got {tuple(weight_shard.shape)}"
+            f"linear_weight: expected shape (C_r, {input.shape[-1]}) (this rank's classes × the input's "
+            f"in_features), got {tuple(linear_weight.shape)}"
         )
-    _check_like_input("weight_shard", weight_shard, input)
-    if bias_shard is not None:
-        check.check_float_tensor("bias_shard", bias_shard)
-        if tuple(bias_shard.shape) != (weight_shard.shape[0],):
+    _check_like_input("linear_weight", linear_weight, input)
+    if linear_bias is not None:
+        check.check_float_tensor("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != (linear_weight.shape[0],):
             raise ValueError(
-                f"bias_shard: expected shape ({weight_shard.shape[0]},) (one per class of the shard), got "
-                f"{tuple(bias_shard.shape)}"
+                f"linear_bias: expected shape ({linear_weight.shape[0]},) (one per class of the shard), got "
+                f"{tuple(linear_bias.shape)}"
             )
-        _check_like_input("bias_shard", bias_shard, input)
+        _check_like_input("linear_bias", linear_bias, input)
+    if ignore_index is None:  # as softxent.linear_cross_entropy (torch's): -100 for class indices
+        ignore_index = -100
+    elif isinstance(target, Tensor) and target.is_floating_point():
+        raise ValueError(
+            f"ignore_index: expected None when target holds class probabilities, got {ignore_index}"
+        )
     options = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, weight, input.device)
     chunk_size = check.check_chunk_size(chunk_size)
-    target = _check_target(target, (*input.shape[:-1], weight_shard.shape[0]), options.ignore_index)
+    target = _check_target(target, (*input.shape[:-1], linear_weight.shape[0]), options.ignore_index)
     check.check_same_device("target", target, input.device)
     backend = backends.select(impl, input.device)
     x = input.reshape(-1, input.shape[-1])
     probabilities = target.is_floating_point()
     flat_target = target.reshape(x.shape[0], -1) if probabilities else target.reshape(-1)
     facts = LocalFacts(
-        x.shape[0], x.shape[1], weight_shard.shape[0], flat_target, options.ignore_index, weight
+        x.shape[0], x.shape[1], linear_weight.shape[0], flat_target, options.ignore_index, weight
     )
     return _LinearCall(options, x, flat_target, chunk_size, backend, probabilities, facts)
 
@@ -593,13 +605,13 @@ class VocabParallelHead:
 
 def vocab_parallel_linear_cross_entropy(
     input: Tensor,
-    weight_shard: Tensor,
+    linear_weight: Tensor,
     target: Tensor,
     *,
-    bias_shard: Tensor | None = None,
+    linear_bias: Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     weight: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -610,8 +622,8 @@ def vocab_parallel_linear_cross_entropy(
     r"""The linear head's softmax cross-entropy with the head's rows (classes) split across the ranks.
 
     On every rank, the result equals ``softxent.linear_cross_entropy(input, W, target,
-    linear_bias=b, weight=weight, ...)`` with ``W = torch.cat([weight_shard of every rank])`` and b
-    likewise; ``weight_shard.grad`` / ``bias_shard.grad`` are this rank's rows of dW = Gᵀx and db = Σ G,
+    linear_bias=b, weight=weight, ...)`` with ``W = torch.cat([linear_weight of every rank])`` and b
+    likewise; ``linear_weight.grad`` / ``linear_bias.grad`` are this rank's rows of dW = Gᵀx and db = Σ G,
     and ``input.grad`` is the whole dX = G·W, summed over the ranks (an all-reduce of N×D numbers, in
     float32). Each rank forms its logits z_r = x·W_rᵀ + b_r a chunk of rows at a time (never the N×C_r
     block), combines the rows' statistics with the other ranks per chunk (O(chunk) numbers), and turns
@@ -619,11 +631,11 @@ def vocab_parallel_linear_cross_entropy(
 
     Args:
         input: ``(..., D)``, the same on every rank (e.g. the hidden states of a tensor-parallel model).
-        weight_shard: ``(C_r, D)``: this rank's contiguous rows of the (C, D) weight (rank 0 the first
+        linear_weight: ``(C_r, D)``: this rank's contiguous rows of the (C, D) weight (rank 0 the first
             C_0, and so on; shards may differ in size).
         target: ``(...)`` global class indices in [0, C) or ``ignore_index``, the same on every rank; or
             ``(..., C_r)`` floating class probabilities, this rank's columns of the (..., C) targets.
-        bias_shard: ``(C_r,)`` or None.
+        linear_bias: ``(C_r,)`` or None.
         group: the process group the classes are split over (None: the default group).
         weight: ``(C,)`` class weights of the whole vocabulary (not the linear weight), on every rank.
         ignore_index, reduction, label_smoothing, z_loss, softcap, impl: as in
@@ -636,12 +648,12 @@ def vocab_parallel_linear_cross_entropy(
     """
     group = _group(group)
     call, error = checked_locally(
-        partial(_check_linear_call, input, weight_shard, bias_shard, target, weight, impl, chunk_size,
+        partial(_check_linear_call, input, linear_weight, linear_bias, target, weight, impl, chunk_size,
                 reduction, label_smoothing, ignore_index, z_loss, softcap)
     )  # fmt: skip
     device = input.device if isinstance(input, Tensor) else None
     facts = None if call is None else call.facts
-    layout = shard_layout(group, facts, error, shard_name="weight_shard", device=device)
+    layout = shard_layout(group, facts, error, shard_name="linear_weight", device=device)
     options, x, flat_target, chunk_size, backend, probabilities, _ = call
     reduction = options.reduction
     ct = compute_dtype(input.dtype)
@@ -667,6 +679,6 @@ def vocab_parallel_linear_cross_entropy(
         return replace(head, inner=replace(head.inner, spec=replace(spec, weight=weights[0])))
 
     loss_fn = autograd.linear_head(make_head, reduction, _NO_DOUBLE_BACKWARD, forward_mode=_NO_FORWARD_MODE)
-    needs = autograd.needs_grad(x, weight_shard, bias_shard, flat_target if probabilities else None, None)
-    loss, _ = autograd.apply(loss_fn, needs, x, weight_shard, bias_shard, flat_target, spec.weight)
+    needs = autograd.needs_grad(x, linear_weight, linear_bias, flat_target if probabilities else None, None)
+    loss, _ = autograd.apply(loss_fn, needs, x, linear_weight, linear_bias, flat_target, spec.weight)
     return loss.view(input.shape[:-1]) if reduction == "none" else loss

@@ -38,10 +38,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import importlib.util
 import inspect
 import operator
 import os
 import textwrap
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from softxent.functional import linear_cross_entropy
+from softxent import _validate
+from softxent.functional import cross_entropy, linear_cross_entropy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, Trainer
@@ -58,6 +61,7 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "CausalLMPatch", "apply", "enable", "patch_c
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
     "cohere",
+    "falcon_h1",
     "gemma",
     "gemma2",
     "gemma3",
@@ -68,6 +72,7 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
     "mistral",
     "mixtral",
     "olmo2",
+    "opt",
     "phi3",
     "qwen2",
     "qwen2_5_vl",
@@ -92,8 +97,12 @@ class _Options:
     memory: str
     chunk_size: int | None
     fuse: str
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "label_smoothing", _validate.check_label_smoothing(self.label_smoothing))
+        object.__setattr__(self, "z_loss", _validate.check_z_loss(self.z_loss))
         if self.impl not in _IMPLS:
             raise ValueError(f"impl: expected one of {_IMPLS}, got {self.impl!r}")
         if self.memory not in _MEMORY_MODES:
@@ -228,6 +237,33 @@ def _loss_call(statement: ast.stmt, name: str) -> bool:
     )
 
 
+def _head_output(value: ast.expr, call: ast.Call) -> list[tuple[str, str]] | None:
+    """The scales of ``value`` when it is the head's ``call`` made contiguous (``.contiguous()``: the same
+    values) and multiplied or divided by attributes of the model (FalconH1's
+    ``self.model.lm_head_multiplier``), in any nesting; None for anything else."""
+    if value is call:
+        return []
+    if (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Attribute)
+        and value.func.attr == "contiguous"
+        and not value.args
+        and not value.keywords
+    ):
+        return _head_output(value.func.value, call)
+    if isinstance(value, ast.BinOp) and isinstance(value.op, ast.Mult | ast.Div):
+        op = "mul" if isinstance(value.op, ast.Mult) else "div"
+        right = _self_path(value.right)
+        if right is not None:
+            inner = _head_output(value.left, call)
+            return None if inner is None else [*inner, (op, right)]
+        left = _self_path(value.left)
+        if left is not None and op == "mul":
+            inner = _head_output(value.right, call)
+            return None if inner is None else [*inner, ("mul", left)]
+    return None
+
+
 @functools.cache
 def _read_plan(forward: Callable[..., Any], head: str) -> _Plan:
     """The :class:`_Plan` of ``forward`` (a causal LM's, unbound) for its output embedding ``self.<head>``;
@@ -244,20 +280,21 @@ def _read_plan(forward: Callable[..., Any], head: str) -> _Plan:
     if len(calls) != 1:
         raise _Refused(f"it calls self.{head} {len(calls)} times, not once")
     start = next(
-        (
-            i
-            for i, statement in enumerate(body)
-            if isinstance(statement, ast.Assign)
-            and statement.value is calls[0]
-            and len(statement.targets) == 1
-            and isinstance(statement.targets[0], ast.Name)
-        ),
-        None,
+        i for i, statement in enumerate(body) if any(node is calls[0] for node in ast.walk(statement))
     )
-    if start is None:
-        raise _Refused(f"self.{head}(...) is not assigned to a name in the forward's own body")
-    name = body[start].targets[0].id
-    scales: list[tuple[str, str]] = []
+    statement = body[start]
+    line = ast.unparse(statement).splitlines()[0]
+    if not (
+        isinstance(statement, ast.Assign)
+        and len(statement.targets) == 1
+        and isinstance(statement.targets[0], ast.Name)
+    ):
+        raise _Refused(f"self.{head}(...) is not assigned to one name in the forward's own body: `{line}`")
+    first = _head_output(statement.value, calls[0])
+    if first is None:
+        raise _Refused(f"it does `{line}`, which is not self.{head}(...) scaled by attributes of the model")
+    name = statement.targets[0].id
+    scales: list[tuple[str, str]] = first
     softcap = None
     for statement in body[start + 1 :]:
         if _loss_call(statement, name):
@@ -327,9 +364,12 @@ def _unpickle_capturing(head_class: type) -> torch.nn.Module:
     return capturing.__new__(capturing)
 
 
-def _lora_parts(head: torch.nn.Module) -> list[tuple[Tensor, Tensor, float, Tensor | None]] | None:
+def _lora_parts(
+    head: torch.nn.Module, training: bool | None = None
+) -> list[tuple[Tensor, Tensor, float, Tensor | None]] | None:
     """(A, B, scaling, B's bias) of each active LoRA adapter of a PEFT ``lora.Linear`` head (None for a
-    plain Linear). Raises ValueError for what the merged weight W + s·B·A cannot reproduce."""
+    plain Linear). Raises ValueError for what the merged weight W + s·B·A cannot reproduce: DoRA, and LoRA
+    dropout when training (``head.training`` unless ``training`` is given)."""
     if not hasattr(head, "base_layer") or not hasattr(head, "lora_A"):
         return None
     if getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
@@ -339,7 +379,11 @@ def _lora_parts(head: torch.nn.Module) -> list[tuple[Tensor, Tensor, float, Tens
         if adapter not in head.lora_A:
             continue
         dropout = head.lora_dropout[adapter]
-        if head.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+        if (
+            (head.training if training is None else training)
+            and isinstance(dropout, torch.nn.Dropout)
+            and (dropout.p > 0)
+        ):
             raise ValueError(
                 f"model: the LoRA adapter {adapter!r} on lm_head has lora_dropout={dropout.p}: the fused "
                 "head uses the merged weight W + s·B·A, which dropout on the LoRA branch alone does not "
@@ -399,8 +443,12 @@ class _FusedLoss:
         **kwargs: Any,
     ) -> Tensor:
         head = getattr(self.model, self.plan.head)
-        state = head._softxent_state
-        if not state.active:
+        state = head.__dict__.get("_softxent_state")
+        if not isinstance(state, _State) or not state.active:
+            if self.options.label_smoothing or self.options.z_loss:
+                return _logits_loss(
+                    logits, labels, shift_labels, num_items_in_batch, ignore_index, self.options
+                )
             return self.original(
                 logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
                 shift_labels=shift_labels, **kwargs,
@@ -421,6 +469,35 @@ class _FusedLoss:
             self.plan.cap(self.model),
             self.options,
         )
+
+
+def _logits_loss(
+    logits: Tensor,
+    labels: Tensor,
+    shift_labels: Tensor | None,
+    num_items_in_batch: Tensor | int | None,
+    ignore_index: int,
+    options: _Options,
+) -> Tensor:
+    """transformers' ``ForCausalLMLoss`` on the logits (float32, labels shifted, summed over
+    ``num_items_in_batch`` when given, else the mean) with the options' label smoothing and z-loss: the
+    loss a patched model computes unfused, equal to its fused loss."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    loss = cross_entropy(
+        logits,
+        shift_labels.reshape(-1).to(logits.device),
+        ignore_index=ignore_index,
+        reduction="mean" if num_items_in_batch is None else "sum",
+        label_smoothing=options.label_smoothing,
+        z_loss=options.z_loss,
+    )
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
 
 
 def _causal_lm_loss(
@@ -467,6 +544,8 @@ def _causal_lm_loss(
             linear_bias=bias,
             reduction="mean" if num_items_in_batch is None else "sum",
             ignore_index=ignore_index,
+            label_smoothing=options.label_smoothing,
+            z_loss=options.z_loss,
             softcap=softcap,
             chunk_size=options.chunk_size,
             memory=options.memory,
@@ -552,10 +631,11 @@ def _install(model: PreTrainedModel, options: _Options) -> None:
     head_name = _head_name(model)
     plan = _plan(type(model), head_name, "model")
     head = getattr(model, head_name)
+    _lora_parts(head, training=True)  # refuse now what a training step could not fuse
     current = model.__dict__.get("_loss_function")
     original = current.original if isinstance(current, _FusedLoss) else model.loss_function
     _check_loss_function(model, original)
-    if not isinstance(getattr(head, "_softxent_state", None), _State):
+    if not isinstance(head.__dict__.get("_softxent_state"), _State):
         head.__class__ = _capturing_class(type(head))
         head._softxent_state = _State()
     previous = current.previous if isinstance(current, _FusedLoss) else current
@@ -566,9 +646,10 @@ def _uninstall(model: PreTrainedModel) -> None:
     current = model.__dict__.get("_loss_function")
     if not isinstance(current, _FusedLoss):
         return
-    head = getattr(model, current.plan.head)
-    head.__class__ = type(head).__mro__[1]
-    del head._softxent_state
+    for module in model.modules():  # the head, or a capturing head an adapter was wrapped around since
+        if isinstance(module.__dict__.get("_softxent_state"), _State):
+            module.__class__ = type(module).__mro__[1]
+            del module._softxent_state
     if current.previous is None:
         del model._loss_function
     else:
@@ -596,7 +677,13 @@ def _fused_forward(
     fused = model.__dict__["_loss_function"]
     if model.loss_function is not fused:
         _check_loss_function(model, model.loss_function)
-    state = getattr(model, fused.plan.head)._softxent_state
+    head = getattr(model, fused.plan.head)
+    state = head.__dict__.get("_softxent_state")  # not getattr: PEFT's LoRA layers defer to base_layer
+    if not isinstance(state, _State):
+        raise ValueError(
+            f"model: {fused.plan.head} was replaced after softxent patched the model (it is now a "
+            f"{type(head).__name__}, e.g. an adapter added to it); call apply() again"
+        )
     return_dict = kwargs.pop("return_dict", None)
     state.active, state.hidden, state.calls = True, None, 0
     try:
@@ -628,6 +715,22 @@ class _PatchedForward:
         return _fused_forward(self.model, self._unpatched(), args, kwargs)
 
 
+def _route_trl() -> None:
+    """Route TRL's fused head through softxent where TRL is installed (see :func:`apply`)."""
+    if importlib.util.find_spec("trl") is None:
+        return
+    from softxent.integrations import trl as trl_integration
+
+    try:
+        trl_integration.enable()
+    except (ImportError, RuntimeError) as error:
+        warnings.warn(
+            f"softxent cannot route TRL's fused LM head ({error}): a TRL trainer given this model computes "
+            "its loss with TRL's own head",
+            stacklevel=3,
+        )
+
+
 def apply(
     model: PreTrainedModel,
     *,
@@ -635,6 +738,8 @@ def apply(
     memory: str = "speed",
     chunk_size: int | None = None,
     fuse: str = "training",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> PreTrainedModel:
     """Patches one causal LM instance so that its training loss is computed by the fused linear head.
 
@@ -654,6 +759,19 @@ def apply(
         impl, memory, chunk_size: forwarded to :func:`softxent.linear_cross_entropy`.
         fuse: "training" (fuse with labels in training mode with gradients enabled: evaluation returns the
             logits, for metrics) or "always" (also in evaluation: less memory, ``logits=None``).
+        label_smoothing, z_loss: loss options of :func:`softxent.linear_cross_entropy` (ε in [0, 1]: the
+            loss is (1 − ε)·(−log p_y) + ε·mean_c(−log p_c), transformers' LabelSmoother's; z_loss ≥ 0 adds
+            z_loss·lse² per counted position). The unfused loss (evaluation) includes them too.
+
+    Raises:
+        TypeError / ValueError: a model that is not a causal LM, a forward that cannot be proven equal (the
+            reason names the statement found), a LoRA ``lm_head`` with dropout or DoRA, a bad option.
+
+    When TRL is installed, this also routes TRL's fused LM head through softxent
+    (:func:`softxent.integrations.trl.enable`, process-wide), since a TRL trainer given this model computes
+    its loss there and not in the model's forward; TRL trainers take their loss options from their own
+    config (:func:`enable` turns SFT's ``label_smoothing_factor`` into a fused loss). A TRL version softxent
+    does not support gets a warning saying so.
 
     Returns:
         ``model`` itself, patched.
@@ -672,8 +790,9 @@ def apply(
         torch.Size([2, 7, 101])
     """
     causal_lm = _causal_lm(model, "model")
-    options = _Options(impl, memory, chunk_size, fuse)
+    options = _Options(impl, memory, chunk_size, fuse, label_smoothing, z_loss)
     _install(causal_lm, options)
+    _route_trl()
     current = causal_lm.__dict__.get("forward")
     if not isinstance(current, _PatchedForward) and not _class_patched(type(causal_lm)):
         causal_lm.forward = _PatchedForward(causal_lm, current)
@@ -701,10 +820,15 @@ def enable(trainer: Trainer, **options: Any) -> Trainer:
     """Patches ``trainer.model`` (a causal LM, or a PEFT model of one) with :func:`apply`, for a
     ``transformers.Trainer``; returns the trainer. Call it before ``train()``.
 
+    ``options`` are :func:`apply`'s. The trainer's label smoothing (``label_smoothing_factor``, which
+    makes Trainer compute the loss from the full logits) moves into the fused loss: the same loss
+    (transformers' LabelSmoother's), in training and evaluation, without the logits.
+
     A TRL trainer whose model carries TRL's fused LM head (SFT, DPO, KTO, GRPO, RLOO: the model's forward
     takes ``fused_lm_head=True``) computes its loss there, so this routes TRL's head through softxent
-    instead (:func:`softxent.integrations.trl.enable`, process-wide); ``options`` (the loss options of
-    :func:`apply`) do not apply to it and are refused (ValueError).
+    instead (:func:`softxent.integrations.trl.enable`, process-wide). TRL's trainers take their loss
+    options from their config, so ``options`` are refused there (ValueError); SFTTrainer's
+    ``label_smoothing_factor`` (for which TRL forms the full logits) is computed by the fused head.
 
     Example::
 
@@ -716,19 +840,44 @@ def enable(trainer: Trainer, **options: Any) -> Trainer:
         raise TypeError(
             f"trainer: expected a transformers Trainer with a model, got {type(trainer).__name__}"
         )
-    forward = _causal_lm(model, "trainer.model").__dict__.get("forward")
+    causal_lm = _causal_lm(model, "trainer.model")
+    forward = causal_lm.__dict__.get("forward")
     code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+    smoother = getattr(trainer, "label_smoother", None)
+    epsilon = float(getattr(smoother, "epsilon", 0.0)) if smoother is not None else 0.0
     if code is not None and f"{os.sep}trl{os.sep}" in code.co_filename:
         if options:
             raise ValueError(
-                f"options: TRL's {type(trainer).__name__} computes its loss with its own fused LM head, "
-                f"which softxent serves as it is; expected no loss options, got {sorted(options)}"
+                f"options: TRL's {type(trainer).__name__} computes its loss with its own fused LM head and "
+                f"takes its loss options from its config; expected no loss options, got {sorted(options)}"
             )
         from softxent.integrations import trl as trl_integration  # imports TRL: only for TRL trainers
 
         trl_integration.enable()
+        is_sft = type(trainer).__name__ == "SFTTrainer" or any(
+            cls.__name__ == "SFTTrainer" and cls.__module__.startswith("trl.")
+            for cls in type(trainer).__mro__
+        )
+        if epsilon and is_sft and getattr(trainer.args, "loss_type", "nll") == "nll":
+            head = causal_lm.get_output_embeddings()
+            trl_integration._smooth_labels(getattr(head, "base_layer", head).weight, epsilon)
+            trainer.label_smoother = None  # SFTTrainer then takes its fused branch: −Σ log_probs / n
         return trainer
+    if epsilon:
+        if options.get("label_smoothing", epsilon) != epsilon:
+            raise ValueError(
+                f"label_smoothing: the trainer's label_smoothing_factor is {epsilon}; expected the same or "
+                f"none, got {options['label_smoothing']}"
+            )
+        if getattr(smoother, "ignore_index", -100) != -100:
+            raise ValueError(
+                f"trainer.label_smoother: expected ignore_index -100 (ForCausalLMLoss's), got "
+                f"{smoother.ignore_index}"
+            )
+        options = {**options, "label_smoothing": epsilon}
     apply(model, **options)
+    if epsilon:
+        trainer.label_smoother = None  # the model computes the smoothed loss from the labels, fused
     return trainer
 
 
@@ -796,13 +945,15 @@ def patch_causal_lm(
     memory: str = "speed",
     chunk_size: int | None = None,
     fuse: str = "training",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> CausalLMPatch:
     """Patches a causal-LM class: every instance, existing or later loaded with ``from_pretrained``,
     computes its training loss with the fused linear head (as :func:`apply` does for one instance).
 
     Args:
         model_class: e.g. ``transformers.LlamaForCausalLM`` (see :func:`apply` for what qualifies).
-        impl, memory, chunk_size, fuse: as in :func:`apply`.
+        impl, memory, chunk_size, fuse, label_smoothing, z_loss: as in :func:`apply`.
 
     Returns:
         A :class:`CausalLMPatch`: call ``remove()``, or use it in a ``with`` block, to undo the patch.
@@ -814,6 +965,6 @@ def patch_causal_lm(
             f"model_class: expected a subclass of transformers.PreTrainedModel (e.g. LlamaForCausalLM), "
             f"got {model_class!r}"
         )
-    options = _Options(impl, memory, chunk_size, fuse)
+    options = _Options(impl, memory, chunk_size, fuse, label_smoothing, z_loss)
     _plan(model_class, "lm_head", "model_class")  # each instance is checked again with its own head's name
     return CausalLMPatch(model_class, options)

@@ -33,11 +33,13 @@ Example:
 from __future__ import annotations
 
 import importlib
+import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from softxent.functional import linear_cross_entropy
 from softxent.llm import linear_distillation_loss, linear_log_probs
 
 __all__ = ["SUPPORTED_TRL", "DivergenceFunction", "LogProbFunction", "disable", "enable", "enabled"]
@@ -47,6 +49,25 @@ SUPPORTED_TRL: tuple[str, ...] = ("1.16",)
 _OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # (module, attribute) -> TRL's own object, while enabled
 _ORIGINALS: dict[tuple[str, str], object] = {}
+# id(head weight) -> (the weight, ε): SFT trainers whose label smoothing the fused head computes
+_SMOOTHED: dict[int, tuple[weakref.ref[Tensor], float]] = {}
+
+
+def _smooth_labels(weight: Tensor, epsilon: float) -> None:
+    """Have the fused head compute label-smoothed log-likelihoods for the LM head ``weight`` (an SFT
+    trainer's: see :func:`softxent.integrations.transformers.enable`): "log_probs" is then
+    −[(1 − ε)·(−log p_y) + ε·mean_j(−log p_j)], TRL's LabelSmoother's per-token loss negated, so the SFT
+    loss −Σ log_probs / n is the label-smoothed cross-entropy without the logits. ``epsilon`` 0 removes
+    it."""
+    _SMOOTHED.pop(id(weight), None)
+    if epsilon:
+        key = id(weight)
+        _SMOOTHED[key] = (weakref.ref(weight, lambda _: _SMOOTHED.pop(key, None)), float(epsilon))
+
+
+def _smoothing(weight: Tensor) -> float:
+    entry = _SMOOTHED.get(id(weight))
+    return entry[1] if entry is not None and entry[0]() is weight else 0.0
 
 
 class LogProbFunction:
@@ -71,22 +92,59 @@ class LogProbFunction:
         unknown = set(outputs) - set(_OUTPUTS)
         if unknown:
             raise ValueError(f"outputs: expected names among {_OUTPUTS}, got {sorted(unknown)}")
+        epsilon = _smoothing(weight)
         compute = hidden.dtype
         if torch.is_autocast_enabled(hidden.device.type):
             compute = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(compute), weight.to(compute)
+        bias = None if bias is None else bias.to(compute)
+        softcap = None if final_logit_softcapping is None else float(final_logit_softcapping)
         with torch.autocast(hidden.device.type, enabled=False):
-            out = linear_log_probs(
-                hidden.to(compute),
-                weight.to(compute),
-                targets,
-                linear_bias=None if bias is None else bias.to(compute),
-                temperature=float(temperature),
-                logit_scale=float(logit_scale),
-                softcap=None if final_logit_softcapping is None else float(final_logit_softcapping),
-            )
+            if epsilon:
+                values = _smoothed(
+                    hidden, weight, bias, targets, float(temperature), softcap, logit_scale, epsilon
+                )
+            else:
+                out = linear_log_probs(
+                    hidden, weight, targets, linear_bias=bias, temperature=float(temperature),
+                    logit_scale=float(logit_scale), softcap=softcap,
+                )  # fmt: skip
+                values = tuple(getattr(out, name) for name in _OUTPUTS)
         return tuple(
-            getattr(out, name) if name == "log_probs" or name in outputs else None for name in _OUTPUTS
+            value if name == "log_probs" or name in outputs else None
+            for name, value in zip(_OUTPUTS, values, strict=True)
         )
+
+
+def _smoothed(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    temperature: float,
+    softcap: float | None,
+    logit_scale: float,
+    epsilon: float,
+) -> tuple[Tensor | None, ...]:
+    """:meth:`LogProbFunction.apply` for a label-smoothed SFT head: every output, "log_probs" the negated
+    smoothed loss (differentiable), the others from a forward-only pass."""
+    if temperature != 1.0:
+        raise ValueError(
+            f"temperature: label smoothing in the fused head expects temperature 1.0 (SFT's), got "
+            f"{temperature}"
+        )
+    scaled = hidden if logit_scale == 1.0 else hidden * logit_scale
+    scaled_bias = None if bias is None or logit_scale == 1.0 else bias * logit_scale
+    loss = linear_cross_entropy(
+        scaled, weight, targets, linear_bias=scaled_bias, reduction="none", label_smoothing=epsilon,
+        softcap=softcap,
+    )  # fmt: skip
+    with torch.no_grad():
+        out = linear_log_probs(
+            hidden.detach(), weight.detach(), targets, linear_bias=None if bias is None else bias.detach(),
+            logit_scale=logit_scale, softcap=softcap,
+        )  # fmt: skip
+    return (-loss, out.entropy, out.log_sum_sq_probs, out.mean_logits, out.is_top1)
 
 
 class DivergenceFunction:
