@@ -12,8 +12,9 @@
 # --device cuda (90 s: per-token log-probs and distillation against TRL's kernels and Liger's fused linear
 # JSD, issue 25; TRL needs transformers there, in .whl/ with its pure-Python dependencies if not installed).
 # apps: the estimators' GPU tests (30 s); benchmarks/bench_hf.py (80 s: one Llama training step, unpatched
-# and patched, eager and compiled); bench_trl.py --device cuda (60 s: TRL's fused head with its Triton
-# kernel and with softxent's, Llama-3 head, bf16, issue 26; needs TRL and transformers there);
+# and patched, eager and compiled); bench_trl.py --device cuda (150 s: log-prob, GRPO, DPO and distillation
+# steps through TRL's fused head with its Triton kernels and with softxent's, Llama-3 head, bf16, issue 26;
+# needs TRL and transformers there);
 # bench_classifier.py --scale 1000000 (90 s: SoftmaxClassifier on CUDA against 2 CPU threads, both solvers,
 # issue 16's GPU target).
 # The GPU machines run their own torch and triton (2.11 and 3.6 when last seen): the project's pins do not
@@ -58,8 +59,8 @@ if [ "$STAGES" != kernels ]; then
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/estimator_tests.log" | cut -c1-200 | tail -10
   stamp "bench_hf (80s)"
   timeout 80 python3 benchmarks/bench_hf.py --json "$OUT/hf.json" > "$OUT/hf.log" 2>&1
-  stamp "bench_trl (60s)"
-  timeout 60 python3 benchmarks/bench_trl.py --device cuda --json "$OUT/trl.json" > "$OUT/trl.log" 2>&1
+  stamp "bench_trl (150s)"
+  timeout 150 python3 benchmarks/bench_trl.py --device cuda --json "$OUT/trl.json" > "$OUT/trl.log" 2>&1
   stamp "bench_classifier --scale (90s)"
   (cd benchmarks && timeout 90 python3 bench_classifier.py --scale 1000000) > "$OUT/scale.log" 2>&1
 fi

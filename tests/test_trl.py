@@ -233,7 +233,8 @@ def test_grpo_trainer_logs_trl_numbers(rng, tmp_path):
 
 
 def test_trl_benchmark_smoke_run(tmp_path):
-    """benchmarks/bench_trl.py end to end at a tiny shape: every variant computes the same loss."""
+    """benchmarks/bench_trl.py end to end at a tiny shape: for every step (log-probs, GRPO, DPO,
+    distillation) every variant computes the same loss."""
     output = tmp_path / "bench_trl.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_trl.py"
     done = subprocess.run(
@@ -243,7 +244,9 @@ def test_trl_benchmark_smoke_run(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = {row["variant"]: row for row in json.loads(output.read_text())["rows"]}
-    assert rows.keys() == {"logits", "trl", "softxent"}
-    for row in rows.values():
-        assert abs(row["loss"] - rows["logits"]["loss"]) <= 1e-5 * abs(rows["logits"]["loss"])
+    rows = {(row["step"], row["variant"]): row for row in json.loads(output.read_text())["rows"]}
+    steps = ("logprobs", "grpo", "dpo", "distill")
+    assert rows.keys() == {(step, variant) for step in steps for variant in ("logits", "trl", "softxent")}
+    for (step, _), row in rows.items():
+        expected = rows[(step, "logits")]["loss"]
+        assert abs(row["loss"] - expected) <= 1e-5 * abs(expected), (step, row)
