@@ -113,8 +113,16 @@ def test_stats_of_extreme_logits_and_ties(rng):
     ours = triton_token.stats_block(logits, target, Transform(), -100)
     theirs = torch_token.stats_block(logits, target, Transform(), -100)
     assert ours[2, STATS.index("is_top1")] == 0
+    # the mean of logits of size 1e4 keeps float32's absolute rounding of them, whatever the order of the sum
+    mean_atol = 2 * torch.finfo(torch.float32).eps * float(logits.abs().max())
     for k, name in enumerate(STATS):
-        _close(ours[:, k], theirs[:, k], name, rtol=1e-5)
+        _close(
+            ours[:, k],
+            theirs[:, k],
+            name,
+            rtol=1e-5,
+            **({"atol": mean_atol} if name == "mean_logits" else {}),
+        )
     ignored = torch.full_like(target, -100)
     out = triton_token.stats_block(logits, ignored, Transform(), -100)
     assert (out[:, :5] == 0).all()

@@ -24,8 +24,8 @@ refuses others, saying which are supported. Importing this module does not impor
 
 Example:
     >>> import softxent.integrations.trl as sx_trl
-    >>> sx_trl.enabled()
-    False
+    >>> sx_trl.SUPPORTED_TRL
+    ('1.16',)
     >>> sx_trl.enable()  # doctest: +SKIP
     >>> # then build and train GRPOTrainer, DPOTrainer, DistillationTrainer, ... as usual
 """
