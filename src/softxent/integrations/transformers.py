@@ -471,6 +471,15 @@ class _FusedLoss:
         )
 
 
+def _per_item(loss: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
+    """A summed loss divided by ``num_items_in_batch`` (Trainer's count, on any device); else as it is."""
+    if num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
 def _logits_loss(
     logits: Tensor,
     labels: Tensor,
@@ -493,11 +502,7 @@ def _logits_loss(
         label_smoothing=options.label_smoothing,
         z_loss=options.z_loss,
     )
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+    return _per_item(loss, num_items_in_batch)
 
 
 def _causal_lm_loss(
@@ -551,11 +556,7 @@ def _causal_lm_loss(
             memory=options.memory,
             impl=options.impl,
         )
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+    return _per_item(loss, num_items_in_batch)
 
 
 # ------------------------------------------------------------------------------------------------------
