@@ -111,6 +111,33 @@ def test_distillation_loss_matches_trl_kernel(beta, rng):
         torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("logit_scale", [1.0, 0.5])
+def test_label_smoothed_head_matches_the_logits_loss(logit_scale, rng):
+    """With an SFT trainer's label smoothing registered for a head (enable(trainer) does it), "log_probs" is
+    the negated label-smoothed cross-entropy per token, bias and logit scale included, with its gradients;
+    the entropy is the plain one."""
+    hidden = torch.randn(13, 24, generator=rng, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(37, 24, generator=rng, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(37, generator=rng, dtype=torch.float64).requires_grad_()
+    targets = torch.randint(0, 37, (13,), generator=rng)
+    sx_trl._smooth_labels(weight, 0.1)
+    try:
+        log_probs, entropy, *_ = sx_trl.LogProbFunction.apply(
+            hidden, weight, bias, targets, 1.0, 4096, None, logit_scale, ("log_probs", "entropy")
+        )
+    finally:
+        sx_trl._smooth_labels(weight, 0.0)
+    logits = logit_scale * (hidden @ weight.T + bias)
+    expected = -torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(log_probs, expected)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1))
+    ours = torch.autograd.grad(log_probs.sum(), [hidden, weight, bias])
+    theirs = torch.autograd.grad(expected.sum(), [hidden, weight, bias])
+    for mine, reference in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
 @pytest.mark.usefixtures("restored")
 def test_enable_is_reversible_and_checks_the_version(monkeypatch):
     own = trl_utils._ChunkedLogProbFunction, distillation_trainer.ChunkedDivergenceFunction

@@ -134,7 +134,7 @@ def _smoothed(
             f"{temperature}"
         )
     scaled = hidden if logit_scale == 1.0 else hidden * logit_scale
-    scaled_bias = None if bias is None or logit_scale == 1.0 else bias * logit_scale
+    scaled_bias = bias if bias is None or logit_scale == 1.0 else bias * logit_scale
     loss = linear_cross_entropy(
         scaled, weight, targets, linear_bias=scaled_bias, reduction="none", label_smoothing=epsilon,
         softcap=softcap,
