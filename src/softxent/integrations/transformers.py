@@ -855,7 +855,7 @@ def enable(trainer: Trainer, **options: Any) -> Trainer:
         from softxent.integrations import trl as trl_integration  # imports TRL: only for TRL trainers
 
         trl_integration.enable()
-        is_sft = type(trainer).__name__ == "SFTTrainer" or any(
+        is_sft = any(  # TRL's SFTTrainer or a subclass of it
             cls.__name__ == "SFTTrainer" and cls.__module__.startswith("trl.")
             for cls in type(trainer).__mro__
         )
